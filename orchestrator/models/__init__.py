@@ -1,0 +1,19 @@
+"""Model zoo: `build_model(spec)` gives an initialised network for the job."""
+
+from torch import nn
+
+from orchestrator.models.activations import make_activation
+from orchestrator.models.init import init_weights
+from orchestrator.models.zoo import CNN, MLP, ResNet, build_network
+
+__all__ = ["build_model", "make_activation", "init_weights", "MLP", "CNN", "ResNet"]
+
+
+def build_model(model_spec, data_spec) -> nn.Module:
+    """The network named by a ModelSpec, sized for a DataSpec, with its init applied."""
+    options = model_spec.model_dump(exclude={"kind", "init"})
+    net = build_network(model_spec.kind, data_spec.shape, data_spec.num_classes, **options)
+    init_weights(net, model_spec.init, model_spec.activation, model_spec.leaky_slope)
+    if isinstance(net, ResNet):
+        net.reset_residual_branches()
+    return net

@@ -1,0 +1,79 @@
+"""What `keel run` shows: a live step bar, one line per epoch, and a closing summary table."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+EPOCH_COLUMNS = [("epoch", "epoch", "{}"), ("train_loss", "train loss", "{:.4f}"), ("val_loss", "val loss", "{:.4f}"),
+                 ("val_accuracy", "val acc", "{:.4f}"), ("grad_norm_mean", "|g| mean", "{:.3g}"),
+                 ("grad_norm_max", "|g| max", "{:.3g}"), ("lr", "lr", "{:.3g}"), ("skipped_steps", "skipped", "{}"),
+                 ("samples_per_s", "samples/s", "{:.0f}")]
+
+
+def fmt(value, pattern: str = "{:.4g}") -> str:
+    if value is None:
+        return "nan"
+    try:
+        return pattern.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+class RunDisplay:
+    """Receives the driver's progress events. Live bar only on a terminal and when not quiet."""
+
+    def __init__(self, console: Console, epochs: int, quiet: bool = False):
+        self.console, self.epochs, self.quiet = console, epochs, quiet
+        self.progress = None
+        if console.is_terminal and not quiet:
+            self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
+                                     MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}  |g| {task.fields[gnorm]}"
+                                                                      "  lr {task.fields[lr]}"), TimeElapsedColumn(),
+                                     console=console, transient=True)
+            self.task = self.progress.add_task("train", total=1, epoch=0, epochs=epochs, loss="-", gnorm="-", lr="-")
+
+    def __call__(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "start":
+            plan = event["plan"]
+            self.console.print(f"run dir {event['run_dir']}  ·  {plan.train_rows} train / {plan.val_rows} val rows  ·  "
+                               f"{plan.steps_per_epoch} steps per epoch per worker")
+            if self.progress:
+                self.progress.start()
+        elif kind == "resumed":
+            self.console.print(f"resumed from checkpoint: continuing at epoch {event['epoch'] + 1}")
+        elif kind == "step" and self.progress:
+            self.progress.update(self.task, total=event["steps"], completed=event["step"], epoch=event["epoch"] + 1,
+                                 loss=fmt(event["loss"]), gnorm=fmt(event["grad_norm"]), lr=fmt(event["lr"], "{:.3g}"))
+        elif kind == "epoch" and not self.quiet:
+            m = event["metrics"]
+            parts = [f"{label} {fmt(m.get(key), pattern)}" for key, label, pattern in EPOCH_COLUMNS
+                     if key != "epoch"]
+            self.console.print(f"epoch {m['epoch'] + 1}/{self.epochs}  " + "  ".join(parts), highlight=False)
+            if m.get("stop_reason"):
+                self.console.print(f"[yellow]{m['stop_reason']}[/]")
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+
+
+def summary_table(outcome) -> Table:
+    colour = {"finished": "green", "early_stopped": "green", "diverged": "red", "failed": "red"}[outcome.status]
+    table = Table(title=f"[{colour}]{outcome.status}[/]" + (f": {outcome.reason}" if outcome.reason else ""),
+                  show_header=False, title_justify="left")
+    final = outcome.final
+    rows = [("epochs run", fmt(final.get("epoch", -1) + 1 if final else 0, "{}")),
+            ("best val accuracy", fmt(outcome.best("val_accuracy", "max"))),
+            ("final val accuracy", fmt(final.get("val_accuracy"))),
+            ("best val loss", fmt(outcome.best("val_loss", "min"))),
+            ("final train loss", fmt(final.get("train_loss"))),
+            ("skipped steps", fmt(final.get("skipped_steps"), "{}")),
+            ("samples/s (last epoch)", fmt(final.get("samples_per_s"), "{:.0f}")),
+            ("checkpoint", outcome.checkpoint or "-"),
+            ("run dir", str(outcome.run_dir))]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table

@@ -1,0 +1,247 @@
+"""The job spec: a typed tree loaded from YAML, with `a.b=c` overrides.
+
+Every field has one line of documentation (its `description`), shown by
+`keel validate --explain` and in the README reference. Unknown keys are
+rejected everywhere (`extra="forbid"`), and combinations that cannot work are
+rejected at load time with a message naming the field, never mid-run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from orchestrator.errors import BadInput
+
+ACTIVATIONS = ("relu", "leaky_relu", "elu", "silu", "swish", "gelu")
+INITS = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "default")
+METRICS = ("val_loss", "val_accuracy", "train_loss")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def doc(default: Any = ..., text: str = "", **limits: Any) -> Any:
+    """A field with its one line of documentation (mutable defaults are copied per instance)."""
+    if isinstance(default, (BaseModel, list)):
+        return Field(default_factory=lambda: default.model_copy(deep=True) if isinstance(default, BaseModel) else list(default),
+                     description=text, **limits)
+    return Field(default, description=text, **limits)
+
+
+class ModelSpec(Section):
+    kind: Literal["mlp", "cnn", "resnet"] = doc("resnet", "Architecture family: mlp, cnn (plain conv stack) or resnet (residual blocks).")
+    hidden: list[int] = doc([128, 128], "MLP hidden layer widths.")
+    channels: list[int] = doc([32, 64], "CNN/ResNet channels per stage; each stage after the first halves the resolution.")
+    blocks_per_stage: int = doc(2, "ResNet residual blocks per stage.", ge=1)
+    batch_norm: bool = doc(True, "Use batch norm after each conv/linear layer.")
+    activation: Literal[ACTIVATIONS] = doc("relu", "Hidden activation: relu, leaky_relu, elu, silu/swish or gelu.")
+    leaky_slope: float = doc(0.01, "Negative slope of leaky_relu (also used for its init gain).", ge=0, lt=1)
+    init: Literal[INITS] = doc("kaiming_normal", "Weight init of conv/linear layers; 'default' keeps torch's.")
+    dropout: float = doc(0.0, "Dropout probability before the classifier (and between MLP layers).", ge=0, lt=1)
+    zero_init_residual: bool = doc(True, "Start each residual branch's last BN at zero so blocks begin as identities.")
+
+
+class DataSpec(Section):
+    train: str = doc(..., "Parquet file or directory with the training split.")
+    val: str = doc(..., "Parquet file or directory with the validation split.")
+    generate: Optional[Literal["digits"]] = doc(None, "If the Parquet files are missing, write this built-in dataset there first.")
+    features: str = doc("image", "Column with the flattened (or fixed-size list) input features.")
+    label: str = doc("label", "Column with integer class labels in [0, num_classes).")
+    shape: list[int] = doc(..., "Shape of one sample, e.g. [1, 8, 8] for images or [64] for tabular rows.", min_length=1)
+    num_classes: int = doc(..., "Number of classes.", ge=2)
+    batch_size: int = doc(32, "Batch size per worker; the global batch is batch_size x num_workers.", ge=2)
+    shuffle_buffer: int = doc(512, "Rows in each worker's local shuffle buffer (0 = no shuffle).", ge=0)
+
+
+class OptimizerSpec(Section):
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = doc("sgd", "Optimizer.")
+    lr: float = doc(0.1, "Peak learning rate (after warmup, before world-size scaling).", gt=0)
+    momentum: float = doc(0.9, "Momentum for sgd and rmsprop.", ge=0, lt=1)
+    nesterov: bool = doc(False, "Nesterov momentum (sgd only).")
+    betas: tuple[float, float] = doc((0.9, 0.999), "Adam/AdamW betas.")
+    eps: float = doc(1e-8, "Adam/AdamW/RMSprop epsilon.", gt=0)
+    scale_lr: Literal["none", "linear", "sqrt"] = doc("none", "Scale lr with the number of workers (Goyal et al.: linear).")
+
+
+class ScheduleSpec(Section):
+    kind: Literal["constant", "step", "exponential", "cosine", "cyclic", "one_cycle", "plateau"] = doc(
+        "cosine", "LR schedule after warmup.")
+    warmup_epochs: float = doc(0.0, "Linear warmup from warmup_start_factor x lr to lr, in epochs (may be fractional).", ge=0)
+    warmup_start_factor: float = doc(0.1, "LR at the start of warmup, as a fraction of lr.", gt=0, le=1)
+    step_epochs: int = doc(10, "step: multiply the LR by gamma every this many epochs.", ge=1)
+    gamma: float = doc(0.1, "step/exponential: LR factor per step_epochs (step) or per epoch (exponential).", gt=0, le=1)
+    min_lr_ratio: float = doc(0.0, "cosine: final LR as a fraction of lr.", ge=0, le=1)
+    cycle_epochs: float = doc(4.0, "cyclic: length of one triangle cycle in epochs.", gt=0)
+    base_lr_ratio: float = doc(0.1, "cyclic: lowest LR as a fraction of lr.", gt=0, le=1)
+    plateau_patience: int = doc(3, "plateau: epochs without val_loss improvement before the LR drops.", ge=0)
+    plateau_factor: float = doc(0.5, "plateau: LR factor applied on a plateau.", gt=0, lt=1)
+
+
+class RegularizationSpec(Section):
+    weight_decay: float = doc(0.0, "The optimizer's weight decay (decoupled for adamw, coupled for the others).", ge=0)
+    l1: float = doc(0.0, "L1 penalty coefficient added to the loss: l1 * sum|w|.", ge=0)
+    l2: float = doc(0.0, "L2 penalty coefficient added to the loss: l2/2 * sum w^2.", ge=0)
+    exclude_norm_and_bias: bool = doc(True, "Exempt norm-layer parameters and biases from weight decay and penalties.")
+
+
+class ClipSpec(Section):
+    mode: Literal["norm", "value", "none"] = doc("norm", "Clip gradients by their global L2 norm, elementwise by value, or not at all.")
+    max_norm: float = doc(1.0, "norm: global L2 norm threshold.", gt=0)
+    max_value: float = doc(1.0, "value: elementwise threshold.", gt=0)
+
+
+class NonFiniteSpec(Section):
+    max_consecutive_skips: int = doc(10, "Consecutive skipped (NaN/Inf) steps after which the run stops as diverged.", ge=1)
+
+
+class EarlyStoppingSpec(Section):
+    enabled: bool = doc(False, "Stop when the monitored metric stops improving.")
+    metric: Literal[METRICS] = doc("val_loss", "Metric to monitor.")
+    mode: Literal["min", "max"] = doc("min", "Whether lower (min) or higher (max) is better.")
+    patience: int = doc(5, "Epochs without improvement before stopping.", ge=1)
+    min_delta: float = doc(0.0, "Smallest change that counts as an improvement.", ge=0)
+    divergence_threshold: Optional[float] = doc(None, "Stop at once (diverged) if the metric gets worse than this.")
+    check_finite: bool = doc(True, "Stop at once (diverged) if the metric is NaN or Inf.")
+
+
+class StabilitySpec(Section):
+    clip: ClipSpec = doc(ClipSpec(), "Synchronized gradient clipping (after DDP's all-reduce and AMP unscale).")
+    sync_batchnorm: bool = doc(True, "Batch norm statistics over the global batch (torch's SyncBatchNorm on CUDA, Keel's on CPU).")
+    nonfinite: NonFiniteSpec = doc(NonFiniteSpec(), "Skip optimizer steps whose loss or gradients are NaN/Inf on any rank.")
+    early_stopping: EarlyStoppingSpec = doc(EarlyStoppingSpec(), "Early stopping agreed across ranks.")
+
+
+class ScalingSpec(Section):
+    num_workers: int = doc(2, "Data-parallel worker processes (one per GPU with use_gpu).", ge=1)
+    use_gpu: bool = doc(False, "Train on GPUs with nccl; otherwise CPUs with gloo.")
+    cpus_per_worker: Optional[float] = doc(None, "CPUs reserved per worker; default leaves one CPU free for Ray Data locally, 1 on a cluster.", gt=0)
+    amp: Literal["none", "bf16", "fp16"] = doc("none", "Mixed precision (fp16 uses a GradScaler; clipping happens after unscale).")
+    address: Optional[str] = doc(None, "Ray cluster address ('auto' inside a cluster); empty = start an embedded local Ray.")
+    collective_timeout_s: int = doc(300, "gloo/nccl timeout: a dead peer fails the run after this many seconds, not 30 minutes.", ge=10)
+
+
+class RunSpec(Section):
+    name: str = doc(..., "Run name; re-running the same name resumes from its last checkpoint.", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    storage_path: str = doc("runs", "Directory (or cloud URI) holding run directories.")
+    epochs: int = doc(10, "Epochs to train (in total, counting epochs done before a resume).", ge=1)
+    checkpoint_every: int = doc(1, "Write a checkpoint every this many epochs (and always at the end).", ge=1)
+    keep_checkpoints: int = doc(2, "Checkpoints to keep on disk (oldest are deleted).", ge=1)
+    max_failures: int = doc(0, "Worker-group failures Ray Train may recover from by restarting from the last checkpoint.", ge=-1)
+    seed: int = doc(0, "Seed for model init, shuffling and dropout.")
+    log_every: int = doc(10, "Send a live progress update every this many steps.", ge=1)
+
+
+class FaultSpec(Section):
+    kind: Literal["nan_batch"] = doc(..., "nan_batch: replace one rank's input batch with NaN.")
+    at_step: int = doc(..., "Global optimizer step at which to inject (0-based).", ge=0)
+    rank: int = doc(0, "Rank that receives the fault.", ge=0)
+
+
+class JobSpec(Section):
+    model: ModelSpec = doc(ModelSpec(), "The network.")
+    data: DataSpec = doc(..., "Where the data is and what it looks like.")
+    optimizer: OptimizerSpec = doc(OptimizerSpec(), "Optimizer and learning rate.")
+    schedule: ScheduleSpec = doc(ScheduleSpec(), "Learning-rate warmup and schedule.")
+    regularization: RegularizationSpec = doc(RegularizationSpec(), "Weight decay and L1/L2 penalties.")
+    stability: StabilitySpec = doc(StabilitySpec(), "Safeguards that keep training stable.")
+    scaling: ScalingSpec = doc(ScalingSpec(), "Workers, devices and the Ray cluster.")
+    run: RunSpec = doc(..., "Name, storage, length, checkpoints and seed.")
+    faults: list[FaultSpec] = doc([], "Faults to inject on purpose (tests and demos).")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "JobSpec":
+        if self.scaling.amp == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("scaling.amp: fp16 needs scaling.use_gpu: true (use bf16 or none on CPU)")
+        if self.model.kind in ("cnn", "resnet") and len(self.data.shape) != 3:
+            raise ValueError(f"data.shape: model.kind {self.model.kind} needs [channels, height, width], got {self.data.shape}")
+        if self.schedule.kind == "one_cycle" and self.schedule.warmup_epochs > 0:
+            raise ValueError("schedule.warmup_epochs: one_cycle has its own warmup; set it to 0")
+        for i, fault in enumerate(self.faults):
+            if fault.rank >= self.scaling.num_workers:
+                raise ValueError(f"faults.{i}.rank: {fault.rank} but scaling.num_workers is {self.scaling.num_workers}")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=c` overrides; the value is parsed as YAML (so 1e-3, true, [1, 2] work)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise BadInput(f"override {item!r}: expected dotted.key=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise BadInput(f"override {item!r}: {part} is not a section")
+            node = child
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            node[leaf] = raw
+    return tree
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise BadInput(f"{path}:{where} malformed YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if not isinstance(tree, dict):
+        raise BadInput(f"{path}: expected a mapping of sections at the top level")
+    return tree
+
+
+def first_error(source: str, exc: ValidationError) -> str:
+    """pydantic's first error as one line: `source: field.path: what was expected (got value)`."""
+    err = exc.errors()[0]
+    loc = ".".join(str(part) for part in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] not in ("missing", "value_error") and "input" in err:
+        msg = f"{msg} (got {err['input']!r})"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {loc + ': ' if loc else ''}{msg}{more}"
+
+
+def parse_spec(tree: dict, source: str = "spec", model: type[BaseModel] = JobSpec) -> Any:
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        raise BadInput(first_error(source, exc)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    """Read a job YAML, apply overrides, validate. Raises BadInput with one line."""
+    tree = apply_overrides(read_yaml(path), list(overrides))
+    return parse_spec(tree, str(path))
+
+
+def field_reference(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted field, default, description) for every leaf field: the spec reference."""
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.append((prefix + name, "", field.description or ""))
+            rows.extend(field_reference(annotation, prefix + name + "."))
+        else:
+            default = "required" if field.is_required() else repr(field.default)
+            rows.append((prefix + name, default, field.description or ""))
+    return rows

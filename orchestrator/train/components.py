@@ -1,0 +1,70 @@
+"""Everything a worker builds before its first step, from the job spec."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from orchestrator.models import build_model
+from orchestrator.spec import JobSpec
+from orchestrator.stability.clipping import GradClipper
+from orchestrator.stability.distributed import rank, world_size
+from orchestrator.stability.early_stopping import EarlyStopping
+from orchestrator.stability.faults import FaultInjector
+from orchestrator.stability.nonfinite import NonFiniteGuard
+from orchestrator.stability.replica_check import ReplicaCheck
+from orchestrator.stability.sync_batchnorm import convert_sync_batchnorm
+from orchestrator.train.hooks import Safeguards, StepState
+from orchestrator.train.optim import build_optimizer, split_decay_parameters
+from orchestrator.train.schedules import Schedule, build_schedule
+
+
+def seed_everything(seed: int, epoch: int = 0, rank_: int = 0) -> None:
+    """Reseed from (seed, epoch, rank) at every epoch start: a resume replays the same RNG stream
+    without storing generator states, and ranks draw different dropout masks."""
+    s = (seed * 1_000_003 + epoch * 1_009 + rank_) % (2**31)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+@dataclass
+class Components:
+    state: StepState
+    schedule: Schedule
+    safeguards: Safeguards
+    penalized: list  # parameters under the L1/L2 penalty
+    amp_dtype: torch.dtype | None
+
+
+def build_safeguards(spec: JobSpec) -> Safeguards:
+    st = spec.stability
+    guards = [FaultInjector(spec.faults, spec.data.features),
+              GradClipper(st.clip.mode, st.clip.max_norm, st.clip.max_value),
+              NonFiniteGuard(st.nonfinite.max_consecutive_skips),
+              ReplicaCheck()]
+    es = st.early_stopping
+    if es.enabled:
+        guards.append(EarlyStopping(es.metric, es.mode, es.patience, es.min_delta, es.divergence_threshold, es.check_finite))
+    return Safeguards(guards)
+
+
+def build_components(spec: JobSpec, steps_per_epoch: int, device: torch.device, prepare_model=None) -> Components:
+    """Model (synchronized BN, then DDP through `prepare_model`), optimizer, schedule, scaler, safeguards."""
+    seed_everything(spec.run.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+    model = build_model(spec.model, spec.data)
+    if spec.stability.sync_batchnorm and world_size() > 1:
+        model = convert_sync_batchnorm(model, use_cuda=device.type == "cuda")
+    if spec.scaling.use_gpu and spec.model.kind != "mlp":
+        model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(model) if prepare_model else model.to(device)
+    optimizer = build_optimizer(model, spec.optimizer, spec.regularization, world_size())
+    schedule = build_schedule(optimizer, spec.schedule, steps_per_epoch, spec.run.epochs)
+    scaler = torch.amp.GradScaler(device.type) if spec.scaling.amp == "fp16" else None
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.scaling.amp]
+    penalized, _ = split_decay_parameters(model, spec.regularization.exclude_norm_and_bias)
+    state = StepState(model=model, optimizer=optimizer, device=device, rank=rank(), scaler=scaler)
+    return Components(state, schedule, build_safeguards(spec), penalized, amp_dtype)

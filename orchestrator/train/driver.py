@@ -1,0 +1,171 @@
+"""The driver: check everything, start (or join) Ray, build a TorchTrainer, fit, summarise.
+
+All checks that can fail on bad input run in `preflight`, before Ray starts or
+a run directory is written, so a typo costs a second and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from orchestrator.data.generators import GENERATORS
+from orchestrator.data.sources import check_split, read_datasets, resolve
+from orchestrator.errors import BadInput
+from orchestrator.spec import JobSpec
+
+# Ray settings that cut local startup and shutdown time (measured: a tiny fit 18 s -> 10 s).
+FAST_LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+
+
+@dataclass
+class Plan:
+    train_rows: int
+    val_rows: int
+    steps_per_epoch: int
+    cpus_per_worker: float
+
+
+@dataclass
+class RunOutcome:
+    status: str                      # finished | early_stopped | diverged | failed
+    run_dir: Path
+    history: list[dict] = field(default_factory=list)
+    checkpoint: Optional[str] = None
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("finished", "early_stopped")
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+    def best(self, metric: str = "val_accuracy", mode: str = "max") -> Optional[float]:
+        values = [h[metric] for h in self.history if isinstance(h.get(metric), (int, float))]
+        return (max if mode == "max" else min)(values) if values else None
+
+
+def preflight(spec: JobSpec, generate: bool = True) -> Plan:
+    """Every check that needs no cluster: data present and well-formed, resources possible.
+    With generate=False (keel validate) a missing dataset that `data.generate` would write is fine."""
+    data, scaling = spec.data, spec.scaling
+    missing = data.generate and not Path(data.train).exists() and not Path(data.val).exists()
+    if missing and generate:
+        GENERATORS[data.generate](Path(data.train).parent)
+    train_rows = -1 if missing and not generate else check_split(data.train, "data.train", data)
+    val_rows = -1 if missing and not generate else check_split(data.val, "data.val", data)
+    local = scaling.address is None
+    cpus = os.cpu_count() or 1
+    if local and scaling.num_workers > cpus:
+        raise BadInput(f"scaling.num_workers: {scaling.num_workers} workers but this machine has {cpus} CPUs "
+                       "(lower it, or set scaling.address to run on a cluster)")
+    if local and scaling.use_gpu:
+        import torch
+        if torch.cuda.device_count() < scaling.num_workers:
+            raise BadInput(f"scaling.use_gpu: {scaling.num_workers} GPU workers but this machine has "
+                           f"{torch.cuda.device_count()} GPUs")
+    cpus_per_worker = scaling.cpus_per_worker or (min(1.0, (cpus - 1) / scaling.num_workers) if local and cpus > 1 else 1.0)
+    steps = (train_rows // scaling.num_workers) // data.batch_size if train_rows >= 0 else 0
+    if train_rows >= 0 and steps == 0:
+        raise BadInput(f"data.batch_size: {data.batch_size} x {scaling.num_workers} workers is more than the "
+                       f"{train_rows} training rows in {data.train}")
+    return Plan(train_rows, val_rows, steps, cpus_per_worker)
+
+
+def ensure_ray(address: Optional[str], verbose: bool = False) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    for key, value in FAST_LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    if address is None:
+        # Embedded local cluster; dashboard/job API stay on 127.0.0.1 (Ray's default).
+        ray.init(log_to_driver=verbose, configure_logging=verbose, logging_level="WARNING")
+    else:
+        ray.init(address=address, log_to_driver=verbose, logging_level="WARNING")
+    import logging
+
+    import ray.data
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestrator.train.loop import train_loop_per_worker
+
+    resolved = spec.model_copy(deep=True)
+    resolved.data.train, resolved.data.val = resolve(spec.data.train), resolve(spec.data.val)
+    resources = {"CPU": plan.cpus_per_worker}
+    if spec.scaling.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": resolved.model_dump(mode="json"), "steps_per_epoch": plan.steps_per_epoch,
+                           "progress": progress_queue},
+        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=spec.run.name, storage_path=resolve(spec.run.storage_path),
+                             failure_config=FailureConfig(max_failures=spec.run.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints)),
+        torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo",
+                                 timeout_s=spec.scaling.collective_timeout_s),
+        datasets=read_datasets(resolved.data),
+    )
+
+
+def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, verbose: bool = False) -> RunOutcome:
+    """Run a job to the end. `on_event` receives live progress dicts (step / epoch / resumed)."""
+    plan = preflight(spec)
+    ensure_ray(spec.scaling.address, verbose)
+    from ray.train import TrainingFailedError
+    from ray.util.queue import Empty, Queue
+
+    from orchestrator.report.metrics import MetricsLog
+
+    run_dir = Path(resolve(spec.run.storage_path)) / spec.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(spec.to_yaml())
+    log = MetricsLog(run_dir)
+    outcome = RunOutcome(status="finished", run_dir=run_dir)
+    queue = Queue(actor_options={"num_cpus": 0})
+    done = threading.Event()
+
+    def pump() -> None:  # the driver's only thread besides fit(): live view + metrics files
+        while not (done.is_set() and queue.empty()):
+            try:
+                event = queue.get(timeout=0.2)
+            except Empty:
+                continue
+            if event["type"] == "epoch":
+                outcome.history.append(event["metrics"])
+                log.append(event["metrics"])
+            on_event(event)
+
+    pumper = threading.Thread(target=pump, daemon=True)
+    pumper.start()
+    try:
+        on_event({"type": "start", "plan": plan, "run_dir": str(run_dir)})
+        result = build_trainer(spec, plan, queue).fit()
+        outcome.checkpoint = result.checkpoint.path if result.checkpoint else None
+    except TrainingFailedError as exc:
+        outcome.status, outcome.reason = "failed", str(exc).strip().splitlines()[-1][:500]
+    finally:
+        done.set()
+        pumper.join(timeout=30)
+        import ray
+        ray.kill(queue.actor)
+    reason = outcome.final.get("stop_reason", "")
+    if outcome.status != "failed" and reason:
+        outcome.status = "diverged" if outcome.final.get("diverged") else "early_stopped"
+        outcome.reason = reason
+    return outcome

@@ -1,0 +1,87 @@
+"""Where safeguards act in the per-worker loop (orchestrator/train/loop.py).
+
+    setup: model -> synchronized BN -> DDP, optimizer, schedule, safeguards, resume
+    for epoch:
+        for batch:
+            -- on_batch(state, batch) -> batch    FaultInjector (tests and demos)
+            forward, loss (+ L1/L2 penalty)
+            -- after_loss(state)
+            backward                              DDP all-reduces gradients here
+            -- after_backward(state)              GradClipper: AMP unscale, clip, pre-clip global norm
+            agree: ONE all-reduce of [loss*n, n, non-finite flag]   (the step's only host sync)
+            -- before_step(state)                 NonFiniteGuard: skip on every rank / diverged
+            optimizer step and LR step, or skip
+            -- after_step(state)
+        validate (sums all-reduced, so every rank sees the same metrics)
+        -- on_epoch_end(state, metrics)           EarlyStopping (agreed), ReplicaCheck
+        -- on_report(metrics)                     counters into the epoch report
+        ray.train.report(metrics, checkpoint)     a barrier across ranks
+
+Rules: a hook may only change control flow (`state.skip`, `state.stop_reason`)
+from values that are identical on every rank (all-reduced ones), or after
+agreeing with `agree_any`; otherwise one rank steps alone and DDP hangs.
+A safeguard is any object with some of these methods; `state_dict` /
+`load_state_dict`, if present, put it in checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+HOOKS = ("on_batch", "after_loss", "after_backward", "before_step", "after_step", "on_epoch_end", "on_report")
+
+
+@dataclass
+class StepState:
+    """What the loop shares with safeguards; reset per step where noted."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    rank: int = 0
+    scaler: Optional[torch.amp.GradScaler] = None
+    epoch: int = 0
+    step: int = 0                        # global optimizer steps attempted (skipped ones count)
+    loss: Optional[torch.Tensor] = None  # this rank's loss (per step)
+    grad_norm: Optional[torch.Tensor] = None  # pre-clip global norm (per step)
+    grad_norm_value: float = float("nan")  # the same, as a float after the step's one host sync
+    global_loss: float = float("nan")    # all-reduced mean loss (per step)
+    global_nonfinite: float = 0.0        # ranks that saw NaN/Inf (per step)
+    skip: bool = False                   # skip this optimizer step (per step)
+    stop_reason: Optional[str] = None    # set -> the run stops after this epoch's report
+    events: list[dict] = field(default_factory=list)  # guard events (step, trigger, value, action)
+
+    def begin_step(self) -> None:
+        self.loss = self.grad_norm = None
+        self.global_loss, self.grad_norm_value = float("nan"), float("nan")
+        self.global_nonfinite, self.skip = 0.0, False
+
+
+class Safeguards:
+    """Calls each hook on every safeguard that has it, in the order given."""
+
+    def __init__(self, guards: list[Any]):
+        self.guards = guards
+
+    def on_batch(self, state: StepState, batch: dict) -> dict:
+        for g in self.guards:
+            if hasattr(g, "on_batch"):
+                batch = g.on_batch(state, batch)
+        return batch
+
+    def call(self, hook: str, *args) -> None:
+        for g in self.guards:
+            fn = getattr(g, hook, None)
+            if fn is not None:
+                fn(*args)
+
+    def state_dict(self) -> dict:
+        return {type(g).__name__: g.state_dict() for g in self.guards if hasattr(g, "state_dict")}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for g in self.guards:
+            if hasattr(g, "load_state_dict") and type(g).__name__ in sd:
+                g.load_state_dict(sd[type(g).__name__])

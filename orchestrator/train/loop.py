@@ -1,0 +1,126 @@
+"""The per-worker training loop. Read it top to bottom; hooks.py shows where safeguards act."""
+
+from __future__ import annotations
+
+import tempfile
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.nn.functional as F
+
+from orchestrator.spec import JobSpec
+from orchestrator.stability.distributed import all_reduce_, world_size
+from orchestrator.train.checkpointing import load_checkpoint, save_checkpoint
+from orchestrator.train.components import Components, build_components, seed_everything
+from orchestrator.train.meters import EpochMeter, ProgressSender
+from orchestrator.train.optim import weight_penalty
+
+
+def to_inputs(batch: dict, data_spec, device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = batch[data_spec.features].to(device, non_blocking=True).float()
+    y = batch[data_spec.label].to(device, non_blocking=True).long()
+    return x.reshape(x.shape[0], *data_spec.shape), y
+
+
+def agree_step(st, n: int) -> None:
+    """ONE all-reduce per step of [loss*n, n, non-finite?, grad norm]: the loss every rank reports and
+    the skip decision every rank takes. `.tolist()` is the step's host sync."""
+    norm = st.grad_norm if st.grad_norm is not None else torch.zeros((), device=st.device)
+    bad = (~torch.isfinite(st.loss)) | (~torch.isfinite(norm))
+    stats = torch.stack([st.loss.float() * n, torch.tensor(float(n), device=st.device), bad.float(), norm.float()])
+    loss_sum, count, nonfinite, norm_sum = all_reduce_(stats).tolist()
+    st.global_loss, st.global_nonfinite, st.grad_norm_value = loss_sum / count, nonfinite, norm_sum / world_size()
+
+
+def train_step(comps: Components, batch: dict, spec: JobSpec) -> None:
+    st, guards, reg = comps.state, comps.safeguards, spec.regularization
+    st.begin_step()
+    batch = guards.on_batch(st, batch)
+    x, y = to_inputs(batch, spec.data, st.device)
+    with torch.autocast(st.device.type, dtype=comps.amp_dtype, enabled=comps.amp_dtype is not None):
+        loss = F.cross_entropy(st.model(x).float(), y)
+    st.loss = loss.detach()
+    guards.call("after_loss", st)
+    total = loss + weight_penalty(comps.penalized, reg.l1, reg.l2)
+    (st.scaler.scale(total) if st.scaler else total).backward()
+    guards.call("after_backward", st)
+    agree_step(st, len(y))
+    guards.call("before_step", st)
+    if not st.skip:
+        st.scaler.step(st.optimizer) if st.scaler else st.optimizer.step()
+        comps.schedule.step()
+    if st.scaler:
+        st.scaler.update()  # also after a skip: an fp16 overflow must lower the scale
+    st.optimizer.zero_grad(set_to_none=True)
+    guards.call("after_step", st)
+    st.step += 1
+
+
+@torch.no_grad()
+def evaluate(comps: Components, shard, spec: JobSpec) -> dict[str, float]:
+    """Validation loss/accuracy over all ranks' shards (sums all-reduced: every rank gets the same numbers)."""
+    st = comps.state
+    st.model.eval()  # BN uses running statistics: no collectives per batch, uneven shards are fine
+    sums = torch.zeros(3, device=st.device, dtype=torch.float64)
+    for batch in shard.iter_torch_batches(batch_size=spec.data.batch_size * 4, drop_last=False):
+        x, y = to_inputs(batch, spec.data, st.device)
+        with torch.autocast(st.device.type, dtype=comps.amp_dtype, enabled=comps.amp_dtype is not None):
+            logits = st.model(x).float()
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                             (logits.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), device=st.device).double()])
+    loss_sum, correct, count = all_reduce_(sums).tolist()
+    st.model.train()
+    return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: config = {spec, steps_per_epoch, progress (a ray Queue or None)}."""
+    spec = JobSpec.model_validate(config["spec"])
+    steps_per_epoch, world = config["steps_per_epoch"], world_size()
+    comps = build_components(spec, steps_per_epoch, ray.train.torch.get_device(), ray.train.torch.prepare_model)
+    st, guards = comps.state, comps.safeguards
+    progress = ProgressSender(config.get("progress"), st.rank)
+    progress.send("ready", world_size=world)
+    start_epoch = 0
+    if (resume_from := ray.train.get_checkpoint()) is not None:
+        with resume_from.as_directory() as directory:
+            start_epoch = load_checkpoint(directory, comps, map_location=st.device)["epoch"] + 1
+        progress.send("resumed", epoch=start_epoch)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch, spec.run.epochs):
+        seed_everything(spec.run.seed, epoch, st.rank)
+        st.epoch, meter = epoch, EpochMeter()
+        st.model.train()
+        batches = train_shard.iter_torch_batches(
+            batch_size=spec.data.batch_size, drop_last=True,  # no rank ever sees a 1-sample BN batch
+            local_shuffle_buffer_size=spec.data.shuffle_buffer or None,
+            local_shuffle_seed=spec.run.seed * 7919 + epoch * 31 + st.rank if spec.data.shuffle_buffer else None)
+        for i, batch in enumerate(meter.timed(batches)):
+            if i >= steps_per_epoch or st.stop_reason:
+                continue  # drain the shard: every rank takes exactly steps_per_epoch (agreed) steps
+            train_step(comps, batch, spec)
+            meter.add(st.global_loss, st.grad_norm_value, spec.data.batch_size * world)
+            if i % spec.run.log_every == 0 or i == steps_per_epoch - 1:
+                progress.send("step", epoch=epoch, step=i + 1, steps=steps_per_epoch, loss=st.global_loss,
+                              grad_norm=st.grad_norm_value, lr=st.optimizer.param_groups[0]["lr"])
+
+        metrics = {"epoch": epoch, "step": st.step, **meter.summary(), **evaluate(comps, val_shard, spec),
+                   "lr": st.optimizer.param_groups[0]["lr"]}
+        comps.schedule.epoch_end(metrics["val_loss"], warmup_done=epoch + 1 >= spec.schedule.warmup_epochs)
+        guards.call("on_epoch_end", st, metrics)
+        guards.call("on_report", metrics)
+        diverged = bool(st.stop_reason and st.stop_reason.startswith("diverged"))
+        metrics.update(stop_reason=st.stop_reason or "", diverged=int(diverged), events=st.events[-20:])
+        last = epoch == spec.run.epochs - 1 or st.stop_reason is not None
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if st.rank == 0 and not diverged and (last or (epoch + 1) % spec.run.checkpoint_every == 0):
+                save_checkpoint(tmp, comps, epoch=epoch, spec_yaml=spec.to_yaml())
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            progress.send("epoch", metrics=metrics)
+            ray.train.report(metrics, checkpoint=checkpoint)  # a barrier: all ranks report every epoch
+        st.events.clear()
+        if st.stop_reason:
+            break

@@ -1,0 +1,61 @@
+"""Per-epoch accumulation of step statistics, and live progress sent to the driver."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterable, Iterator
+
+
+class EpochMeter:
+    """Host-side sums of the per-step agreed values (already Python floats: no extra syncs)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.wait = 0.0
+        self.steps = self.samples = 0
+        self.loss_sum = self.loss_n = 0.0
+        self.norms: list[float] = []
+
+    def timed(self, batches: Iterable) -> Iterator:
+        """Yield from `batches`, adding the time spent waiting for each one to `self.wait`."""
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - t
+            yield batch
+
+    def add(self, global_loss: float, grad_norm: float, global_samples: int) -> None:
+        self.steps += 1
+        self.samples += global_samples
+        if math.isfinite(global_loss):
+            self.loss_sum += global_loss
+            self.loss_n += 1
+        if math.isfinite(grad_norm):
+            self.norms.append(grad_norm)
+
+    def summary(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {
+            "train_loss": self.loss_sum / self.loss_n if self.loss_n else float("nan"),
+            "grad_norm_mean": sum(self.norms) / len(self.norms) if self.norms else float("nan"),
+            "grad_norm_max": max(self.norms) if self.norms else float("nan"),
+            "samples_per_s": self.samples / elapsed,
+            "data_wait_frac": self.wait / elapsed,
+            "epoch_time_s": elapsed,
+        }
+
+
+class ProgressSender:
+    """Rank 0 pushes small dicts to the driver's queue, fire-and-forget (never blocks a step)."""
+
+    def __init__(self, queue: Any, rank: int):
+        self.actor = getattr(queue, "actor", None) if rank == 0 else None
+
+    def send(self, kind: str, **payload: Any) -> None:
+        if self.actor is not None:
+            self.actor.put_nowait.remote({"type": kind, **payload})
