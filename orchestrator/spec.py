@@ -139,6 +139,7 @@ class RunSpec(Section):
 class FaultSpec(Section):
     kind: Literal["nan_batch"] = doc(..., "nan_batch: replace one rank's input batch with NaN.")
     at_step: int = doc(..., "Global optimizer step at which to inject (0-based).", ge=0)
+    repeat: int = doc(1, "Inject at this many consecutive steps from at_step.", ge=1)
     rank: int = doc(0, "Rank that receives the fault.", ge=0)
 
 

@@ -39,7 +39,7 @@ class RunDisplay:
         if kind == "start":
             plan = event["plan"]
             self.console.print(f"run dir {event['run_dir']}  ·  {plan.train_rows} train / {plan.val_rows} val rows  ·  "
-                               f"{plan.steps_per_epoch} steps per epoch per worker")
+                               f"{plan.steps_per_epoch} steps per epoch per worker", highlight=False, soft_wrap=True)
             if self.progress:
                 self.progress.start()
         elif kind == "resumed":
@@ -51,7 +51,7 @@ class RunDisplay:
             m = event["metrics"]
             parts = [f"{label} {fmt(m.get(key), pattern)}" for key, label, pattern in EPOCH_COLUMNS
                      if key != "epoch"]
-            self.console.print(f"epoch {m['epoch'] + 1}/{self.epochs}  " + "  ".join(parts), highlight=False)
+            self.console.print(f"epoch {m['epoch'] + 1}/{self.epochs}  " + "  ".join(parts), highlight=False, soft_wrap=True)
             if m.get("stop_reason"):
                 self.console.print(f"[yellow]{m['stop_reason']}[/]")
 
@@ -64,6 +64,8 @@ def summary_table(outcome) -> Table:
     colour = {"finished": "green", "early_stopped": "green", "diverged": "red", "failed": "red"}[outcome.status]
     table = Table(title=f"[{colour}]{outcome.status}[/]" + (f": {outcome.reason}" if outcome.reason else ""),
                   show_header=False, title_justify="left")
+    table.add_column("what", no_wrap=True)
+    table.add_column("value", overflow="fold")
     final = outcome.final
     rows = [("epochs run", fmt(final.get("epoch", -1) + 1 if final else 0, "{}")),
             ("best val accuracy", fmt(outcome.best("val_accuracy", "max"))),

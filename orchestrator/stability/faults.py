@@ -16,7 +16,7 @@ class FaultInjector:
 
     def on_batch(self, state, batch: dict) -> dict:
         for fault in self.faults:
-            if fault.at_step == state.step and fault.rank == state.rank and fault.kind == "nan_batch":
+            if fault.at_step <= state.step < fault.at_step + fault.repeat and fault.rank == state.rank and fault.kind == "nan_batch":
                 batch = dict(batch)
                 batch[self.features] = poison_batch(batch[self.features].float())
                 state.events.append({"step": state.step, "trigger": "fault", "action": "nan_batch", "value": fault.rank})

@@ -50,3 +50,8 @@ def load_checkpoint(directory: str | os.PathLike, comps, map_location="cpu") -> 
     comps.safeguards.load_state_dict(payload["safeguards"])
     st.step = payload["step"]
     return payload
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories of a run, oldest first (Ray names them by timestamp)."""
+    return sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())

@@ -97,42 +97,49 @@ def ensure_ray(address: Optional[str], verbose: bool = False) -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def resolved(spec: JobSpec) -> JobSpec:
+    """The spec with local paths made absolute: workers and read tasks run in other directories."""
+    spec = spec.model_copy(deep=True)
+    spec.data.train, spec.data.val = resolve(spec.data.train), resolve(spec.data.val)
+    spec.run.storage_path = resolve(spec.run.storage_path)
+    return spec
+
+
 def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from orchestrator.train.loop import train_loop_per_worker
 
-    resolved = spec.model_copy(deep=True)
-    resolved.data.train, resolved.data.val = resolve(spec.data.train), resolve(spec.data.val)
     resources = {"CPU": plan.cpus_per_worker}
     if spec.scaling.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": resolved.model_dump(mode="json"), "steps_per_epoch": plan.steps_per_epoch,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "steps_per_epoch": plan.steps_per_epoch,
                            "progress": progress_queue},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=spec.run.name, storage_path=resolve(spec.run.storage_path),
+        run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path,
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints)),
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo",
                                  timeout_s=spec.scaling.collective_timeout_s),
-        datasets=read_datasets(resolved.data),
+        datasets=read_datasets(spec.data),
     )
 
 
 def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, verbose: bool = False) -> RunOutcome:
     """Run a job to the end. `on_event` receives live progress dicts (step / epoch / resumed)."""
     plan = preflight(spec)
+    spec = resolved(spec)
     ensure_ray(spec.scaling.address, verbose)
     from ray.train import TrainingFailedError
     from ray.util.queue import Empty, Queue
 
     from orchestrator.report.metrics import MetricsLog
 
-    run_dir = Path(resolve(spec.run.storage_path)) / spec.run.name
+    run_dir = Path(spec.run.storage_path) / spec.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(spec.to_yaml())
     log = MetricsLog(run_dir)

@@ -1,0 +1,78 @@
+"""Real 2-worker runs through the same path as `keel run`: the main job, NaN skip, divergence, resume."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from orchestrator import cli
+from orchestrator.report.metrics import read_metrics
+from orchestrator.spec import parse_spec
+from orchestrator.train.checkpointing import list_checkpoints
+from orchestrator.train.driver import run_job
+from tests.conftest import ROOT, job_tree
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.timeout(420)
+def test_main_job_reaches_95_percent_on_digits(ray_session, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the job writes its data and runs relative to the working directory
+    rc = cli.main(["run", str(ROOT / "jobs/digits-resnet.yaml"), "--quiet"])
+    assert rc == 0, capsys.readouterr()
+    run_dir = tmp_path / "runs" / "digits-resnet"
+    history = read_metrics(run_dir)
+    assert max(h["val_accuracy"] for h in history) >= 0.95
+    assert all(h["replica_drift"] == 0.0 for h in history)
+    assert {"train_loss", "val_loss", "grad_norm_mean", "grad_norm_max", "lr", "skipped_steps", "samples_per_s"} <= history[-1].keys()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["run"]["name"] == "digits-resnet" and saved["model"]["kind"] == "resnet"
+    assert saved["data"]["train"] == str(tmp_path / "data/digits/train.parquet")  # resolved, absolute
+    checkpoints = list_checkpoints(run_dir)
+    assert checkpoints and yaml.safe_load((checkpoints[-1] / "config.yaml").read_text()) == saved
+    assert "best val accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(300)
+def test_nan_on_one_rank_skips_the_step_on_every_rank(ray_session, digits_dir, tmp_path):
+    tree = job_tree(digits_dir, tmp_path, "nan-skip", faults=[{"kind": "nan_batch", "at_step": 5, "rank": 1}])
+    outcome = run_job(parse_spec(tree))
+    assert outcome.status == "finished", outcome.reason
+    first, last = outcome.history[0], outcome.history[-1]
+    assert last["skipped_steps"] == 1
+    # reports carry rank 0's view: the NaN was injected on rank 1, yet rank 0 skipped the same step
+    assert [(e["step"], e["trigger"], e["action"]) for e in first["events"]] == [(5, "nonfinite", "skip")]
+    assert all(h["replica_drift"] == 0.0 for h in outcome.history)  # ranks hold identical parameters
+    state = torch.load(list_checkpoints(outcome.run_dir)[-1] / "state.pt", weights_only=False)
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert last["val_loss"] < first["val_loss"] and last["step"] == 2 * (1437 // 2 // 32)  # training went on
+
+
+@pytest.mark.timeout(300)
+def test_endless_nan_stops_as_diverged_with_exit_1(ray_session, digits_dir, tmp_path, capsys):
+    tree = job_tree(digits_dir, tmp_path, "diverge", faults=[{"kind": "nan_batch", "at_step": 3, "repeat": 1000}],
+                    stability={"nonfinite": {"max_consecutive_skips": 4}})
+    job = tmp_path / "diverge.yaml"
+    job.write_text(yaml.safe_dump(tree))
+    assert cli.main(["run", str(job), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "diverged: 4 consecutive non-finite steps" in err and "at step 6" in err
+    history = read_metrics(tmp_path / "diverge")
+    assert len(history) == 1 and history[0]["diverged"] == 1 and history[0]["skipped_steps"] == 4
+
+
+@pytest.mark.timeout(420)
+def test_rerun_with_same_name_resumes_from_next_epoch(ray_session, digits_dir, tmp_path):
+    tree = job_tree(digits_dir, tmp_path, "resume", run={"name": "resume", "storage_path": str(tmp_path), "epochs": 2})
+    first = run_job(parse_spec(tree))
+    assert [h["epoch"] for h in first.history] == [0, 1]
+    tree["run"]["epochs"] = 3
+    events = []
+    second = run_job(parse_spec(tree), on_event=events.append)
+    assert {"type": "resumed", "epoch": 2} in events
+    assert [h["epoch"] for h in second.history] == [2]
+    assert second.history[0]["step"] == 3 * first.history[0]["step"]  # the global step carried over
+    assert [h["epoch"] for h in read_metrics(tmp_path / "resume")] == [0, 1, 2]
+    ckpt = torch.load(list_checkpoints(tmp_path / "resume")[-1] / "state.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and json.dumps(ckpt["safeguards"])  # guard state travels with it
