@@ -45,6 +45,20 @@ def cmd_validate(args, console: Console) -> int:
     return 0
 
 
+def cmd_spec(args, console: Console) -> int:
+    from orchestrator.spec import field_reference
+
+    print(spec_reference_markdown(field_reference()))
+    return 0
+
+
+def spec_reference_markdown(rows) -> str:
+    lines = ["| field | default | meaning |", "|---|---|---|"]
+    for name, default, text in rows:
+        lines.append(f"| `{name}` | {('`' + default + '`') if default else ''} | {text} |")
+    return "\n".join(lines)
+
+
 def cmd_data_make(args, console: Console) -> int:
     from orchestrator.data.generators import GENERATORS
 
@@ -69,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("job")
     validate.add_argument("overrides", nargs="*")
     validate.set_defaults(func=cmd_validate)
+
+    spec = sub.add_parser("spec", help="print the job spec reference (every field, default and meaning)")
+    spec.set_defaults(func=cmd_spec)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     make = data.add_parser("make", help="write a built-in dataset as Parquet")

@@ -193,12 +193,25 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"{path}: no such file")
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = yaml.load(path.read_text(), Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -243,6 +256,6 @@ def field_reference(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[
             rows.append((prefix + name, "", field.description or ""))
             rows.extend(field_reference(annotation, prefix + name + "."))
         else:
-            default = "required" if field.is_required() else repr(field.default)
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             rows.append((prefix + name, default, field.description or ""))
     return rows

@@ -1,0 +1,73 @@
+"""Bad input: one line naming the field or file, exit code 2, no Ray started, no run directory written."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+CASES = {  # file in tests/bad_inputs -> what the one-line error must name
+    "malformed_yaml.yaml": "malformed YAML",
+    "not_a_mapping.yaml": "expected a mapping",
+    "duplicate_key.yaml": "duplicate key 'run'",
+    "unknown_key.yaml": "model.colour: unknown key",
+    "wrong_type_lr.yaml": "optimizer.lr:",
+    "negative_lr.yaml": "optimizer.lr: Input should be greater than 0",
+    "unknown_activation.yaml": "model.activation:",
+    "unknown_optimizer.yaml": "optimizer.name:",
+    "unknown_init.yaml": "model.init:",
+    "unknown_clip_mode.yaml": "stability.clip.mode:",
+    "missing_run.yaml": "run: Field required",
+    "bad_run_name.yaml": "run.name:",
+    "fp16_on_cpu.yaml": "scaling.amp: fp16 needs scaling.use_gpu",
+    "resnet_flat_shape.yaml": "data.shape: model.kind resnet needs",
+    "one_cycle_with_warmup.yaml": "schedule.warmup_epochs:",
+    "fault_rank_out_of_range.yaml": "faults.0.rank:",
+    "batch_size_one.yaml": "data.batch_size:",
+    "missing_dataset.yaml": "data.train: ",
+    "too_many_workers.yaml": "scaling.num_workers: 64 workers but this machine has",
+    "shape_mismatch.yaml": "column 'image' has 64 values per row but data.shape [1, 4, 4] needs 16",
+    "missing_column.yaml": "column 'pixels' missing",
+    "batch_larger_than_data.yaml": "data.batch_size: 4096 x 2 workers is more than",
+    "unreadable_parquet.yaml": "not readable as Parquet",
+}
+PROBE = ("import sys; from orchestrator.cli import main; rc = main(sys.argv[1:]); "
+         "sys.stdout.write('RAY IMPORTED' if 'ray' in sys.modules else ''); sys.exit(rc)")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, digits_dir) -> Path:
+    """The bad specs with DATA pointing at a real digits set, plus a file that is not Parquet."""
+    out = tmp_path_factory.mktemp("bad")
+    for name in CASES:
+        (out / name).write_text((ROOT / "tests/bad_inputs" / name).read_text().replace("DATA", str(digits_dir)))
+    (digits_dir / "notparquet.parquet").write_text("this is not parquet")
+    return out
+
+
+def test_every_corpus_file_has_a_case():
+    assert sorted(p.name for p in (ROOT / "tests/bad_inputs").glob("*.yaml")) == sorted(CASES)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_bad_spec_exits_2_with_one_line_naming_the_field(case, command, corpus, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", PROBE, command, str(corpus / case), f"run.storage_path={tmp_path}/runs"]
+                          if case not in ("missing_run.yaml",) else [sys.executable, "-c", PROBE, command, str(corpus / case)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("keel: error: ") and CASES[case] in lines[0], lines[0]
+    assert "RAY IMPORTED" not in proc.stdout  # nothing started a Ray cluster
+    assert not (tmp_path / "runs").exists()  # no run directory half-written
+
+
+def test_malformed_override_is_bad_input(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(ROOT / "jobs/digits-resnet.yaml"), "optimizer.lr"],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and "expected dotted.key=value" in proc.stderr

@@ -1,0 +1,116 @@
+"""Safeguards on fake state: the non-finite guard, early stopping, fault injection, the hook runner."""
+
+import math
+
+import pytest
+import torch
+
+from orchestrator.spec import FaultSpec
+from orchestrator.stability.early_stopping import EarlyStopping, early_stop_decision
+from orchestrator.stability.faults import FaultInjector
+from orchestrator.stability.nonfinite import NonFiniteGuard, should_skip
+from orchestrator.train.hooks import Safeguards, StepState
+
+
+def fake_state(step=0, nonfinite=0.0, rank=0):
+    model = torch.nn.BatchNorm1d(2)
+    st = StepState(model=model, optimizer=None, device=torch.device("cpu"), rank=rank, step=step)
+    st.global_nonfinite = nonfinite
+    return st
+
+
+def test_should_skip():
+    assert not should_skip(0.0)
+    assert should_skip(1.0) and should_skip(float("nan"))
+
+
+def test_guard_skips_counts_and_resets_on_a_good_step():
+    guard = NonFiniteGuard(max_consecutive_skips=3)
+    for step, bad in enumerate([0, 1, 1, 0, 1]):
+        st = fake_state(step, bad)
+        guard.on_batch(st, {})
+        guard.before_step(st)
+        assert st.skip == bool(bad) and st.stop_reason is None
+    assert guard.total == 3 and guard.consecutive == 1
+
+
+def test_guard_declares_divergence_after_budget():
+    guard = NonFiniteGuard(max_consecutive_skips=2)
+    for step in range(2):
+        st = fake_state(step, 1.0)
+        guard.on_batch(st, {})
+        guard.before_step(st)
+    assert st.stop_reason.startswith("diverged: 2 consecutive non-finite steps") and "at step 1" in st.stop_reason
+
+
+def test_guard_restores_bn_buffers_poisoned_by_a_skipped_forward():
+    guard, st = NonFiniteGuard(), fake_state(0, 1.0)
+    guard.on_batch(st, {})
+    st.model(torch.full((4, 2), float("nan")))  # the forward writes NaN into running stats
+    guard.before_step(st)
+    assert torch.isfinite(st.model.running_mean).all() and torch.isfinite(st.model.running_var).all()
+
+
+def test_guard_state_round_trips():
+    a, b = NonFiniteGuard(), NonFiniteGuard()
+    a.consecutive, a.total = 2, 7
+    b.load_state_dict(a.state_dict())
+    assert (b.consecutive, b.total) == (2, 7)
+
+
+@pytest.mark.parametrize("values, mode, expected_stop_at", [
+    ([1.0, 0.9, 0.95, 0.96, 0.97], "min", 4),   # patience 3 after the best at index 1
+    ([0.5, 0.6, 0.7, 0.8, 0.9], "max", None),   # always improving
+    ([1.0, 0.9, float("nan")], "min", 2),      # non-finite: immediate
+    ([1.0, 50.0], "min", 1),                    # beyond divergence threshold
+])
+def test_early_stop_decision(values, mode, expected_stop_at):
+    best, bad, stop_at = None, 0, None
+    for i, v in enumerate(values):
+        best, bad, reason = early_stop_decision(v, best, bad, mode=mode, patience=3, divergence_threshold=10.0 if mode == "min" else None)
+        if reason:
+            stop_at = i
+            break
+    assert stop_at == expected_stop_at
+
+
+def test_min_delta_counts_tiny_gains_as_no_improvement():
+    best, bad, _ = early_stop_decision(1.0, None, 0, mode="min", patience=2, min_delta=0.1)
+    best, bad, _ = early_stop_decision(0.95, best, bad, mode="min", patience=2, min_delta=0.1)
+    assert (best, bad) == (1.0, 1)
+
+
+def test_early_stopping_object_sets_stop_reason_single_process():
+    es, st = EarlyStopping("val_loss", "min", patience=1), fake_state()
+    es.on_epoch_end(st, {"val_loss": 1.0})
+    assert st.stop_reason is None
+    es.on_epoch_end(st, {"val_loss": 1.5})
+    assert st.stop_reason.startswith("early stop")
+
+
+def test_fault_injector_poisons_only_its_rank_and_steps():
+    inj = FaultInjector([FaultSpec(kind="nan_batch", at_step=2, repeat=2, rank=1)], "image")
+    batch = {"image": torch.ones(2, 3)}
+    hits = [(step, rank) for step in range(5) for rank in (0, 1)
+            if torch.isnan(inj.on_batch(fake_state(step, rank=rank), batch)["image"]).all()]
+    assert hits == [(2, 1), (3, 1)]
+    assert torch.isfinite(batch["image"]).all()  # the original batch is untouched
+
+
+def test_safeguards_call_hooks_in_order_and_collect_state():
+    calls = []
+
+    class A:
+        def before_step(self, st): calls.append("A")
+        def state_dict(self): return {"a": 1}
+        def load_state_dict(self, sd): calls.append(("loaded", sd))
+
+    class B:
+        def before_step(self, st): calls.append("B")
+
+    guards = Safeguards([A(), B()])
+    guards.call("before_step", None)
+    guards.call("after_step", None)  # no one implements it: a no-op
+    assert calls == ["A", "B"] and guards.state_dict() == {"A": {"a": 1}}
+    guards.load_state_dict({"A": {"a": 2}})
+    assert calls[-1] == ("loaded", {"a": 2})

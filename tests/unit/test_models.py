@@ -1,0 +1,61 @@
+import pytest
+import torch
+from torch import nn
+
+from orchestrator.models import build_model, init_weights, make_activation
+from orchestrator.spec import parse_spec
+from tests.unit.test_spec import MINIMAL
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet"])
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_each_model_gives_logits_and_trains(kind, batch_norm):
+    spec = parse_spec({**MINIMAL, "model": {"kind": kind, "batch_norm": batch_norm, "channels": [8, 16], "hidden": [32]}})
+    model = build_model(spec.model, spec.data)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    assert model(x).shape == (16, 10)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.5  # can fit a tiny batch
+    has_bn = any(isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) for m in model.modules())
+    assert has_bn == batch_norm
+
+
+@pytest.mark.parametrize("name, probe", [
+    ("relu", (-1.0, 0.0)), ("leaky_relu", (-1.0, -0.01)), ("elu", (-1.0, torch.expm1(torch.tensor(-1.0)).item())),
+    ("silu", (-1.0, -1.0 * torch.sigmoid(torch.tensor(-1.0)).item())), ("swish", (2.0, 2.0 * torch.sigmoid(torch.tensor(2.0)).item())),
+    ("gelu", (1.0, 0.8413447)),
+])
+def test_activations(name, probe):
+    x, expected = probe
+    assert make_activation(name)(torch.tensor([x])).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("scheme, expected_std", [
+    ("kaiming_normal", (2 / 256) ** 0.5), ("kaiming_uniform", (2 / 256) ** 0.5),
+    ("xavier_normal", 2 ** 0.5 * (2 / (256 + 512)) ** 0.5), ("xavier_uniform", 2 ** 0.5 * (2 / (256 + 512)) ** 0.5),
+    ("orthogonal", None),
+])
+def test_init_schemes(scheme, expected_std):
+    layer = nn.Linear(256, 512)
+    init_weights(layer, scheme, "relu")
+    w = layer.weight.detach()
+    assert torch.count_nonzero(layer.bias) == 0
+    if expected_std is None:  # orthogonal rows (gain sqrt(2) for relu)
+        torch.testing.assert_close(w.T @ w, 2.0 * torch.eye(256), atol=1e-4, rtol=1e-4)
+    else:
+        assert w.std().item() == pytest.approx(expected_std, rel=0.05)
+
+
+def test_zero_init_residual_makes_blocks_start_as_identity():
+    spec = parse_spec({**MINIMAL, "model": {"kind": "resnet", "channels": [8], "blocks_per_stage": 2}})
+    model = build_model(spec.model, spec.data)
+    assert all(torch.count_nonzero(block.bn2.weight) == 0 for block in model.blocks)
+    spec = parse_spec({**MINIMAL, "model": {"kind": "resnet", "channels": [8], "zero_init_residual": False}})
+    assert all(torch.count_nonzero(block.bn2.weight) > 0 for block in build_model(spec.model, spec.data).blocks)

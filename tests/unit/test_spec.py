@@ -1,0 +1,75 @@
+import pytest
+import yaml
+
+from orchestrator.errors import BadInput
+from orchestrator.spec import JobSpec, apply_overrides, field_reference, load_spec, parse_spec
+from tests.conftest import ROOT
+
+MINIMAL = {"data": {"train": "t", "val": "v", "shape": [1, 8, 8], "num_classes": 10}, "run": {"name": "x"}}
+
+
+def test_every_job_in_jobs_folder_loads():
+    for path in (ROOT / "jobs").glob("*.yaml"):
+        spec = load_spec(path)
+        assert isinstance(spec, JobSpec)
+
+
+def test_overrides_are_parsed_as_yaml_values(tmp_path):
+    path = tmp_path / "j.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    spec = load_spec(path, ["optimizer.lr=1e-3", "stability.clip.mode=value", "model.channels=[8, 16]",
+                            "stability.early_stopping.enabled=true"])
+    assert spec.optimizer.lr == 1e-3 and spec.stability.clip.mode == "value"
+    assert spec.model.channels == [8, 16] and spec.stability.early_stopping.enabled is True
+
+
+def test_override_of_unknown_field_is_rejected_with_its_path(tmp_path):
+    path = tmp_path / "j.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    with pytest.raises(BadInput, match=r"optimizer\.learning_rate: unknown key"):
+        load_spec(path, ["optimizer.learning_rate=0.1"])
+
+
+@pytest.mark.parametrize("override", ["novalue", "=3", "a..b=1"])
+def test_malformed_override(override):
+    with pytest.raises(BadInput, match="expected dotted.key=value"):
+        apply_overrides({}, [override])
+
+
+def test_defaults_are_not_shared_between_specs():
+    a, b = parse_spec(MINIMAL), parse_spec(MINIMAL)
+    a.stability.clip.max_norm = 5.0
+    a.model.channels.append(128)
+    assert b.stability.clip.max_norm == 1.0 and b.model.channels == [32, 64]
+
+
+def test_resolved_spec_round_trips_through_yaml():
+    spec = parse_spec({**MINIMAL, "optimizer": {"name": "adamw", "lr": 3e-4}})
+    assert parse_spec(yaml.safe_load(spec.to_yaml())) == spec
+
+
+def test_every_field_is_documented():
+    rows = field_reference()
+    assert len(rows) > 60
+    undocumented = [name for name, _, text in rows if not text.strip()]
+    assert undocumented == []
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"scaling": {"amp": "fp16"}}, "scaling.amp: fp16 needs"),
+    ({"model": {"kind": "cnn"}, "data": {**MINIMAL["data"], "shape": [64]}}, "data.shape"),
+    ({"schedule": {"kind": "one_cycle", "warmup_epochs": 2}}, "schedule.warmup_epochs"),
+    ({"faults": [{"kind": "nan_batch", "at_step": 1, "rank": 2}]}, "faults.0.rank"),
+    ({"model": {"dropout": 1.5}}, "model.dropout"),
+    ({"optimizer": {"momentum": 1.0}}, "optimizer.momentum"),
+])
+def test_invalid_combinations_name_the_field(patch, message):
+    with pytest.raises(BadInput, match=message.replace(".", r"\.")):
+        parse_spec({**MINIMAL, **patch}, "job.yaml")
+
+
+def test_error_is_one_line_with_source():
+    with pytest.raises(BadInput) as info:
+        parse_spec({**MINIMAL, "optimizer": {"lr": -1, "name": "nope"}}, "job.yaml")
+    text = str(info.value)
+    assert "\n" not in text and text.startswith("job.yaml: ") and "(+1 more)" in text
