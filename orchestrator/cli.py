@@ -67,6 +67,65 @@ def cmd_data_make(args, console: Console) -> int:
     return 0
 
 
+def cmd_submit(args, console: Console) -> int:
+    from orchestrator.cluster import jobs
+
+    client, sid = jobs.submit(args.job, args.overrides, args.address)
+    console.print(f"submitted {sid}", highlight=False)
+    if args.no_wait:
+        console.print(f"follow: keel jobs logs {sid} --follow    status: keel jobs status {sid}    stop: keel jobs stop {sid}",
+                      highlight=False, soft_wrap=True)
+        return 0
+    status = jobs.follow(client, sid, write=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+    console.print(f"job {sid}: {status}", highlight=False)
+    if status != "SUCCEEDED":
+        raise RunFailed(f"job {sid} ended {status}")
+    return 0
+
+
+def cmd_jobs(args, console: Console) -> int:
+    from rich.table import Table
+
+    from orchestrator.cluster import jobs
+
+    client = jobs.connect(args.address)
+    if args.jobs_command == "list":
+        table = Table()
+        for header in ("submission id", "status", "run", "user"):
+            table.add_column(header, no_wrap=True)  # ids must stay copyable
+        table.add_column("entrypoint", overflow="fold")
+        for info in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
+            meta = info.metadata or {}
+            table.add_row(info.submission_id or info.job_id or "-", str(info.status.value), meta.get("keel_run", "-"),
+                          meta.get("user", "-"), info.entrypoint)
+        console.print(table)
+        return 0
+    try:
+        if args.jobs_command == "status":
+            info = client.get_job_info(args.id)
+            console.print(f"{args.id}: {info.status.value}" + (f" ({info.message})" if info.message else ""), highlight=False)
+        elif args.jobs_command == "logs":
+            if args.follow:
+                jobs.follow(client, args.id, write=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+            else:
+                console.print(client.get_job_logs(args.id), highlight=False, markup=False, end="")
+        elif args.jobs_command == "stop":
+            client.stop_job(args.id)
+            console.print(f"{args.id}: {jobs.wait_terminal(client, args.id)}", highlight=False)
+    except RuntimeError as exc:
+        raise BadInput(f"job {args.id}: {str(exc).strip().splitlines()[0][:300]}") from None
+    return 0
+
+
+def cmd_cluster_validate(args, console: Console) -> int:
+    from orchestrator.cluster.config import validate_cluster_config
+
+    config = validate_cluster_config(args.config)
+    console.print(f"{args.config}: ok (cluster {config['cluster_name']}, node types "
+                  f"{', '.join(config['available_node_types'])})", highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keel", description="Stable data-parallel PyTorch training on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +145,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     spec = sub.add_parser("spec", help="print the job spec reference (every field, default and meaning)")
     spec.set_defaults(func=cmd_spec)
+
+    submit = sub.add_parser("submit", help="run a job on a Ray cluster through Ray Jobs")
+    submit.add_argument("job")
+    submit.add_argument("overrides", nargs="*")
+    submit.add_argument("--address", help=f"the cluster's dashboard URL (default $RAY_ADDRESS or http://127.0.0.1:8265)")
+    submit.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+    submit.set_defaults(func=cmd_submit)
+
+    jobs_parser = sub.add_parser("jobs", help="list, inspect and stop submitted jobs")
+    jobs_sub = jobs_parser.add_subparsers(dest="jobs_command", required=True)
+    for name, text in [("list", "all jobs"), ("status", "one job's status"), ("logs", "one job's logs"), ("stop", "stop a job")]:
+        p = jobs_sub.add_parser(name, help=text)
+        if name != "list":
+            p.add_argument("id", help="submission id")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends")
+        p.add_argument("--address")
+        p.set_defaults(func=cmd_jobs)
+
+    cluster = sub.add_parser("cluster", help="cluster config").add_subparsers(dest="cluster_command", required=True)
+    cvalidate = cluster.add_parser("validate", help="check a cluster.yaml offline against Ray's schema")
+    cvalidate.add_argument("config")
+    cvalidate.set_defaults(func=cmd_cluster_validate)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     make = data.add_parser("make", help="write a built-in dataset as Parquet")

@@ -1,0 +1,110 @@
+"""Ray Jobs: submit a Keel job to a cluster, follow it, list, stop.
+
+The spec is validated locally first, so nothing is uploaded for a typo. The
+working directory travels as the job's runtime env, minus version control,
+virtual envs, run outputs and anything that looks like a secret (Ray also
+honours .gitignore). On the cluster the entrypoint is the same `keel run`,
+with `scaling.address=auto` so it joins the cluster instead of starting one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Optional
+
+from orchestrator.errors import BadInput, RunFailed
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+AGENT_WAIT_S = 60.0
+UPLOAD_EXCLUDES = [".git", ".venv", "venv", "env", "runs", "**/__pycache__", "*.pyc", ".pytest_cache",
+                   ".env", ".env.*", "*.pem", "*.key", "id_rsa*", ".ray", "*.token", "auth_token", ".netrc"]
+
+
+def token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def connect(address: Optional[str]):
+    """A JobSubmissionClient, sending Ray's token when one is available; one-line errors otherwise."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    if "RAY_AUTH_MODE" not in os.environ and token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"  # the SDK sends the token only in token mode
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError as exc:
+        raise BadInput(f"--address {address}: cannot reach a Ray dashboard there ({_first_line(exc)})") from None
+    except Exception as exc:  # the SDK raises RuntimeError for HTTP 401/403
+        text = _first_line(exc)
+        if "401" in text or "403" in text or "uthenticat" in text or "oken" in text:
+            raise BadInput(f"--address {address}: authentication failed: set RAY_AUTH_MODE=token and put the cluster's "
+                           f"token in RAY_AUTH_TOKEN or ~/.ray/auth_token ({text})") from None
+        raise BadInput(f"--address {address}: {text}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:300]
+
+
+def entrypoint(kind: str, job_path: Path, overrides: list[str], workdir: Path) -> str:
+    try:
+        rel = job_path.resolve().relative_to(workdir.resolve())
+    except ValueError:
+        raise BadInput(f"{job_path}: the spec must be inside the working directory {workdir} that is uploaded") from None
+    args = ["python", "-m", "orchestrator", kind, str(rel), *overrides, "--quiet"]
+    if kind == "run":
+        args.insert(-1, "scaling.address=auto")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def submit(job_path: str, overrides: list[str], address: Optional[str], workdir: str = ".") -> tuple[object, str]:
+    """Validate locally, then submit. Returns (client, submission id)."""
+    from orchestrator.spec import load_spec
+
+    path = Path(job_path)
+    spec = load_spec(path, overrides)  # BadInput before anything is uploaded
+    command = entrypoint("run", path, list(overrides), Path(workdir))
+    client = connect(address)
+    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
+    submission_id = f"keel-{spec.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            client.submit_job(
+                entrypoint=command, submission_id=submission_id,
+                runtime_env={"working_dir": str(Path(workdir).resolve()), "excludes": UPLOAD_EXCLUDES},
+                metadata={"keel_job": str(path), "keel_run": spec.run.name, "user": getpass.getuser()})
+            return client, submission_id
+        except RuntimeError as exc:
+            # A head that just started answers before its job agent is up; Ray says "try again later".
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            raise RunFailed(f"submit to {address or DEFAULT_ADDRESS}: {_first_line(exc)}") from None
+
+
+def follow(client, submission_id: str, write=print) -> str:
+    """Stream the job's logs until it ends; returns the final status name."""
+    async def tail():
+        async for chunk in client.tail_job_logs(submission_id):
+            write(chunk.rstrip("\n"))
+
+    asyncio.run(tail())
+    return wait_terminal(client, submission_id)
+
+
+def wait_terminal(client, submission_id: str, timeout_s: float = 30.0) -> str:
+    status = client.get_job_status(submission_id)
+    deadline = time.monotonic() + timeout_s
+    while not status.is_terminal() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = client.get_job_status(submission_id)
+    return str(status.value)

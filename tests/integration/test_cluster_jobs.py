@@ -1,0 +1,129 @@
+"""`keel submit` / `keel jobs` against a real head started with `ray start --head` on 127.0.0.1."""
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keel(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A token-authenticated head in its own temp dir; stopped by killing only the processes it started."""
+    temp_dir = tempfile.mkdtemp(prefix="kh", dir="/tmp")  # short: Ray's socket paths have a length limit
+    token = secrets.token_hex(32)
+    dash = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
+                    "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
+                    # every agent on its own port: the suite's local Ray already holds the defaults
+                    *[f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                             "metrics-export-port", "runtime-env-agent-port",
+                                                             "ray-client-server-port")]],
+                   check=True, env=env, capture_output=True, timeout=120)
+    address = f"http://127.0.0.1:{dash}"
+    client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": ""}
+    deadline = time.monotonic() + 60
+    while keel("jobs", "list", "--address", address, env=client_env).returncode != 0:
+        assert time.monotonic() < deadline, "head did not come up"
+        time.sleep(1)
+    yield address, client_env, temp_dir
+    subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)  # only processes whose command line names our dir
+
+
+@pytest.mark.timeout(600)
+def test_submit_digits_job_follows_logs_and_succeeds(head, tmp_path):
+    address, env, _ = head
+    proc = keel("submit", "jobs/digits-resnet.yaml", "run.epochs=2", f"run.storage_path={tmp_path}",
+                "scaling.cpus_per_worker=0.5", "--address", address, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "submitted keel-digits-resnet-" in proc.stdout and "SUCCEEDED" in proc.stdout
+    assert "best val accuracy" in proc.stdout  # the job's own summary came through the log stream
+    run_dir = tmp_path / "digits-resnet"
+    assert (run_dir / "metrics.jsonl").exists() and (run_dir / "config.yaml").exists()
+    sid = next(w for w in proc.stdout.split() if w.startswith("keel-digits-resnet-"))
+    status = keel("jobs", "status", sid, "--address", address, env=env)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout
+    listing = keel("jobs", "list", "--address", address, env=env)
+    assert sid in listing.stdout and "digits-resnet" in listing.stdout
+
+
+@pytest.mark.timeout(300)
+def test_no_wait_then_stop(head, tmp_path):
+    address, env, _ = head
+    proc = keel("submit", "jobs/digits-resnet.yaml", "run.name=to-stop", "run.epochs=50", f"run.storage_path={tmp_path}",
+                "scaling.cpus_per_worker=0.5", "--address", address, "--no-wait", env=env)
+    assert proc.returncode == 0, proc.stderr
+    sid = next(w for w in proc.stdout.split() if w.startswith("keel-to-stop-"))
+    assert f"keel jobs stop {sid}" in proc.stdout
+    time.sleep(3)
+    stop = keel("jobs", "stop", sid, "--address", address, env=env)
+    assert stop.returncode == 0 and "STOPPED" in stop.stdout, stop.stdout + stop.stderr
+
+
+@pytest.mark.parametrize("client_env", [{"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}])
+def test_request_without_the_right_token_is_refused(head, client_env):
+    address, _, _ = head
+    proc = keel("jobs", "list", "--address", address, env={"RAY_AUTH_TOKEN": "", **client_env, "HOME": tempfile.mkdtemp()})
+    assert proc.returncode == 2
+    assert "authentication" in proc.stderr.lower() and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_unreachable_address_fails_fast_with_exit_2():
+    start = time.monotonic()
+    proc = keel("jobs", "list", "--address", f"http://127.0.0.1:{free_port()}", timeout=60)
+    assert proc.returncode == 2 and "cannot reach" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - start < 15
+
+
+def test_invalid_spec_is_rejected_before_anything_is_uploaded():
+    start = time.monotonic()
+    proc = keel("submit", "jobs/digits-resnet.yaml", "optimizer.lr=-1", "--address", f"http://127.0.0.1:{free_port()}")
+    assert proc.returncode == 2 and "optimizer.lr" in proc.stderr  # failed on the spec, not on the address
+    assert time.monotonic() - start < 15
+
+
+def test_shipped_cluster_yaml_passes_ray_schema():
+    proc = keel("cluster", "validate", "cluster.yaml")
+    assert proc.returncode == 0 and "ok" in proc.stdout
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("upscaling_speed:", "upscaling_sped:"), "'upscaling_sped' was unexpected"),
+    (("head_node_type: head_cpu", "head_node_type: head_gpu"), "head_node_type"),
+    (("RAY_AUTH_MODE=token ulimit -n 65536; RAY_AUTH_MODE=token ray start --head", "ray start --head"), "RAY_AUTH_MODE=token"),
+])
+def test_cluster_validate_rejects_bad_configs(tmp_path, edit, message):
+    bad = tmp_path / "cluster.yaml"
+    bad.write_text((ROOT / "cluster.yaml").read_text().replace(*edit))
+    proc = keel("cluster", "validate", str(bad))
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_dockerfile_pins_ray_and_python_and_stays_user_ray():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "FROM rayproject/ray:2.60.0-py311-gpu" in text
+    users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
+    assert users and users[-1] == "ray"
+    assert "keel --help" in text
