@@ -80,6 +80,12 @@ def test_no_wait_then_stop(head, tmp_path):
     time.sleep(3)
     stop = keel("jobs", "stop", sid, "--address", address, env=env)
     assert stop.returncode == 0 and "STOPPED" in stop.stdout, stop.stdout + stop.stderr
+    logs = keel("jobs", "logs", sid, "--follow", "--address", address, env=env, timeout=60)  # returns: the job ended
+    assert logs.returncode == 0
+    status = keel("jobs", "status", sid, "--address", address, env=env)
+    assert "STOPPED" in status.stdout
+    missing = keel("jobs", "status", "keel-no-such-job", "--address", address, env=env)
+    assert missing.returncode == 2 and "keel-no-such-job" in missing.stderr
 
 
 @pytest.mark.parametrize("client_env", [{"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}])
@@ -112,7 +118,8 @@ def test_shipped_cluster_yaml_passes_ray_schema():
 @pytest.mark.parametrize("edit, message", [
     (("upscaling_speed:", "upscaling_sped:"), "'upscaling_sped' was unexpected"),
     (("head_node_type: head_cpu", "head_node_type: head_gpu"), "head_node_type"),
-    (("RAY_AUTH_MODE=token ulimit -n 65536; RAY_AUTH_MODE=token ray start --head", "ray start --head"), "RAY_AUTH_MODE=token"),
+    (("RAY_AUTH_MODE=token ray start --head", "ray start --head"), "RAY_AUTH_MODE=token"),
+    (("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"), "exposes the job API"),
 ])
 def test_cluster_validate_rejects_bad_configs(tmp_path, edit, message):
     bad = tmp_path / "cluster.yaml"
