@@ -29,6 +29,8 @@ def cmd_run(args, console: Console) -> int:
     finally:
         display.close()
     console.print(summary_table(outcome))
+    if outcome.stability:
+        console.print(f"stability: {outcome.stability['summary']}", highlight=False, soft_wrap=True)
     if not outcome.ok:
         raise RunFailed(f"run {outcome.status}: {outcome.reason}")
     return 0

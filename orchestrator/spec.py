@@ -90,9 +90,35 @@ class RegularizationSpec(Section):
 
 
 class ClipSpec(Section):
-    mode: Literal["norm", "value", "none"] = doc("norm", "Clip gradients by their global L2 norm, elementwise by value, or not at all.")
-    max_norm: float = doc(1.0, "norm: global L2 norm threshold.", gt=0)
+    mode: Literal["norm", "value", "none", "agc", "zscore"] = doc(
+        "norm", "Clip by global L2 norm, elementwise value, adaptive unit-wise (agc), z-score of the norm, or not at all.")
+    max_norm: float = doc(1.0, "norm: global L2 norm threshold (zscore: the fixed threshold during its warm-up).", gt=0)
     max_value: float = doc(1.0, "value: elementwise threshold.", gt=0)
+    agc_lambda: float = doc(0.01, "agc: max gradient/weight norm ratio per unit (Brock et al. 2021).", gt=0)
+    agc_eps: float = doc(1e-3, "agc: floor on the weight norm so zero-initialised weights can move.", gt=0)
+    zscore_z: float = doc(3.0, "zscore: clip norms above EMA mean + z x EMA std.", gt=0)
+    zscore_beta: float = doc(0.98, "zscore: EMA decay of the norm statistics.", gt=0, lt=1)
+    zscore_warmup: int = doc(20, "zscore: steps of fixed max_norm clipping while the statistics settle.", ge=1)
+
+
+class SpikeSpec(Section):
+    enabled: bool = doc(True, "Detect loss and gradient-norm spikes (z-score against an EMA of calm steps).")
+    window: int = doc(128, "EMA window, in steps, of the loss and grad-norm statistics.", ge=2)
+    z_loss: float = doc(6.0, "A loss more than this many std above its EMA mean is a spike.", gt=0)
+    z_grad: float = doc(6.0, "A global grad norm more than this many std above its EMA mean is a spike.", gt=0)
+    warmup_steps: int = doc(50, "Steps of statistics gathering before detection starts.", ge=1)
+    action: Literal["skip", "rollback", "reduce_lr"] = doc("skip", "On a spike: skip the step, roll back and skip batches, or cut and re-warm the LR.")
+    snapshot_every: int = doc(25, "rollback: steps between in-memory snapshots (also their minimum age when restoring).", ge=1)
+    snapshots: int = doc(3, "rollback: snapshots kept in memory.", ge=1)
+    rollback_skip_batches: int = doc(10, "rollback: batches every rank skips after restoring.", ge=0)
+    lr_factor: float = doc(0.5, "reduce_lr: LR multiplier applied per recovery.", gt=0, lt=1)
+    rewarm_steps: int = doc(50, "reduce_lr: steps to ramp the reduced LR back up from zero.", ge=1)
+    max_recoveries: int = doc(10, "Recoveries allowed before the run stops as diverged.", ge=0)
+
+
+class DiagnosticsSpec(Section):
+    enabled: bool = doc(True, "Collect per-layer diagnostics and write stability_report.json at the end.")
+    every: int = doc(50, "Sample per-layer update ratios and dead units every this many steps.", ge=1)
 
 
 class NonFiniteSpec(Section):
@@ -114,6 +140,8 @@ class StabilitySpec(Section):
     sync_batchnorm: bool = doc(True, "Batch norm statistics over the global batch (torch's SyncBatchNorm on CUDA, Keel's on CPU).")
     nonfinite: NonFiniteSpec = doc(NonFiniteSpec(), "Skip optimizer steps whose loss or gradients are NaN/Inf on any rank.")
     early_stopping: EarlyStoppingSpec = doc(EarlyStoppingSpec(), "Early stopping agreed across ranks.")
+    spike: SpikeSpec = doc(SpikeSpec(), "Spike detection and recovery, agreed across ranks.")
+    diagnostics: DiagnosticsSpec = doc(DiagnosticsSpec(), "Per-layer diagnostics and the stability report.")
 
 
 class ScalingSpec(Section):
@@ -137,10 +165,13 @@ class RunSpec(Section):
 
 
 class FaultSpec(Section):
-    kind: Literal["nan_batch"] = doc(..., "nan_batch: replace one rank's input batch with NaN.")
+    kind: Literal["nan_batch", "huge_batch", "lr_spike", "scale_weights"] = doc(
+        ..., "nan_batch / huge_batch: poison one rank's inputs; lr_spike: multiply the LR; scale_weights: multiply a layer's weights.")
     at_step: int = doc(..., "Global optimizer step at which to inject (0-based).", ge=0)
     repeat: int = doc(1, "Inject at this many consecutive steps from at_step.", ge=1)
-    rank: int = doc(0, "Rank that receives the fault.", ge=0)
+    rank: int = doc(0, "Rank whose batch is poisoned (batch faults; the others act on every rank).", ge=0)
+    factor: float = doc(100.0, "huge_batch / lr_spike / scale_weights: the multiplier.", gt=0)
+    layer: str = doc("", "scale_weights: parameter-name prefix of the layer, e.g. blocks.0.conv1.")
 
 
 class JobSpec(Section):
@@ -163,6 +194,8 @@ class JobSpec(Section):
         if self.schedule.kind == "one_cycle" and self.schedule.warmup_epochs > 0:
             raise ValueError("schedule.warmup_epochs: one_cycle has its own warmup; set it to 0")
         for i, fault in enumerate(self.faults):
+            if fault.kind == "scale_weights" and not fault.layer:
+                raise ValueError(f"faults.{i}.layer: scale_weights needs a parameter-name prefix")
             if fault.rank >= self.scaling.num_workers:
                 raise ValueError(f"faults.{i}.rank: {fault.rank} but scaling.num_workers is {self.scaling.num_workers}")
         return self

@@ -1,10 +1,10 @@
-"""Synchronized gradient clipping.
+"""Synchronized gradient clipping: fixed norm/value, plus AGC and z-score adaptive clipping.
 
 Runs after DDP's all-reduce (and after AMP unscale), so every rank holds the
-same gradients and computes the same global norm: the clip agrees across ranks
-by construction, with no extra communication. The pre-clip global L2 norm is
-always measured, also with mode 'value' or 'none', because it is the single
-best early signal of instability.
+same gradients and weights: each clip below agrees across ranks by
+construction, with no extra communication. The pre-clip global L2 norm is
+always measured (one fused per-tensor norm pass, also used by diagnostics),
+because it is the single best early signal of instability.
 """
 
 from __future__ import annotations
@@ -12,33 +12,68 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from torch.nn.utils import clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from torch.nn.utils import clip_grad_value_, clip_grads_with_norm_
+
+from orchestrator.stability.adaptive_clipping import agc_clip_, zscore_clip_
+
+
+def grad_norms(params: list[torch.nn.Parameter]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(per-tensor L2 norms, global L2 norm) of the gradients; tensors, no host sync."""
+    per = list(torch._foreach_norm([p.grad for p in params], 2.0))
+    return per, torch.linalg.vector_norm(torch.stack(per).float(), 2.0)
 
 
 def clip_gradients(parameters: Iterable[torch.nn.Parameter], mode: str = "norm", max_norm: float = 1.0,
                    max_value: float = 1.0) -> torch.Tensor:
-    """Clip in place; return the pre-clip global L2 norm as a 0-d tensor (no host sync)."""
+    """Plain-function twin for fixed clipping: clip in place, return the pre-clip global norm."""
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return torch.zeros(())
-    grads = [p.grad for p in params]
-    norm = get_total_norm(grads, norm_type=2.0)
+    _, norm = grad_norms(params)
+    _apply_fixed(params, mode, max_norm, max_value, norm)
+    return norm
+
+
+def _apply_fixed(params, mode: str, max_norm: float, max_value: float, norm: torch.Tensor) -> None:
     if mode == "norm":
         clip_grads_with_norm_(params, max_norm, norm)
     elif mode == "value":
         clip_grad_value_(params, max_value)
     elif mode != "none":
         raise ValueError(f"unknown clip mode {mode!r}")
-    return norm
 
 
 class GradClipper:
-    """Safeguard: clips at `after_backward`, records the pre-clip norm on the step state."""
+    """Safeguard at `after_backward`: AMP unscale, measure, clip by the configured rule."""
 
-    def __init__(self, mode: str = "norm", max_norm: float = 1.0, max_value: float = 1.0):
-        self.mode, self.max_norm, self.max_value = mode, max_norm, max_value
+    def __init__(self, spec, excluded: set[int] = frozenset()):
+        self.spec, self.excluded = spec, excluded  # excluded: ids of the final classifier's params (AGC)
+        self.mean = self.var = None  # z-score clipping's EMA of the global norm (device tensors)
+        self.seen = 0
 
     def after_backward(self, state) -> None:
         if state.scaler is not None:
             state.scaler.unscale_(state.optimizer)  # clip true gradients, not loss-scaled ones
-        state.grad_norm = clip_gradients(state.model.parameters(), self.mode, self.max_norm, self.max_value)
+        params = [p for p in state.model.parameters() if p.grad is not None]
+        if not params:
+            state.grad_norm = torch.zeros((), device=state.device)
+            return
+        per, norm = grad_norms(params)
+        state.grad_norm, state.param_grad_norms = norm, per
+        s = self.spec
+        if s.mode == "agc":
+            agc_clip_([p for p in params if id(p) not in self.excluded], s.agc_lambda, s.agc_eps)
+        elif s.mode == "zscore":
+            if self.mean is None:
+                self.mean, self.var = torch.zeros((), device=norm.device), torch.zeros((), device=norm.device)
+            fallback = s.max_norm if self.seen < s.zscore_warmup else None
+            zscore_clip_(params, norm, self.mean, self.var, z=s.zscore_z, beta=s.zscore_beta, fallback_max_norm=fallback)
+            self.seen += 1
+        else:
+            _apply_fixed(params, s.mode, s.max_norm, s.max_value, norm)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "seen": self.seen}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.mean, self.var, self.seen = sd["mean"], sd["var"], sd["seen"]

@@ -11,12 +11,15 @@ import torch
 from orchestrator.models import build_model
 from orchestrator.spec import JobSpec
 from orchestrator.stability.clipping import GradClipper
+from orchestrator.stability.diagnostics import Diagnostics
 from orchestrator.stability.distributed import rank, world_size
 from orchestrator.stability.early_stopping import EarlyStopping
 from orchestrator.stability.faults import FaultInjector
 from orchestrator.stability.nonfinite import NonFiniteGuard
 from orchestrator.stability.replica_check import ReplicaCheck
+from orchestrator.stability.spikes import SpikeGuard
 from orchestrator.stability.sync_batchnorm import convert_sync_batchnorm
+from orchestrator.train.checkpointing import unwrap
 from orchestrator.train.hooks import Safeguards, StepState
 from orchestrator.train.optim import build_optimizer, split_decay_parameters
 from orchestrator.train.schedules import Schedule, build_schedule
@@ -40,12 +43,24 @@ class Components:
     amp_dtype: torch.dtype | None
 
 
-def build_safeguards(spec: JobSpec) -> Safeguards:
+def classifier_params(model: torch.nn.Module) -> set[int]:
+    """ids of the final Linear layer's parameters (AGC leaves the classifier alone)."""
+    linears = [m for m in unwrap(model).modules() if isinstance(m, torch.nn.Linear)]
+    return {id(p) for p in linears[-1].parameters()} if linears else set()
+
+
+def build_safeguards(spec: JobSpec, model: torch.nn.Module) -> Safeguards:
+    """The safeguards in hook order: faults first (they simulate the world), then measurement,
+    then the guards that decide, then the ones that only watch."""
     st = spec.stability
     guards = [FaultInjector(spec.faults, spec.data.features),
-              GradClipper(st.clip.mode, st.clip.max_norm, st.clip.max_value),
-              NonFiniteGuard(st.nonfinite.max_consecutive_skips),
-              ReplicaCheck()]
+              GradClipper(st.clip, classifier_params(model))]
+    if st.diagnostics.enabled:
+        guards.append(Diagnostics(model, st.diagnostics.every))
+    guards.append(NonFiniteGuard(st.nonfinite.max_consecutive_skips))
+    if st.spike.enabled:
+        guards.append(SpikeGuard(st.spike))
+    guards.append(ReplicaCheck())
     es = st.early_stopping
     if es.enabled:
         guards.append(EarlyStopping(es.metric, es.mode, es.patience, es.min_delta, es.divergence_threshold, es.check_finite))
@@ -67,4 +82,7 @@ def build_components(spec: JobSpec, steps_per_epoch: int, device: torch.device, 
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.scaling.amp]
     penalized, _ = split_decay_parameters(model, spec.regularization.exclude_norm_and_bias)
     state = StepState(model=model, optimizer=optimizer, device=device, rank=rank(), scaler=scaler)
-    return Components(state, schedule, build_safeguards(spec), penalized, amp_dtype)
+    comps = Components(state, schedule, build_safeguards(spec, model), penalized, amp_dtype)
+    if (spike_guard := comps.safeguards.find(SpikeGuard)) is not None:
+        spike_guard.comps = comps  # rollback snapshots and restores the whole training state
+    return comps

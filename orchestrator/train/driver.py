@@ -6,6 +6,7 @@ a run directory is written, so a typo costs a second and leaves nothing behind.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class RunOutcome:
     history: list[dict] = field(default_factory=list)
     checkpoint: Optional[str] = None
     reason: str = ""
+    stability: Optional[dict] = None  # the run's stability report, when diagnostics are on
 
     @property
     def ok(self) -> bool:
@@ -156,6 +158,9 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
             if event["type"] == "epoch":
                 outcome.history.append(event["metrics"])
                 log.append(event["metrics"])
+            elif event["type"] == "stability_report":
+                outcome.stability = event["report"]
+                (run_dir / "stability_report.json").write_text(json.dumps(event["report"], indent=1, default=str))
             on_event(event)
 
     pumper = threading.Thread(target=pump, daemon=True)

@@ -3,15 +3,17 @@
     setup: model -> synchronized BN -> DDP, optimizer, schedule, safeguards, resume
     for epoch:
         for batch:
-            -- on_batch(state, batch) -> batch    FaultInjector (tests and demos)
+            -- on_batch(state, batch) -> batch    FaultInjector; SpikeGuard drops batches after a rollback
             forward, loss (+ L1/L2 penalty)
             -- after_loss(state)
             backward                              DDP all-reduces gradients here
-            -- after_backward(state)              GradClipper: AMP unscale, clip, pre-clip global norm
+            -- after_backward(state)              GradClipper: AMP unscale, norms, clip (norm/value/AGC/z-score);
+                                                  Diagnostics: per-layer norms (sampled)
             agree: ONE all-reduce of [loss*n, n, non-finite flag]   (the step's only host sync)
-            -- before_step(state)                 NonFiniteGuard: skip on every rank / diverged
-            optimizer step and LR step, or skip
-            -- after_step(state)
+            -- before_step(state)                 NonFiniteGuard: skip / diverged; SpikeGuard: skip, rollback,
+                                                  reduce LR, or diverged; FaultInjector: LR spike
+            optimizer step (at lr x state.lr_scale) and LR schedule step, or skip
+            -- after_step(state)                  Diagnostics: update ratios, where trouble started
         validate (sums all-reduced, so every rank sees the same metrics)
         -- on_epoch_end(state, metrics)           EarlyStopping (agreed), ReplicaCheck
         -- on_report(metrics)                     counters into the epoch report
@@ -47,15 +49,18 @@ class StepState:
     step: int = 0                        # global optimizer steps attempted (skipped ones count)
     loss: Optional[torch.Tensor] = None  # this rank's loss (per step)
     grad_norm: Optional[torch.Tensor] = None  # pre-clip global norm (per step)
+    param_grad_norms: Optional[list] = None   # pre-clip per-tensor norms (per step; diagnostics)
     grad_norm_value: float = float("nan")  # the same, as a float after the step's one host sync
     global_loss: float = float("nan")    # all-reduced mean loss (per step)
     global_nonfinite: float = 0.0        # ranks that saw NaN/Inf (per step)
     skip: bool = False                   # skip this optimizer step (per step)
+    lr_scale: float = 1.0                # multiplier on the scheduled LR for this step (recoveries, faults)
     stop_reason: Optional[str] = None    # set -> the run stops after this epoch's report
     events: list[dict] = field(default_factory=list)  # guard events (step, trigger, value, action)
 
     def begin_step(self) -> None:
-        self.loss = self.grad_norm = None
+        self.loss = self.grad_norm = self.param_grad_norms = None
+        self.lr_scale = 1.0
         self.global_loss, self.grad_norm_value = float("nan"), float("nan")
         self.global_nonfinite, self.skip = 0.0, False
 
@@ -66,11 +71,17 @@ class Safeguards:
     def __init__(self, guards: list[Any]):
         self.guards = guards
 
-    def on_batch(self, state: StepState, batch: dict) -> dict:
+    def on_batch(self, state: StepState, batch: dict) -> Optional[dict]:
+        """None means: every rank drops this batch (a decision made from rank-identical state)."""
         for g in self.guards:
+            if batch is None:
+                break
             if hasattr(g, "on_batch"):
                 batch = g.on_batch(state, batch)
         return batch
+
+    def find(self, kind: type) -> Any:
+        return next((g for g in self.guards if isinstance(g, kind)), None)
 
     def call(self, hook: str, *args) -> None:
         for g in self.guards:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 
 import ray.train
 import ray.train.torch
@@ -10,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.spec import JobSpec
+from orchestrator.stability.diagnostics import Diagnostics
 from orchestrator.stability.distributed import all_reduce_, world_size
 from orchestrator.train.checkpointing import load_checkpoint, save_checkpoint
 from orchestrator.train.components import Components, build_components, seed_everything
@@ -37,6 +41,9 @@ def train_step(comps: Components, batch: dict, spec: JobSpec) -> None:
     st, guards, reg = comps.state, comps.safeguards, spec.regularization
     st.begin_step()
     batch = guards.on_batch(st, batch)
+    if batch is None:  # dropped on every rank (e.g. the batches after a rollback)
+        st.step += 1
+        return
     x, y = to_inputs(batch, spec.data, st.device)
     with torch.autocast(st.device.type, dtype=comps.amp_dtype, enabled=comps.amp_dtype is not None):
         loss = F.cross_entropy(st.model(x).float(), y)
@@ -48,13 +55,30 @@ def train_step(comps: Components, batch: dict, spec: JobSpec) -> None:
     agree_step(st, len(y))
     guards.call("before_step", st)
     if not st.skip:
-        st.scaler.step(st.optimizer) if st.scaler else st.optimizer.step()
+        with lr_scaled(st.optimizer, st.lr_scale):
+            st.scaler.step(st.optimizer) if st.scaler else st.optimizer.step()
         comps.schedule.step()
     if st.scaler:
         st.scaler.update()  # also after a skip: an fp16 overflow must lower the scale
     st.optimizer.zero_grad(set_to_none=True)
     guards.call("after_step", st)
     st.step += 1
+
+
+@contextmanager
+def lr_scaled(optimizer, scale: float):
+    """Step at lr x scale, then put the scheduled LR back (torch's schedulers chain on group['lr'])."""
+    if scale == 1.0:
+        yield
+        return
+    saved = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = g["lr"] * scale
+    try:
+        yield
+    finally:
+        for g, lr in zip(optimizer.param_groups, saved):
+            g["lr"] = lr
 
 
 @torch.no_grad()
@@ -74,6 +98,17 @@ def evaluate(comps: Components, shard, spec: JobSpec) -> dict[str, float]:
     return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
 
 
+COUNTERS = ("skipped_steps", "spikes", "rollbacks", "lr_reductions", "batches_skipped")
+
+
+def stability_report(comps: Components, events: list[dict], metrics: dict) -> dict | None:
+    diagnostics = comps.safeguards.find(Diagnostics)
+    if diagnostics is None:
+        return None
+    counters = {k: metrics[k] for k in COUNTERS if k in metrics}
+    return {"stop_reason": metrics["stop_reason"], **diagnostics.report(events[-1000:], counters)}
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: config = {spec, steps_per_epoch, progress (a ray Queue or None)}."""
     spec = JobSpec.model_validate(config["spec"])
@@ -88,6 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
             start_epoch = load_checkpoint(directory, comps, map_location=st.device)["epoch"] + 1
         progress.send("resumed", epoch=start_epoch)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    all_events: list[dict] = []
 
     for epoch in range(start_epoch, spec.run.epochs):
         seed_everything(spec.run.seed, epoch, st.rank)
@@ -113,12 +149,18 @@ def train_loop_per_worker(config: dict) -> None:
         guards.call("on_report", metrics)
         diverged = bool(st.stop_reason and st.stop_reason.startswith("diverged"))
         metrics.update(stop_reason=st.stop_reason or "", diverged=int(diverged), events=st.events[-20:])
+        all_events.extend(st.events)
         last = epoch == spec.run.epochs - 1 or st.stop_reason is not None
+        report = stability_report(comps, all_events, metrics) if last and st.rank == 0 else None
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if st.rank == 0 and not diverged and (last or (epoch + 1) % spec.run.checkpoint_every == 0):
                 save_checkpoint(tmp, comps, epoch=epoch, spec_yaml=spec.to_yaml())
+                if report is not None:
+                    (Path(tmp) / "stability_report.json").write_text(json.dumps(report, indent=1, default=str))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            if report is not None:
+                progress.send("stability_report", report=report)
             progress.send("epoch", metrics=metrics)
             ray.train.report(metrics, checkpoint=checkpoint)  # a barrier: all ranks report every epoch
         st.events.clear()

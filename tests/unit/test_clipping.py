@@ -3,6 +3,8 @@ import math
 import pytest
 import torch
 
+from orchestrator.spec import ClipSpec
+from orchestrator.stability.adaptive_clipping import agc_clip_, unitwise_norm, zscore_clip_
 from orchestrator.stability.clipping import GradClipper, clip_gradients
 
 
@@ -57,7 +59,54 @@ class FakeScaler:
 def test_clipper_unscales_before_clipping_and_records_norm():
     model = torch.nn.Linear(2, 1, bias=False)
     model.weight.grad = torch.tensor([[6.0, 8.0]])
-    state = type("S", (), {"model": model, "optimizer": None, "scaler": FakeScaler(), "grad_norm": None})()
-    GradClipper("norm", max_norm=2.0).after_backward(state)
+    state = type("S", (), {"model": model, "optimizer": None, "scaler": FakeScaler(), "grad_norm": None, "device": "cpu"})()
+    GradClipper(ClipSpec(mode="norm", max_norm=2.0)).after_backward(state)
     assert state.scaler.unscaled and state.grad_norm.item() == pytest.approx(10.0)
     assert model.weight.grad.norm().item() == pytest.approx(2.0, rel=1e-5)
+
+
+def test_agc_clips_each_unit_to_lambda_times_its_weight_norm():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))  # unit norms 5 and 0 (floored to eps)
+    w.grad = torch.tensor([[0.3, 0.4], [1.0, 0.0]])                 # unit grad norms 0.5 and 1.0
+    agc_clip_([w], clipping=0.01, eps=1e-3)
+    # unit 0: max 0.01*5 = 0.05 < 0.5 -> scaled by 0.1; unit 1: max 0.01*1e-3 = 1e-5 -> scaled to norm 1e-5
+    assert w.grad[0].tolist() == pytest.approx([0.03, 0.04], rel=1e-5)
+    assert w.grad[1].tolist() == pytest.approx([1e-5, 0.0], rel=1e-4)
+
+
+def test_agc_leaves_small_updates_and_treats_vectors_as_one_unit():
+    b = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    b.grad = torch.tensor([0.01, 0.02])                           # norm 0.0224 < 0.01*5*... lambda 0.1 -> 0.5
+    agc_clip_([b], clipping=0.1)
+    assert b.grad.tolist() == pytest.approx([0.01, 0.02])
+    assert unitwise_norm(torch.ones(2, 3, 2, 2)).flatten().tolist() == pytest.approx([12 ** 0.5, 12 ** 0.5])
+
+
+def test_clipper_excludes_the_classifier_from_agc():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    state = type("S", (), {"model": model, "optimizer": None, "scaler": None, "device": "cpu"})()
+    GradClipper(ClipSpec(mode="agc"), {id(p) for p in model[1].parameters()}).after_backward(state)
+    assert model[1].weight.grad.eq(10.0).all() and model[0].weight.grad.abs().max() < 1.0
+
+
+def test_zscore_clip_hand_computed():
+    p = torch.nn.Parameter(torch.zeros(1))
+    mean, var = torch.tensor(2.0), torch.tensor(0.25)              # bound = 2 + 3 * 0.5 = 3.5
+    p.grad = torch.tensor([7.0])
+    bound = zscore_clip_([p], torch.tensor(7.0), mean, var, z=3.0, beta=0.5)
+    assert bound.item() == pytest.approx(3.5) and p.grad.item() == pytest.approx(3.5)
+    # the EMA learned the clipped norm 3.5, not 7: mean 2 + 0.5*1.5 = 2.75; var 0.5*(0.25 + 0.5*1.5^2) = 0.6875
+    assert mean.item() == pytest.approx(2.75) and var.item() == pytest.approx(0.6875)
+    p.grad = torch.tensor([1.0])
+    zscore_clip_([p], torch.tensor(1.0), mean, var, z=3.0, beta=0.5)
+    assert p.grad.item() == 1.0                                     # below the bound: untouched
+
+
+def test_zscore_clip_warmup_uses_fixed_norm_and_learns_raw_norms():
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.tensor([4.0])
+    mean, var = torch.zeros(()), torch.zeros(())
+    zscore_clip_([p], torch.tensor(4.0), mean, var, fallback_max_norm=1.0)
+    assert p.grad.item() == pytest.approx(1.0) and mean.item() == 4.0 and var.item() == 0.0

@@ -1,0 +1,133 @@
+"""Cheap diagnostics for the stability report: per-layer gradient norms and update/weight ratios,
+dead-unit fractions of ReLU-family activations, and a loss-oscillation score.
+
+Per-tensor gradient norms come free from the clipper's fused norm pass; their
+EMA stays on the device. Everything that needs a host copy (update ratios,
+dead units, which layer misbehaved) happens only on sampled steps (every N)
+and at the first step where a guard fires.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+from torch import nn
+
+from orchestrator.train.checkpointing import unwrap
+
+RELU_FAMILY = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU)
+
+
+def loss_oscillation(losses: list[float]) -> float:
+    """Plain-function twin: std of step-to-step loss changes relative to the mean loss over the window
+    (0 = smooth; ~1 = the loss jumps by its own size from step to step)."""
+    xs = [x for x in losses if math.isfinite(x)]
+    if len(xs) < 3:
+        return float("nan")
+    diffs = [b - a for a, b in zip(xs, xs[1:])]
+    mean_diff = sum(diffs) / len(diffs)
+    std = math.sqrt(sum((d - mean_diff) ** 2 for d in diffs) / len(diffs))
+    return std / max(sum(abs(x) for x in xs) / len(xs), 1e-12)
+
+
+def dead_fraction(activation_out: torch.Tensor) -> float:
+    """Fraction of channels (dim 1) whose output is <= 0 for every sample and position in the batch."""
+    dims = [0] + list(range(2, activation_out.dim()))
+    return (activation_out <= 0).all(dim=dims).float().mean().item()
+
+
+class Diagnostics:
+    def __init__(self, model: nn.Module, every: int = 50, window: int = 100):
+        self.every = every
+        self.names = [n for n, p in unwrap(model).named_parameters() if p.requires_grad]
+        self.ema = None
+        self.last_norms = None
+        self.losses: deque[float] = deque(maxlen=window)
+        self.layers: dict[str, dict] = {}
+        self.first_trouble = None
+        self.sampling = False
+        self.before: list[torch.Tensor] = []
+        for name, module in unwrap(model).named_modules():
+            if isinstance(module, RELU_FAMILY):
+                module.register_forward_hook(self._hook(name))
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            if self.sampling:  # a flag check on other steps: no cost
+                self.layers.setdefault(name, {})["dead_fraction"] = dead_fraction(output.detach())
+        return hook
+
+    def on_batch(self, state, batch):
+        self.sampling = state.step % self.every == 0
+        return batch
+
+    def after_backward(self, state) -> None:
+        norms = getattr(state, "param_grad_norms", None)
+        if norms is None or len(norms) != len(self.names):
+            return
+        self.last_norms = norms  # a reference only: read when a guard fires (no per-step work)
+        if not self.sampling:
+            return
+        stacked = torch.stack(norms).float()
+        finite = torch.isfinite(stacked)
+        # the usual norm of each tensor, learned on sampled steps
+        self.ema = torch.where(finite, stacked if self.ema is None else 0.7 * self.ema + 0.3 * stacked,
+                               self.ema if self.ema is not None else torch.zeros_like(stacked))
+        for name, value in zip(self.names, stacked.tolist()):
+            self.layers.setdefault(name, {})["grad_norm"] = value
+        self.before = [p.detach().clone() for p in unwrap(state.model).parameters() if p.requires_grad]
+
+    def after_step(self, state) -> None:
+        self.losses.append(state.global_loss)
+        if self.sampling and self.before and not state.skip:
+            params = [p.detach() for p in unwrap(state.model).parameters() if p.requires_grad]
+            for name, old, new in zip(self.names, self.before, params):
+                ratio = (torch.linalg.vector_norm(new - old) / torch.linalg.vector_norm(old).clamp_min(1e-12)).item()
+                self.layers.setdefault(name, {})["update_ratio"] = ratio
+        self.before = []
+        fired = [e for e in state.events if e["step"] == state.step and e["trigger"] != "fault"]
+        if fired and self.first_trouble is None:
+            layer, value = None, None
+            if self.ema is not None and self.last_norms is not None:
+                ratio = torch.stack(self.last_norms).float() / self.ema.clamp_min(1e-12)  # vs its usual norm
+                ratios = torch.nan_to_num(ratio, nan=math.inf).tolist()
+                i = max(range(len(ratios)), key=ratios.__getitem__)
+                layer, value = self.names[i], ratios[i]
+            self.first_trouble = {"step": state.step, "epoch": state.epoch, "trigger": fired[0]["trigger"],
+                                  "action": fired[0]["action"], "layer": layer, "grad_norm_vs_usual": value}
+
+    def report(self, events: list[dict], counters: dict) -> dict:
+        worst = max(self.layers.items(), key=lambda kv: kv[1].get("update_ratio", 0.0), default=(None, {}))
+        dead = {k: v["dead_fraction"] for k, v in self.layers.items() if "dead_fraction" in v}
+        report = {"first_trouble": self.first_trouble, "counters": counters, "events": events,
+                  "loss_oscillation": loss_oscillation(list(self.losses)), "loss_window": len(self.losses),
+                  "largest_update_ratio": {"layer": worst[0], **worst[1]} if worst[0] else None,
+                  "dead_units": dead, "layers": self.layers}
+        report["summary"] = summarize(report)
+        return report
+
+
+def summarize(report: dict) -> str:
+    ft, c = report["first_trouble"], report["counters"]
+    lines = []
+    if ft is None:
+        lines.append("No guard fired: no non-finite steps and no spikes.")
+    else:
+        where = f" in layer {ft['layer']} (gradient {ft['grad_norm_vs_usual']:.1f}x its usual norm)" if ft["layer"] else ""
+        lines.append(f"Trouble started at step {ft['step']} (epoch {ft['epoch'] + 1}): {ft['trigger']}{where}; "
+                     f"action: {ft['action']}.")
+    fired = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in c.items() if v)
+    if fired:
+        lines.append(f"Fired: {fired}.")
+    worst = report["largest_update_ratio"]
+    if worst and worst.get("update_ratio") is not None:
+        lines.append(f"Largest update/weight ratio at the last sample: {worst['layer']} {worst['update_ratio']:.2e}.")
+    dead = [f"{k} {v:.0%}" for k, v in report["dead_units"].items() if v >= 0.25]
+    if dead:
+        lines.append("Mostly dead ReLU-family units: " + ", ".join(dead) + ".")
+    osc = report["loss_oscillation"]
+    if isinstance(osc, float) and math.isfinite(osc):
+        lines.append(f"Loss oscillation over the last {report['loss_window']} steps: {osc:.2f} (0 = smooth).")
+    return " ".join(lines)

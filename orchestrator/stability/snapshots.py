@@ -1,0 +1,62 @@
+"""An in-memory ring of recent training states, to roll back to without touching disk.
+
+A snapshot is model + optimizer + schedule (+ AMP scaler) state copied to CPU
+memory. Every rank keeps its own ring; replicas are identical, so every rank
+restores the same state. The ring starts with the state the run began from
+(fresh init, or the on-disk checkpoint it resumed from), so there is always
+somewhere to go back to.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from typing import Optional
+
+import torch
+
+from orchestrator.train.checkpointing import unwrap
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def capture(comps) -> dict:
+    st = comps.state
+    return _to_cpu({"model": unwrap(st.model).state_dict(), "optimizer": st.optimizer.state_dict(),
+                    "schedule": comps.schedule.state_dict(),
+                    "scaler": st.scaler.state_dict() if st.scaler is not None else None})
+
+
+def restore(comps, snap: dict) -> None:
+    st = comps.state
+    unwrap(st.model).load_state_dict(snap["model"])  # copies into the live tensors DDP already tracks
+    st.optimizer.load_state_dict(snap["optimizer"])
+    comps.schedule.load_state_dict(snap["schedule"])
+    if st.scaler is not None and snap["scaler"] is not None:
+        st.scaler.load_state_dict(snap["scaler"])
+
+
+class SnapshotRing:
+    def __init__(self, size: int = 3):
+        self.ring: deque[tuple[int, dict]] = deque(maxlen=size)
+
+    def add(self, step: int, comps) -> None:
+        self.ring.append((step, capture(comps)))
+
+    def pick(self, before_step: int, min_age: int) -> Optional[tuple[int, dict]]:
+        """The newest snapshot at least `min_age` steps before `before_step` (else the oldest);
+        newer ones are dropped: they may already hold the start of the instability."""
+        if not self.ring:
+            return None
+        chosen = next((item for item in reversed(self.ring) if before_step - item[0] >= min_age), self.ring[0])
+        while self.ring and self.ring[-1][0] > chosen[0]:
+            self.ring.pop()
+        return chosen

@@ -1,0 +1,138 @@
+"""Loss and gradient-norm spike detection, and the recoveries every rank takes together.
+
+Detection reads only the step's all-reduced loss and the global gradient norm
+(identical on every rank), so every rank reaches the same verdict with no
+extra communication. Statistics are an EMA of mean and variance with a warm-up;
+spikes and non-finite steps do not update them. Defaults follow published
+practice: z > 6 over a ~128-step window.
+
+Recoveries (stability.spike.action):
+  skip      drop this step's update
+  rollback  restore the last good in-memory snapshot, then skip the next K batches
+            (PaLM restarted ~100 steps before a spike and skipped 200-500 batches)
+  reduce_lr multiply the LR by a factor and re-warm it linearly
+A retry budget (max_recoveries) turns a hopeless run into a clean 'diverged' stop.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from orchestrator.stability.replica_check import replica_drift
+from orchestrator.stability.snapshots import SnapshotRing, restore
+
+
+def zscore(value: float, mean: float, var: float) -> float:
+    """Plain-function twin: how many standard deviations `value` lies above `mean`."""
+    return (value - mean) / math.sqrt(var) if var > 0 else (0.0 if value <= mean else math.inf)
+
+
+class EmaStats:
+    def __init__(self, window: int):
+        self.beta = 1 - 2 / (window + 1)
+        self.mean, self.var, self.n = 0.0, 0.0, 0
+
+    def update(self, x: float) -> None:
+        if self.n == 0:
+            self.mean = x
+        else:
+            delta = x - self.mean
+            self.mean += (1 - self.beta) * delta
+            self.var = self.beta * (self.var + (1 - self.beta) * delta * delta)
+        self.n += 1
+
+
+class SpikeDetector:
+    """Returns which signal spiked ('loss' / 'grad_norm') or None; learns only from calm steps."""
+
+    def __init__(self, window: int = 128, z_loss: float = 6.0, z_grad: float = 6.0, warmup: int = 20):
+        self.loss, self.grad = EmaStats(window), EmaStats(window)
+        self.z_loss, self.z_grad, self.warmup = z_loss, z_grad, warmup
+
+    def check(self, loss: float, grad_norm: float) -> tuple[Optional[str], float]:
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return None, 0.0  # the non-finite guard handles these
+        if self.loss.n >= self.warmup:
+            for name, stats, value, limit in (("loss", self.loss, loss, self.z_loss), ("grad_norm", self.grad, grad_norm, self.z_grad)):
+                z = zscore(value, stats.mean, stats.var)
+                if z > limit:
+                    return name, z
+        self.loss.update(loss)
+        self.grad.update(grad_norm)
+        return None, 0.0
+
+    def state_dict(self) -> dict:
+        return {"loss": vars(self.loss).copy(), "grad": vars(self.grad).copy()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        vars(self.loss).update(sd["loss"])
+        vars(self.grad).update(sd["grad"])
+
+
+class SpikeGuard:
+    def __init__(self, spec, comps=None):
+        self.spec = spec
+        self.detector = SpikeDetector(spec.window, spec.z_loss, spec.z_grad, spec.warmup_steps)
+        self.comps, self.ring = comps, SnapshotRing(spec.snapshots)
+        self.recoveries, self.skip_batches = 0, 0
+        self.lr_factor, self.rewarm_start = 1.0, None
+        self.counts = {"spikes": 0, "rollbacks": 0, "lr_reductions": 0, "batches_skipped": 0}
+
+    def on_batch(self, state, batch):
+        if self.spec.action == "rollback" and not self.ring.ring:
+            self.ring.add(state.step, self.comps)  # where the run started: fresh init or its checkpoint
+        if self.skip_batches > 0:  # after a rollback: every rank drops the same batches
+            self.skip_batches -= 1
+            self.counts["batches_skipped"] += 1
+            return None
+        return batch
+
+    def before_step(self, state) -> None:
+        state.lr_scale *= self.current_lr_factor(state.step)
+        if state.skip:
+            return
+        trigger, z = self.detector.check(state.global_loss, state.grad_norm_value)
+        if trigger is None:
+            if self.spec.action == "rollback" and state.step % self.spec.snapshot_every == 0 and state.step > 0:
+                self.ring.add(state.step, self.comps)
+            return
+        self.counts["spikes"] += 1
+        state.skip = True
+        self.recoveries += 1
+        event = {"step": state.step, "trigger": f"{trigger}_spike", "value": round(z, 2), "action": self.spec.action}
+        if self.recoveries > self.spec.max_recoveries:
+            event["action"] = "stop"
+            state.stop_reason = (f"diverged: {self.recoveries} {trigger} spikes exceeded stability.spike.max_recoveries="
+                                 f"{self.spec.max_recoveries} (last at step {state.step}, z={z:.1f})")
+        elif self.spec.action == "rollback":
+            to_step, snap = self.ring.pick(state.step, self.spec.snapshot_every)
+            restore(self.comps, snap)
+            self.skip_batches = self.spec.rollback_skip_batches
+            self.counts["rollbacks"] += 1
+            event.update(rollback_to=to_step, skip_batches=self.skip_batches,
+                         replica_drift=replica_drift(state.model))  # every rank is here: the collective is safe
+        elif self.spec.action == "reduce_lr":
+            self.lr_factor *= self.spec.lr_factor
+            self.rewarm_start = state.step
+            self.counts["lr_reductions"] += 1
+            event.update(lr_factor=self.lr_factor)
+        state.events.append(event)
+
+    def current_lr_factor(self, step: int) -> float:
+        if self.rewarm_start is None:
+            return self.lr_factor
+        ramp = min(1.0, (step - self.rewarm_start + 1) / max(1, self.spec.rewarm_steps))
+        return self.lr_factor * ramp
+
+    def on_report(self, metrics: dict) -> None:
+        metrics.update(self.counts)
+
+    def state_dict(self) -> dict:
+        return {"detector": self.detector.state_dict(), "recoveries": self.recoveries, "lr_factor": self.lr_factor,
+                "rewarm_start": self.rewarm_start, "counts": dict(self.counts)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.detector.load_state_dict(sd["detector"])
+        self.recoveries, self.lr_factor, self.rewarm_start = sd["recoveries"], sd["lr_factor"], sd["rewarm_start"]
+        self.counts.update(sd["counts"])

@@ -1,0 +1,59 @@
+"""Guards in real 2-worker runs: spike rollback recovers, the retry budget stops a hopeless run."""
+
+import json
+
+import pytest
+import yaml
+
+from orchestrator import cli
+from orchestrator.report.metrics import read_metrics
+from orchestrator.spec import load_spec
+from orchestrator.train.checkpointing import list_checkpoints
+from orchestrator.train.driver import run_job
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def spike_job(digits_dir, tmp_path, name, *overrides):
+    return load_spec(ROOT / "jobs/spike-recovery.yaml", [
+        f"run.name={name}", f"run.storage_path={tmp_path}",
+        f"data.train={digits_dir / 'train.parquet'}", f"data.val={digits_dir / 'val.parquet'}", *overrides])
+
+
+@pytest.mark.timeout(600)
+def test_spike_recovery_job_recovers_where_the_unguarded_run_collapses(ray_session, digits_dir, tmp_path):
+    guarded = run_job(spike_job(digits_dir, tmp_path, "guarded"))
+    clean = run_job(spike_job(digits_dir, tmp_path, "clean", "faults=[]"))
+    unguarded = run_job(spike_job(digits_dir, tmp_path, "unguarded", "stability.spike.enabled=false", "stability.clip.mode=none"))
+
+    final = {name: o.final["val_accuracy"] for name, o in [("guarded", guarded), ("clean", clean), ("unguarded", unguarded)]}
+    assert guarded.ok and clean.ok
+    assert final["guarded"] >= final["clean"] - 0.01, final
+    assert unguarded.status == "diverged" or final["unguarded"] <= final["clean"] - 0.10, final
+
+    rollbacks = [e for h in guarded.history for e in h["events"] if e["action"] == "rollback"]
+    assert rollbacks and all(e["replica_drift"] == 0.0 for e in rollbacks)  # ranks identical right after each rollback
+    assert all(h["replica_drift"] == 0.0 for h in guarded.history)
+    assert rollbacks[0]["step"] > 180 and rollbacks[0]["rollback_to"] <= 180  # after the fault, to before it
+    report = json.loads((guarded.run_dir / "stability_report.json").read_text())
+    assert report["first_trouble"]["trigger"].endswith("_spike") and report["first_trouble"]["layer"]
+    assert f"Trouble started at step {rollbacks[0]['step']}" in report["summary"]
+    assert (list_checkpoints(guarded.run_dir)[-1] / "stability_report.json").exists()
+    assert clean.stability["first_trouble"] is None
+
+
+@pytest.mark.timeout(300)
+def test_retry_budget_stops_a_hopeless_run_with_exit_1(ray_session, digits_dir, tmp_path, capsys):
+    spec = spike_job(digits_dir, tmp_path, "hopeless", "run.epochs=10", "faults=[{kind: lr_spike, at_step: 60, repeat: 10000, factor: 1000}]",
+                     "stability.spike.max_recoveries=2", "stability.spike.rollback_skip_batches=2")
+    job = tmp_path / "hopeless.yaml"
+    job.write_text(spec.to_yaml())
+    assert cli.main(["run", str(job), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "diverged: 3" in err and "exceeded stability.spike.max_recoveries=2" in err
+    history = read_metrics(tmp_path / "hopeless")
+    events = [e for h in history for e in h["events"] if e["trigger"] != "fault"]
+    assert [e["action"] for e in events] == ["rollback", "rollback", "stop"]
+    assert all(e["replica_drift"] == 0.0 for e in events[:2]) and history[-1]["diverged"] == 1
+    assert len(history) < 10  # stopped early, not run to the end

@@ -1,0 +1,140 @@
+"""Spike detection, recoveries, snapshots and diagnostics on fake state (no cluster)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from orchestrator.spec import SpikeSpec
+from orchestrator.stability.diagnostics import Diagnostics, dead_fraction, loss_oscillation
+from orchestrator.stability.snapshots import SnapshotRing
+from orchestrator.stability.spikes import SpikeDetector, SpikeGuard, zscore
+from orchestrator.train.hooks import StepState
+from orchestrator.train.schedules import Schedule
+
+
+def test_zscore():
+    assert zscore(3.0, 1.0, 4.0) == 1.0
+    assert zscore(1.0, 1.0, 0.0) == 0.0 and zscore(2.0, 1.0, 0.0) == math.inf
+
+
+def test_detector_waits_for_warmup_then_flags_a_spike_and_does_not_learn_from_it():
+    det = SpikeDetector(window=20, z_loss=6, z_grad=6, warmup=10)
+    noise = [0.01 * ((i * 7) % 5 - 2) for i in range(40)]
+    assert all(det.check(1.0 + n, 0.5 + n)[0] is None for n in noise)
+    mean_before = det.loss.mean
+    trigger, z = det.check(5.0, 0.5)
+    assert trigger == "loss" and z > 6 and det.loss.mean == mean_before
+    assert det.check(1.0, 50.0)[0] == "grad_norm"
+    assert det.check(float("nan"), 0.5) == (None, 0.0)  # the non-finite guard's job
+
+
+class FakeComps:
+    """Enough of Components for snapshots: a model, an optimizer, a schedule."""
+
+    def __init__(self):
+        self.model = nn.Linear(2, 1)
+        opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.state = StepState(model=self.model, optimizer=opt, device=torch.device("cpu"))
+        self.schedule = Schedule(torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0), None)
+
+
+def run_guard(guard, comps, losses):
+    st = comps.state
+    for step, loss in enumerate(losses):
+        st.step = step
+        st.begin_step()
+        st.global_loss, st.grad_norm_value = loss, 1.0
+        if guard.on_batch(st, {}) is None:
+            continue
+        guard.before_step(st)
+        if not st.skip:
+            with torch.no_grad():
+                comps.model.weight.add_(1.0)  # a visible "update"
+    return st
+
+
+CALM = [1.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(30)]
+
+
+def test_skip_action_drops_the_spike_step():
+    comps = FakeComps()
+    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="skip"), comps)
+    st = run_guard(guard, comps, CALM + [50.0])
+    assert st.skip and st.events[-1]["action"] == "skip" and guard.counts["spikes"] == 1
+
+
+def test_rollback_restores_a_snapshot_old_enough_and_skips_batches():
+    comps = FakeComps()
+    spec = SpikeSpec(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=3)
+    guard = SpikeGuard(spec, comps)
+    st = run_guard(guard, comps, CALM + [50.0])
+    event = st.events[-1]
+    assert event["action"] == "rollback" and event["rollback_to"] == 25 and event["skip_batches"] == 3
+    w_after = comps.model.weight.detach().clone()  # restored to the state captured at step 25
+    assert guard.skip_batches == 3
+    dropped = [guard.on_batch(st, {}) for _ in range(4)]
+    assert dropped[:3] == [None, None, None] and dropped[3] == {}
+    assert guard.counts == {"spikes": 1, "rollbacks": 1, "lr_reductions": 0, "batches_skipped": 3}
+    assert event["replica_drift"] == 0.0 and torch.equal(w_after, comps.model.weight)
+
+
+def test_reduce_lr_cuts_then_rewarms():
+    comps = FakeComps()
+    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="reduce_lr", lr_factor=0.5, rewarm_steps=4), comps)
+    run_guard(guard, comps, CALM + [50.0])
+    spike_step = len(CALM)
+    assert [guard.current_lr_factor(spike_step + i) for i in range(5)] == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5])
+
+
+def test_retry_budget_declares_divergence():
+    comps = FakeComps()
+    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="skip", max_recoveries=2), comps)
+    st = run_guard(guard, comps, CALM + [50.0, 60.0, 70.0])
+    assert st.stop_reason.startswith("diverged: 3 loss spikes exceeded stability.spike.max_recoveries=2")
+    assert st.events[-1]["action"] == "stop"
+
+
+def test_snapshot_ring_picks_newest_old_enough_and_drops_newer():
+    comps = FakeComps()
+    ring = SnapshotRing(size=3)
+    for step in (10, 20, 30):
+        with torch.no_grad():
+            comps.model.weight.fill_(step)
+        ring.add(step, comps)
+    step, snap = ring.pick(before_step=35, min_age=10)
+    assert step == 20 and snap["model"]["weight"].eq(20).all()
+    assert [s for s, _ in ring.ring] == [10, 20]
+    assert ring.pick(before_step=12, min_age=10)[0] == 10  # nothing old enough: the oldest
+
+
+def test_dead_fraction_and_oscillation():
+    out = torch.relu(torch.tensor([[[-1.0], [2.0], [-3.0], [0.5]], [[-1.0], [-2.0], [-3.0], [0.5]]]))
+    assert dead_fraction(out) == 0.5  # channels 0 and 2 never fire
+    assert loss_oscillation([3.0, 2.0, 1.0]) == pytest.approx(0.0)  # a steady decline is smooth
+    assert loss_oscillation([1.0, 2.0, 1.0, 2.0]) == pytest.approx((8 / 9) ** 0.5 / 1.5)  # diffs +1,-1,+1: std 0.943; mean loss 1.5
+    assert loss_oscillation([1.0, 2.0, 1.0, 2.0]) > loss_oscillation([1.0, 1.1, 1.0, 1.1])
+
+
+def test_diagnostics_name_the_layer_where_trouble_started():
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2))
+    diag = Diagnostics(model, every=1)
+    st = StepState(model=model, optimizer=None, device=torch.device("cpu"))
+    for step in range(5):
+        st.step, st.global_loss = step, 1.0
+        st.begin_step()
+        diag.on_batch(st, {})
+        model(torch.randn(3, 2))
+        norms = [torch.tensor(1.0)] * 4
+        if step == 4:
+            norms[2] = torch.tensor(100.0)  # "2.weight" blows up
+            st.events.append({"step": 4, "trigger": "grad_norm_spike", "action": "skip", "value": 9.0})
+            st.skip = True
+        st.param_grad_norms = norms
+        diag.after_backward(st)
+        diag.after_step(st)
+    report = diag.report(st.events, {"spikes": 1})
+    assert report["first_trouble"]["layer"] == "2.weight" and report["first_trouble"]["step"] == 4
+    assert "Trouble started at step 4" in report["summary"] and "2.weight" in report["summary"]
+    assert "1" in report["dead_units"]  # the ReLU was sampled
