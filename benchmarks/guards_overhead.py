@@ -29,7 +29,7 @@ def stepper(job: str, overrides: list[str]):
     comps = build_components(spec, steps_per_epoch=1000, device=torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     shape, b = spec.data.shape, spec.data.batch_size
-    batches = [{"image": torch.rand(b, *shape, generator=g).flatten(1), "label": torch.randint(0, spec.data.num_classes, (b,), generator=g)}
+    batches = [{"x": torch.rand(b, *shape, generator=g).flatten(1), "y": torch.randint(0, spec.data.num_classes, (b,), generator=g)}
                for _ in range(8)]
     counter = {"i": 0}
 

@@ -43,6 +43,8 @@ def cmd_validate(args, console: Console) -> int:
     spec = load_spec(args.job, args.overrides)
     plan = preflight(spec, generate=False)
     rows = "will be generated" if plan.train_rows < 0 else f"{plan.train_rows} train / {plan.val_rows} val rows"
+    if any(plan.dropped_rows.values()):
+        rows += ", dropping " + ", ".join(f"{n} bad {split} rows" for split, n in plan.dropped_rows.items() if n)
     console.print(f"{args.job}: ok ({spec.model.kind}, {spec.scaling.num_workers} workers, {rows})", highlight=False)
     return 0
 
@@ -64,7 +66,22 @@ def spec_reference_markdown(rows) -> str:
 def cmd_data_make(args, console: Console) -> int:
     from orchestrator.data.generators import GENERATORS
 
-    paths = GENERATORS[args.dataset](args.out)
+    options = {}
+    if args.rows is not None:
+        options["rows"] = args.rows
+    if args.shape:
+        try:
+            options["shape"] = tuple(int(v) for v in args.shape.split(","))
+        except ValueError:
+            raise BadInput(f"--shape {args.shape!r}: expected C,H,W like 3,32,32") from None
+    if args.classes is not None:
+        options["classes"] = args.classes
+    if args.missing:
+        options["missing"] = args.missing
+    try:
+        paths = GENERATORS[args.dataset](args.out, **options)
+    except TypeError as exc:
+        raise BadInput(f"keel data make {args.dataset}: {exc}") from None
     console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)
     return 0
 
@@ -128,6 +145,31 @@ def cmd_cluster_validate(args, console: Console) -> int:
     return 0
 
 
+def cmd_data_inspect(args, console: Console) -> int:
+    import pyarrow as pa
+    from rich.table import Table
+
+    from orchestrator.data.scan import describe, open_dataset, scan_split
+
+    schema = open_dataset(args.path, "path").schema
+    if args.features:
+        features = args.features.split(",")
+    else:
+        def numeric(t):
+            inner = getattr(t, "value_type", t)
+            return pa.types.is_floating(inner) or pa.types.is_integer(inner)
+        features = [f.name for f in schema if f.name != args.label and numeric(f.type)]
+    scan = scan_split(args.path, "path", features, args.label)
+    table = Table(title=args.path, show_header=False, title_justify="left")
+    table.add_column("what", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    table.add_row("schema", ", ".join(f"{f.name}: {f.type}" for f in schema))
+    for key, value in describe(scan):
+        table.add_row(key, value)
+    console.print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keel", description="Stable data-parallel PyTorch training on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,9 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     make = data.add_parser("make", help="write a built-in dataset as Parquet")
-    make.add_argument("dataset", choices=["digits"])
+    make.add_argument("dataset", choices=["digits", "synthetic", "tabular", "sequence"])
     make.add_argument("--out", required=True, help="output directory")
+    make.add_argument("--rows", type=int, help="rows in total (synthetic, tabular, sequence)")
+    make.add_argument("--shape", help="synthetic: C,H,W (default 3,32,32)")
+    make.add_argument("--classes", type=int, help="number of classes")
+    make.add_argument("--missing", type=float, default=0.0, help="tabular: fraction of NaN cells")
     make.set_defaults(func=cmd_data_make)
+    inspect = data.add_parser("inspect", help="schema, rows, class balance and NaN counts of a Parquet file")
+    inspect.add_argument("path")
+    inspect.add_argument("--features", help="feature column(s), comma-separated (default: every numeric column but the label)")
+    inspect.add_argument("--label", default="label")
+    inspect.set_defaults(func=cmd_data_inspect)
     return parser
 
 

@@ -9,7 +9,7 @@ rejected at load time with a message naming the field, never mid-run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -46,16 +46,59 @@ class ModelSpec(Section):
     zero_init_residual: bool = doc(True, "Start each residual branch's last BN at zero so blocks begin as identities.")
 
 
+class PreprocessSpec(Section):
+    standardize: Literal["none", "per_feature", "per_channel"] = doc("none", "Standardise with mean/std of the TRAINING split (stored in checkpoints).")
+    impute: Literal["none", "mean", "median", "constant"] = doc("none", "Fill NaN features with the training split's mean/median, or a constant.")
+    impute_value: float = doc(0.0, "impute: constant: the fill value.")
+    labels: Literal["index", "onehot"] = doc("index", "Label encoding fed to the loss (mixup/cutmix imply onehot).")
+
+
+class AugmentSpec(Section):
+    random_crop_padding: int = doc(0, "Images: pad by this many pixels and crop back at a random offset (0 = off).", ge=0)
+    hflip: float = doc(0.0, "Images: probability of a horizontal flip.", ge=0, le=1)
+    noise_std: float = doc(0.0, "Std of additive gaussian noise (after standardisation).", ge=0)
+    cutout: int = doc(0, "Images: side of a random square zeroed per sample (0 = off).", ge=0)
+    brightness: float = doc(0.0, "Random brightness shift in [-b, b] per sample.", ge=0)
+    contrast: float = doc(0.0, "Random contrast factor in [1-c, 1+c] per sample.", ge=0, lt=1)
+    mixup_alpha: float = doc(0.0, "Mixup Beta(alpha, alpha) mixing of samples and labels (0 = off).", ge=0)
+    cutmix_alpha: float = doc(0.0, "Images: CutMix Beta(alpha, alpha) box pasting, labels mixed by area (0 = off).", ge=0)
+
+    @property
+    def active(self) -> bool:
+        return any(v for v in self.model_dump().values())
+
+    @property
+    def soft_labels(self) -> bool:
+        return bool(self.mixup_alpha or self.cutmix_alpha)
+
+
+class CurriculumSpec(Section):
+    enabled: bool = doc(False, "Train on the easiest rows first, widening the pool every epoch.")
+    score: str = doc("difficulty", "Training-split column with each row's difficulty (higher = harder).")
+    pacing: Literal["linear", "root", "step"] = doc("linear", "How the pool grows: linearly, as a square root, or in 4 steps.")
+    start_fraction: float = doc(0.3, "Fraction of the data in the pool at epoch 1.", gt=0, le=1)
+    full_epoch: int = doc(5, "Epoch (0-based) from which the pool is the whole training split.", ge=1)
+
+
 class DataSpec(Section):
     train: str = doc(..., "Parquet file or directory with the training split.")
     val: str = doc(..., "Parquet file or directory with the validation split.")
     generate: Optional[Literal["digits"]] = doc(None, "If the Parquet files are missing, write this built-in dataset there first.")
-    features: str = doc("image", "Column with the flattened (or fixed-size list) input features.")
+    features: Union[str, list[str]] = doc("image", "Feature column (a fixed-size list), or a list of scalar columns (tabular).")
     label: str = doc("label", "Column with integer class labels in [0, num_classes).")
     shape: list[int] = doc(..., "Shape of one sample, e.g. [1, 8, 8] for images or [64] for tabular rows.", min_length=1)
     num_classes: int = doc(..., "Number of classes.", ge=2)
     batch_size: int = doc(32, "Batch size per worker; the global batch is batch_size x num_workers.", ge=2)
     shuffle_buffer: int = doc(512, "Rows in each worker's local shuffle buffer (0 = no shuffle).", ge=0)
+    prefetch_batches: int = doc(2, "Batches each worker prefetches while it computes.", ge=0)
+    on_bad_rows: Literal["error", "drop"] = doc("error", "Rows with NaN/Inf features or out-of-range labels: refuse the data, or drop and count them.")
+    preprocess: PreprocessSpec = doc(PreprocessSpec(), "Deterministic preprocessing, computed once.")
+    augment: AugmentSpec = doc(AugmentSpec(), "Random augmentation, fresh every epoch (training split only).")
+    curriculum: CurriculumSpec = doc(CurriculumSpec(), "Curriculum learning by a difficulty score.")
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return [self.features] if isinstance(self.features, str) else list(self.features)
 
 
 class OptimizerSpec(Section):
@@ -191,6 +234,12 @@ class JobSpec(Section):
             raise ValueError("scaling.amp: fp16 needs scaling.use_gpu: true (use bf16 or none on CPU)")
         if self.model.kind in ("cnn", "resnet") and len(self.data.shape) != 3:
             raise ValueError(f"data.shape: model.kind {self.model.kind} needs [channels, height, width], got {self.data.shape}")
+        aug = self.data.augment
+        image_only = {"random_crop_padding": aug.random_crop_padding, "hflip": aug.hflip, "cutout": aug.cutout,
+                      "cutmix_alpha": aug.cutmix_alpha}
+        for name, value in image_only.items():
+            if value and len(self.data.shape) != 3:
+                raise ValueError(f"data.augment.{name}: needs image data (data.shape [C, H, W]), got {self.data.shape}")
         if self.schedule.kind == "one_cycle" and self.schedule.warmup_epochs > 0:
             raise ValueError("schedule.warmup_epochs: one_cycle has its own warmup; set it to 0")
         for i, fault in enumerate(self.faults):

@@ -15,9 +15,11 @@ def _tensor_column(x: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
 
 
-def write_split(path: Path, features: np.ndarray, labels: np.ndarray) -> None:
+def write_split(path: Path, features: np.ndarray, labels: np.ndarray, column: str = "image", extra: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"image": _tensor_column(features.reshape(len(features), -1)), "label": pa.array(labels.astype(np.int64))})
+    columns = {column: _tensor_column(features.reshape(len(features), -1)), "label": pa.array(labels.astype(np.int64))}
+    columns.update({k: pa.array(v) for k, v in (extra or {}).items()})
+    table = pa.table(columns)
     tmp = path.with_suffix(".parquet.tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)  # atomic: a reader never sees half a file
@@ -37,4 +39,50 @@ def make_digits(out: str | Path, val_fraction: float = 0.2, seed: int = 0) -> tu
     return out / "train.parquet", out / "val.parquet"
 
 
-GENERATORS = {"digits": make_digits}
+def _split(out, x, y, val_fraction, column, extra=None):
+    n_val = int(len(x) * val_fraction)
+    extra = extra or {}
+    out = Path(out)
+    write_split(out / "train.parquet", x[n_val:], y[n_val:], column, {k: v[n_val:] for k, v in extra.items()})
+    write_split(out / "val.parquet", x[:n_val], y[:n_val], column, {k: v[:n_val] for k, v in extra.items()})
+    return out / "train.parquet", out / "val.parquet"
+
+
+def make_synthetic(out, rows: int = 20_000, shape=(3, 32, 32), classes: int = 10, seed: int = 0, val_fraction: float = 0.1):
+    """Images of a given shape for throughput tests: a smooth random template per class plus noise
+    (learnable, but not trivially). Column 'image', shape given by `shape`."""
+    rng = np.random.default_rng(seed)
+    c, h, w = shape
+    coarse = rng.normal(size=(classes, c, max(2, h // 4), max(2, w // 4))).astype(np.float32)
+    templates = coarse.repeat(h // coarse.shape[2] + 1, axis=2)[:, :, :h].repeat(w // coarse.shape[3] + 1, axis=3)[:, :, :, :w]
+    y = rng.integers(0, classes, rows)
+    x = templates[y] + rng.normal(scale=1.5, size=(rows, c, h, w)).astype(np.float32)
+    return _split(out, x, y, val_fraction, "image")
+
+
+def make_tabular(out, rows: int = 5_000, features: int = 16, classes: int = 3, missing: float = 0.0, seed: int = 0,
+                 val_fraction: float = 0.2):
+    """Gaussian class blobs with features on very different scales (standardisation matters), an
+    optional fraction of NaN cells (imputation), and a 'difficulty' column: distance to the class centre."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=2.0, size=(classes, features))
+    scales = 10.0 ** rng.uniform(-2, 3, features)
+    y = rng.integers(0, classes, rows)
+    noise = rng.normal(size=(rows, features))
+    x = (centres[y] + noise) * scales
+    difficulty = np.linalg.norm(noise, axis=1)
+    if missing:
+        x[rng.random(x.shape) < missing] = np.nan
+    return _split(out, x, y, val_fraction, "features", {"difficulty": difficulty})
+
+
+def make_sequence(out, rows: int = 8_000, length: int = 32, classes: int = 2, seed: int = 0, val_fraction: float = 0.2):
+    """Noisy sequences whose label is the sign of their sum (class 1 if positive): an LSTM must integrate
+    over the whole sequence. Column 'sequence' with shape [length, 1]."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, length, 1)).astype(np.float32)
+    y = (x.sum(axis=(1, 2)) > 0).astype(np.int64) if classes == 2 else np.digitize(x.sum(axis=(1, 2)), np.linspace(-length ** 0.5, length ** 0.5, classes - 1))
+    return _split(out, x, y, val_fraction, "sequence")
+
+
+GENERATORS = {"digits": make_digits, "synthetic": make_synthetic, "tabular": make_tabular, "sequence": make_sequence}

@@ -39,7 +39,7 @@ class RunDisplay:
         if kind == "start":
             plan = event["plan"]
             self.console.print(f"run dir {event['run_dir']}  ·  {plan.train_rows} train / {plan.val_rows} val rows  ·  "
-                               f"{plan.steps_per_epoch} steps per epoch per worker", highlight=False, soft_wrap=True)
+                               f"{plan.steps_per_epoch[-1]} steps per epoch per worker", highlight=False, soft_wrap=True)
             if self.progress:
                 self.progress.start()
         elif kind == "resumed":

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from orchestrator.data.preprocess import FEATURES
 from orchestrator.models import build_model
 from orchestrator.spec import JobSpec
 from orchestrator.stability.clipping import GradClipper
@@ -53,7 +54,7 @@ def build_safeguards(spec: JobSpec, model: torch.nn.Module) -> Safeguards:
     """The safeguards in hook order: faults first (they simulate the world), then measurement,
     then the guards that decide, then the ones that only watch."""
     st = spec.stability
-    guards = [FaultInjector(spec.faults, spec.data.features),
+    guards = [FaultInjector(spec.faults, FEATURES),
               GradClipper(st.clip, classifier_params(model))]
     if st.diagnostics.enabled:
         guards.append(Diagnostics(model, st.diagnostics.every))

@@ -13,8 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
+
+from orchestrator.data.curriculum import pool_sizes
+from orchestrator.data.curriculum import thresholds as curriculum_thresholds
 from orchestrator.data.generators import GENERATORS
-from orchestrator.data.sources import check_split, read_datasets, resolve
+from orchestrator.data.preprocess import PreprocessState, fit_preprocess
+from orchestrator.data.scan import scan_split
+from orchestrator.data.sources import resolve
 from orchestrator.errors import BadInput
 from orchestrator.spec import JobSpec
 
@@ -26,8 +32,11 @@ FAST_LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 class Plan:
     train_rows: int
     val_rows: int
-    steps_per_epoch: int
+    steps_per_epoch: list[int]          # per epoch: the curriculum pool grows
     cpus_per_worker: float
+    preprocess: Optional[PreprocessState] = None
+    curriculum_limits: Optional[list[float]] = None
+    dropped_rows: dict = field(default_factory=dict)  # split -> rows dropped (data.on_bad_rows: drop)
 
 
 @dataclass
@@ -52,6 +61,24 @@ class RunOutcome:
         return (max if mode == "max" else min)(values) if values else None
 
 
+def check_rows(scan, data, field_name: str) -> int:
+    """Refuse (or count, with on_bad_rows: drop) rows with NaN/Inf features or labels out of range."""
+    imputed = data.preprocess.impute != "none"
+    for column in data.feature_columns:
+        if scan.nan[column] and not imputed and data.on_bad_rows == "error":
+            raise BadInput(f"{scan.path}: column {column!r} has {scan.nan[column]} rows with NaN features "
+                           "(set data.preprocess.impute, or data.on_bad_rows: drop)")
+        if scan.inf[column] and data.on_bad_rows == "error":
+            raise BadInput(f"{scan.path}: column {column!r} has {scan.inf[column]} rows with infinite features "
+                           "(fix the data, or set data.on_bad_rows: drop)")
+    if scan.bad_label_rows and data.on_bad_rows == "error":
+        raise BadInput(f"{scan.path}: column {data.label!r} has {scan.bad_label_rows} labels outside "
+                       f"[0, {data.num_classes}) (range seen {scan.label_min}..{scan.label_max})")
+    if data.on_bad_rows == "error":
+        return 0
+    return scan.bad_rows_imputed if imputed else scan.bad_rows
+
+
 def preflight(spec: JobSpec, generate: bool = True) -> Plan:
     """Every check that needs no cluster: data present and well-formed, resources possible.
     With generate=False (keel validate) a missing dataset that `data.generate` would write is fine."""
@@ -59,8 +86,6 @@ def preflight(spec: JobSpec, generate: bool = True) -> Plan:
     missing = data.generate and not Path(data.train).exists() and not Path(data.val).exists()
     if missing and generate:
         GENERATORS[data.generate](Path(data.train).parent)
-    train_rows = -1 if missing and not generate else check_split(data.train, "data.train", data)
-    val_rows = -1 if missing and not generate else check_split(data.val, "data.val", data)
     local = scaling.address is None
     cpus = os.cpu_count() or 1
     if local and scaling.num_workers > cpus:
@@ -72,11 +97,29 @@ def preflight(spec: JobSpec, generate: bool = True) -> Plan:
             raise BadInput(f"scaling.use_gpu: {scaling.num_workers} GPU workers but this machine has "
                            f"{torch.cuda.device_count()} GPUs")
     cpus_per_worker = scaling.cpus_per_worker or (min(1.0, (cpus - 1) / scaling.num_workers) if local and cpus > 1 else 1.0)
-    steps = (train_rows // scaling.num_workers) // data.batch_size if train_rows >= 0 else 0
-    if train_rows >= 0 and steps == 0:
+    if missing and not generate:
+        return Plan(-1, -1, [0] * spec.run.epochs, cpus_per_worker)
+    extra = [data.curriculum.score] if data.curriculum.enabled else []
+    scans = {split: scan_split(resolve(getattr(data, split)), f"data.{split}", data.feature_columns, data.label,
+                               data.num_classes, data.shape, extra_columns=extra if split == "train" else [])
+             for split in ("train", "val")}
+    dropped = {split: check_rows(scan, data, f"data.{split}") for split, scan in scans.items()}
+    preprocess = fit_preprocess(scans["train"], data.preprocess, data.shape, data.num_classes, data.on_bad_rows,
+                                soft_labels=data.augment.soft_labels)
+    usable = scans["train"].rows - dropped["train"]
+    pools, limits = [usable] * spec.run.epochs, None
+    if data.curriculum.enabled:
+        scores = np.asarray(scans["train"].extra[data.curriculum.score], dtype=np.float64)
+        limits = curriculum_thresholds(scores, data.curriculum, spec.run.epochs)
+        pools = [min(usable, n) for n in pool_sizes(scores, limits)]
+    steps = [(pool // scaling.num_workers) // data.batch_size for pool in pools]
+    if steps[-1] == 0:
         raise BadInput(f"data.batch_size: {data.batch_size} x {scaling.num_workers} workers is more than the "
-                       f"{train_rows} training rows in {data.train}")
-    return Plan(train_rows, val_rows, steps, cpus_per_worker)
+                       f"{usable} usable training rows in {data.train}")
+    if min(steps) == 0:
+        raise BadInput(f"data.curriculum.start_fraction: the first epochs' pool is smaller than one global batch "
+                       f"({data.batch_size} x {scaling.num_workers})")
+    return Plan(scans["train"].rows, scans["val"].rows, steps, cpus_per_worker, preprocess, limits, dropped)
 
 
 def ensure_ray(address: Optional[str], verbose: bool = False) -> None:
@@ -107,9 +150,11 @@ def resolved(spec: JobSpec) -> JobSpec:
     return spec
 
 
-def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None):
+def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: Any = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestrator.data.pipeline import build_datasets
 
     from orchestrator.train.loop import train_loop_per_worker
 
@@ -119,7 +164,7 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "steps_per_epoch": plan.steps_per_epoch,
-                           "progress": progress_queue},
+                           "progress": progress_queue, "clock": clock, "preprocess": plan.preprocess.to_dict()},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path,
@@ -127,7 +172,7 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None):
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints)),
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo",
                                  timeout_s=spec.scaling.collective_timeout_s),
-        datasets=read_datasets(spec.data),
+        datasets=build_datasets(spec, plan, clock),
     )
 
 
@@ -139,6 +184,7 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
     from ray.train import TrainingFailedError
     from ray.util.queue import Empty, Queue
 
+    from orchestrator.data.pipeline import make_epoch_clock
     from orchestrator.report.metrics import MetricsLog
 
     run_dir = Path(spec.run.storage_path) / spec.run.name
@@ -167,7 +213,7 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
     pumper.start()
     try:
         on_event({"type": "start", "plan": plan, "run_dir": str(run_dir)})
-        result = build_trainer(spec, plan, queue).fit()
+        result = build_trainer(spec, plan, queue, make_epoch_clock()).fit()
         outcome.checkpoint = result.checkpoint.path if result.checkpoint else None
     except TrainingFailedError as exc:
         outcome.status, outcome.reason = "failed", str(exc).strip().splitlines()[-1][:500]

@@ -12,6 +12,7 @@ import ray.train.torch
 import torch
 import torch.nn.functional as F
 
+from orchestrator.data.preprocess import FEATURES, LABEL
 from orchestrator.spec import JobSpec
 from orchestrator.stability.diagnostics import Diagnostics
 from orchestrator.stability.distributed import all_reduce_, world_size
@@ -22,9 +23,15 @@ from orchestrator.train.optim import weight_penalty
 
 
 def to_inputs(batch: dict, data_spec, device) -> tuple[torch.Tensor, torch.Tensor]:
-    x = batch[data_spec.features].to(device, non_blocking=True).float()
-    y = batch[data_spec.label].to(device, non_blocking=True).long()
+    """Pipeline columns to model inputs; labels are class indices, or probabilities (one-hot, mixup)."""
+    x = batch[FEATURES].to(device, non_blocking=True).float()
+    y = batch[LABEL].to(device, non_blocking=True)
+    y = y.float() if y.dim() == 2 else y.long()
     return x.reshape(x.shape[0], *data_spec.shape), y
+
+
+def hard_labels(y: torch.Tensor) -> torch.Tensor:
+    return y.argmax(1) if y.dim() == 2 else y
 
 
 def agree_step(st, n: int) -> None:
@@ -92,7 +99,7 @@ def evaluate(comps: Components, shard, spec: JobSpec) -> dict[str, float]:
         with torch.autocast(st.device.type, dtype=comps.amp_dtype, enabled=comps.amp_dtype is not None):
             logits = st.model(x).float()
         sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
-                             (logits.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), device=st.device).double()])
+                             (logits.argmax(1) == hard_labels(y)).sum().double(), torch.tensor(float(len(y)), device=st.device).double()])
     loss_sum, correct, count = all_reduce_(sums).tolist()
     st.model.train()
     return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
@@ -110,10 +117,11 @@ def stability_report(comps: Components, events: list[dict], metrics: dict) -> di
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: config = {spec, steps_per_epoch, progress (a ray Queue or None)}."""
+    """Ray Train entry point: config = {spec, steps_per_epoch (per epoch), progress (a ray Queue or None),
+    clock (the data pipeline's EpochClock or None), preprocess (statistics, saved with checkpoints)}."""
     spec = JobSpec.model_validate(config["spec"])
-    steps_per_epoch, world = config["steps_per_epoch"], world_size()
-    comps = build_components(spec, steps_per_epoch, ray.train.torch.get_device(), ray.train.torch.prepare_model)
+    steps_per_epoch, world, clock = config["steps_per_epoch"], world_size(), config.get("clock")
+    comps = build_components(spec, max(steps_per_epoch), ray.train.torch.get_device(), ray.train.torch.prepare_model)
     st, guards = comps.state, comps.safeguards
     progress = ProgressSender(config.get("progress"), st.rank)
     progress.send("ready", world_size=world)
@@ -127,19 +135,22 @@ def train_loop_per_worker(config: dict) -> None:
 
     for epoch in range(start_epoch, spec.run.epochs):
         seed_everything(spec.run.seed, epoch, st.rank)
-        st.epoch, meter = epoch, EpochMeter()
+        st.epoch, meter, steps = epoch, EpochMeter(), steps_per_epoch[epoch]
         st.model.train()
+        if clock is not None:  # before this rank asks for the epoch's data: augmentation seeds, curriculum pool
+            ray.get(clock.set.remote(epoch))
         batches = train_shard.iter_torch_batches(
             batch_size=spec.data.batch_size, drop_last=True,  # no rank ever sees a 1-sample BN batch
+            prefetch_batches=spec.data.prefetch_batches,
             local_shuffle_buffer_size=spec.data.shuffle_buffer or None,
             local_shuffle_seed=spec.run.seed * 7919 + epoch * 31 + st.rank if spec.data.shuffle_buffer else None)
         for i, batch in enumerate(meter.timed(batches)):
-            if i >= steps_per_epoch or st.stop_reason:
-                continue  # drain the shard: every rank takes exactly steps_per_epoch (agreed) steps
+            if i >= steps or st.stop_reason:
+                continue  # drain the shard: every rank takes exactly `steps` (agreed) steps
             train_step(comps, batch, spec)
             meter.add(st.global_loss, st.grad_norm_value, spec.data.batch_size * world)
-            if i % spec.run.log_every == 0 or i == steps_per_epoch - 1:
-                progress.send("step", epoch=epoch, step=i + 1, steps=steps_per_epoch, loss=st.global_loss,
+            if i % spec.run.log_every == 0 or i == steps - 1:
+                progress.send("step", epoch=epoch, step=i + 1, steps=steps, loss=st.global_loss,
                               grad_norm=st.grad_norm_value, lr=st.optimizer.param_groups[0]["lr"])
 
         metrics = {"epoch": epoch, "step": st.step, **meter.summary(), **evaluate(comps, val_shard, spec),
@@ -155,7 +166,8 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if st.rank == 0 and not diverged and (last or (epoch + 1) % spec.run.checkpoint_every == 0):
-                save_checkpoint(tmp, comps, epoch=epoch, spec_yaml=spec.to_yaml())
+                save_checkpoint(tmp, comps, epoch=epoch, spec_yaml=spec.to_yaml(),
+                                extra={"preprocess": config.get("preprocess")})
                 if report is not None:
                     (Path(tmp) / "stability_report.json").write_text(json.dumps(report, indent=1, default=str))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bad_inputs.bad_datasets import write_bad_datasets
 from tests.conftest import ROOT
 
 CASES = {  # file in tests/bad_inputs -> what the one-line error must name
@@ -33,6 +34,12 @@ CASES = {  # file in tests/bad_inputs -> what the one-line error must name
     "missing_column.yaml": "column 'pixels' missing",
     "batch_larger_than_data.yaml": "data.batch_size: 4096 x 2 workers is more than",
     "unreadable_parquet.yaml": "not readable as Parquet",
+    "data_nan_features.yaml": "column 'image' has 1 rows with NaN features",
+    "data_inf_features.yaml": "column 'image' has 1 rows with infinite features",
+    "data_label_out_of_range.yaml": "column 'label' has 1 labels outside [0, 10)",
+    "data_string_features.yaml": "column 'image' is string, expected numbers",
+    "data_empty.yaml": "empty.parquet: no rows",
+    "data_ragged.yaml": "ragged.parquet: rows of 'image' have different lengths",
 }
 PROBE = ("import sys; from orchestrator.cli import main; rc = main(sys.argv[1:]); "
          "sys.stdout.write('RAY IMPORTED' if 'ray' in sys.modules else ''); sys.exit(rc)")
@@ -45,11 +52,13 @@ def corpus(tmp_path_factory, digits_dir) -> Path:
     for name in CASES:
         (out / name).write_text((ROOT / "tests/bad_inputs" / name).read_text().replace("DATA", str(digits_dir)))
     (digits_dir / "notparquet.parquet").write_text("this is not parquet")
+    write_bad_datasets(digits_dir)
     return out
 
 
 def test_every_corpus_file_has_a_case():
     assert sorted(p.name for p in (ROOT / "tests/bad_inputs").glob("*.yaml")) == sorted(CASES)
+    assert len([c for c in CASES if c.startswith("data_")]) + 3 >= 8  # + shape mismatch, missing column, unreadable
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -22,6 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_processes_with_env(marker: bytes) -> None:
+    """Kill exactly the head's processes: all inherit its unique token (several rename their titles,
+    so matching on the command line misses them, e.g. ray::DashboardAgent)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker in f.read():
+                    os.kill(int(pid), 9)
+        except (OSError, ProcessLookupError):
+            continue
+
+
 def keel(*args, env=None, timeout=600):
     return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=timeout)
@@ -49,7 +61,7 @@ def head():
         assert time.monotonic() < deadline, "head did not come up"
         time.sleep(1)
     yield address, client_env, temp_dir
-    subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)  # only processes whose command line names our dir
+    kill_processes_with_env(f"RAY_AUTH_TOKEN={token}".encode())
 
 
 @pytest.mark.timeout(600)

@@ -28,7 +28,7 @@ def equivalence_loop(config):
     norms, init = [], {k: v.detach().clone() for k, v in unwrap(comps.state.model).state_dict().items()}
     for t in range(STEPS):
         lo = t * GLOBAL_BATCH + rank() * per_rank  # rank r takes the r-th slice of global batch t
-        train_step(comps, {"image": xs[lo:lo + per_rank], "label": ys[lo:lo + per_rank]}, spec)
+        train_step(comps, {"x": xs[lo:lo + per_rank], "y": ys[lo:lo + per_rank]}, spec)
         norms.append(comps.state.grad_norm_value)
     if rank() == 0:
         torch.save({"params": {k: v.detach().clone() for k, v in unwrap(comps.state.model).state_dict().items()},

@@ -1,0 +1,96 @@
+"""The Ray Data pipeline: read -> preprocess (deterministic, once, materialized) -> per epoch:
+curriculum filter and augmentation (random, re-run every epoch) -> streamed into the workers.
+
+Ray Data re-executes a dataset's plan every epoch, but the plan cannot know which epoch it is;
+an `EpochClock` actor (set by every rank before it starts an epoch) tells the per-epoch stage,
+so augmentation is seeded per (seed, epoch, batch) and the curriculum pool widens on schedule.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from orchestrator.data.augment import augment_batch, batch_seed
+from orchestrator.data.preprocess import FEATURES, LABEL, PreprocessState, apply_preprocess
+from orchestrator.data.scan import feature_matrix
+from orchestrator.data.sources import IN_DRIVER_BYTES, resolve, size_of
+
+DIFFICULTY = "difficulty"
+
+
+def make_epoch_clock():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class EpochClock:
+        def __init__(self):
+            self.epoch = 0
+
+        def set(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def get(self) -> int:
+            return self.epoch
+
+    return EpochClock.remote()
+
+
+def preprocess_batch(table, *, state: PreprocessState, features: list[str], label: str, difficulty: str | None) -> dict:
+    """The deterministic part, on a pyarrow batch (the same feature decoding as the driver's scan)."""
+    x = feature_matrix(table, features)
+    x, y, keep = apply_preprocess(x, table.column(label).to_numpy(zero_copy_only=False), state)
+    out = {FEATURES: x, LABEL: y}
+    if difficulty:
+        out[DIFFICULTY] = table.column(difficulty).to_numpy(zero_copy_only=False).astype(np.float64)[keep]
+    return out
+
+
+def epoch_stage(batch: dict, *, clock, seed: int, shape: list[int], augment, limits: list[float] | None) -> dict:
+    """The random, per-epoch part. Runs in Ray Data tasks; one small actor call per batch."""
+    import ray
+
+    epoch = ray.get(clock.get.remote())
+    x, y = batch[FEATURES], batch[LABEL]
+    if limits is not None:
+        keep = batch[DIFFICULTY] <= limits[min(epoch, len(limits) - 1)]
+        x, y = x[keep], y[keep]
+    if augment is not None and len(x):
+        rng = np.random.default_rng(batch_seed(seed, epoch, x))
+        xi, y = augment_batch(x.reshape(len(x), *shape), y, rng, augment)
+        x = xi.reshape(len(x), -1)
+    return {FEATURES: x, LABEL: y}
+
+
+def read_split(path: str, columns: list[str]):
+    import ray.data
+
+    path = resolve(path)
+    if size_of(path) < IN_DRIVER_BYTES:
+        return ray.data.from_arrow(pq.read_table(path, columns=columns))
+    return ray.data.read_parquet(path, columns=columns)
+
+
+def build_datasets(spec, plan, clock=None, num_blocks: int | None = None) -> dict:
+    data = spec.data
+    features = data.feature_columns
+    blocks = num_blocks or max(4, 2 * spec.scaling.num_workers)
+    curriculum = data.curriculum.enabled
+    out = {}
+    for split in ("train", "val"):
+        difficulty = data.curriculum.score if curriculum and split == "train" else None
+        columns = [*features, data.label] + ([difficulty] if difficulty else [])
+        ds = read_split(getattr(data, split), columns).map_batches(
+            preprocess_batch, batch_format="pyarrow",
+            fn_kwargs={"state": plan.preprocess, "features": features, "label": data.label, "difficulty": difficulty})
+        # deterministic part computed once; a fixed number of blocks keeps per-batch seeds stable
+        out[split] = ds.repartition(blocks).materialize()
+    if clock is not None and (data.augment.active or curriculum):
+        out["train"] = out["train"].map_batches(
+            epoch_stage, batch_format="numpy", batch_size=None,
+            fn_kwargs={"clock": clock, "seed": spec.run.seed, "shape": data.shape,
+                       "augment": data.augment if data.augment.active else None,
+                       "limits": plan.curriculum_limits if curriculum else None})
+    return out

@@ -1,0 +1,95 @@
+"""The real Ray Data pipeline: per-epoch augmentation, clean validation, train-only statistics, curriculum."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from orchestrator.data.generators import make_tabular
+from orchestrator.data.pipeline import build_datasets, make_epoch_clock
+from orchestrator.data.preprocess import FEATURES, LABEL
+from orchestrator.spec import parse_spec
+from orchestrator.train.driver import preflight
+from tests.conftest import job_tree
+
+pytestmark = pytest.mark.integration
+
+
+def rows(ds) -> np.ndarray:
+    """All rows of a dataset, sorted (Ray Data does not promise an order)."""
+    x = np.concatenate([b[FEATURES] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+    return x[np.lexsort(x.T[::-1])]
+
+
+def pipeline(spec, clock=None):
+    plan = preflight(spec)
+    return plan, build_datasets(spec, plan, clock if clock is not None else make_epoch_clock())
+
+
+@pytest.mark.timeout(300)
+def test_augmentation_changes_every_epoch_is_reproducible_and_never_touches_validation(ray_session, digits_dir, tmp_path):
+    tree = job_tree(digits_dir, tmp_path, "aug", data={**job_tree(digits_dir, tmp_path, "x")["data"],
+                    "preprocess": {"standardize": "per_channel"},
+                    "augment": {"random_crop_padding": 1, "cutout": 2, "noise_std": 0.1}})
+    spec = parse_spec(tree)
+    clock = make_epoch_clock()
+    plan, ds = pipeline(spec, clock)
+    seen = {}
+    for epoch in (0, 1, 0):
+        ray.get(clock.set.remote(epoch))
+        seen.setdefault(epoch, []).append((rows(ds["train"]), rows(ds["val"])))
+    (train0, val0), (train0_again, val0_again) = seen[0]
+    train1, val1 = seen[1][0]
+    assert np.array_equal(train0, train0_again)            # same seed and epoch: the same augmentation
+    assert not np.allclose(train0, train1)                 # a new epoch: new augmentation
+    assert np.array_equal(val0, val1) and np.array_equal(val0, val0_again)  # validation: never augmented
+    raw = pq.read_table(digits_dir / "val.parquet").column("image").combine_chunks().flatten().to_numpy().reshape(-1, 64)
+    expected = (raw - plan.preprocess.mean) / plan.preprocess.std
+    np.testing.assert_allclose(val0, expected[np.lexsort(expected.T[::-1])], atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_standardisation_statistics_come_from_the_training_split_only(ray_session, tmp_path):
+    def write(path, x):
+        pq.write_table(pa.table({"f": pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), 2),
+                                 "label": np.arange(len(x)) % 2}), path)
+    rng = np.random.default_rng(0)
+    write(tmp_path / "train.parquet", rng.normal([5.0, -3.0], [2.0, 0.5], size=(400, 2)))
+    write(tmp_path / "val.parquet", rng.normal([50.0, 30.0], [9.0, 9.0], size=(100, 2)))  # very different
+    spec = parse_spec({"model": {"kind": "mlp"}, "data": {"train": str(tmp_path / "train.parquet"), "val": str(tmp_path / "val.parquet"),
+                       "features": "f", "shape": [2], "num_classes": 2, "preprocess": {"standardize": "per_feature"}},
+                       "run": {"name": "std", "storage_path": str(tmp_path)}})
+    plan, ds = pipeline(spec)
+    np.testing.assert_allclose(plan.preprocess.mean, [5.0, -3.0], atol=0.3)
+    np.testing.assert_allclose(plan.preprocess.std, [2.0, 0.5], atol=0.15)
+    train = rows(ds["train"])
+    np.testing.assert_allclose(train.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(train.std(0), 1.0, atol=1e-3)
+    assert rows(ds["val"]).mean(0)[0] > 15  # standardised with the TRAIN statistics, so far from 0
+
+
+@pytest.mark.timeout(300)
+def test_curriculum_widens_the_pool_as_scheduled_and_bad_rows_are_dropped_and_counted(ray_session, tmp_path):
+    make_tabular(tmp_path, rows=2000, features=4, missing=0.0)
+    table = pq.read_table(tmp_path / "train.parquet")
+    x = table.column("features").combine_chunks().flatten().to_numpy().reshape(-1, 4).copy()
+    x[:7, 0] = np.inf  # 7 bad rows
+    pq.write_table(table.set_column(0, "features", pa.FixedSizeListArray.from_arrays(pa.array(x.ravel().astype(np.float32)), 4)),
+                   tmp_path / "train.parquet")
+    spec = parse_spec({"model": {"kind": "mlp"}, "data": {
+        "train": str(tmp_path / "train.parquet"), "val": str(tmp_path / "val.parquet"), "features": "features",
+        "shape": [4], "num_classes": 3, "batch_size": 16, "on_bad_rows": "drop",
+        "curriculum": {"enabled": True, "score": "difficulty", "pacing": "linear", "start_fraction": 0.25, "full_epoch": 3}},
+        "run": {"name": "cur", "storage_path": str(tmp_path), "epochs": 5}})
+    clock = make_epoch_clock()
+    plan, ds = pipeline(spec, clock)
+    assert plan.dropped_rows == {"train": 7, "val": 0}
+    sizes = []
+    for epoch in range(5):
+        ray.get(clock.set.remote(epoch))
+        sizes.append(sum(len(b[LABEL]) for b in ds["train"].iter_batches(batch_size=None, batch_format="numpy")))
+    usable = 1600 - 7
+    assert sizes[3:] == [usable, usable] and sizes == sorted(sizes)
+    assert abs(sizes[0] - 0.25 * 1600) <= 10 and abs(sizes[1] - 0.5 * 1600) <= 10
+    assert plan.steps_per_epoch[0] < plan.steps_per_epoch[-1] == (usable // 2) // 16
