@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-RESULTS = Path(os.environ.get("KEEL_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
@@ -43,7 +43,9 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def save(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    """Write results JSON (to $KEEL_BENCH_RESULTS if set, read at call time, else benchmarks/results/)."""
+    results = Path(os.environ.get("KEEL_BENCH_RESULTS", DEFAULT_RESULTS))
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{name}.json"
     path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(), **payload}, indent=1))
     return path

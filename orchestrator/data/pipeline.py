@@ -3,12 +3,13 @@ curriculum filter and augmentation (random, re-run every epoch) -> streamed into
 
 Ray Data re-executes a dataset's plan every epoch, but the plan cannot know which epoch it is;
 an `EpochClock` actor (set by every rank before it starts an epoch) tells the per-epoch stage,
-so augmentation is seeded per (seed, epoch, batch) and the curriculum pool widens on schedule.
+so augmentation and the per-block shuffle are seeded per (seed, epoch, block) and the curriculum
+pool widens on schedule.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,6 +20,7 @@ from orchestrator.data.scan import feature_matrix
 from orchestrator.data.sources import IN_DRIVER_BYTES, resolve, size_of
 
 DIFFICULTY = "difficulty"
+BLOCK_BYTES = 64 * 2**20
 
 
 def make_epoch_clock():
@@ -49,7 +51,9 @@ def preprocess_batch(table, *, state: PreprocessState, features: list[str], labe
 
 
 def epoch_stage(batch: dict, *, clock, seed: int, shape: list[int], augment, limits: list[float] | None) -> dict:
-    """The random, per-epoch part. Runs in Ray Data tasks; one small actor call per batch."""
+    """The random, per-epoch part of the training split: curriculum filter, a seeded shuffle of the
+    block's rows (cheaper than a local shuffle buffer), augmentation. Runs in Ray Data tasks; one small
+    actor call per block."""
     import ray
 
     epoch = ray.get(clock.get.remote())
@@ -57,8 +61,12 @@ def epoch_stage(batch: dict, *, clock, seed: int, shape: list[int], augment, lim
     if limits is not None:
         keep = batch[DIFFICULTY] <= limits[min(epoch, len(limits) - 1)]
         x, y = x[keep], y[keep]
-    if augment is not None and len(x):
-        rng = np.random.default_rng(batch_seed(seed, epoch, x))
+    if not len(x):
+        return {FEATURES: x, LABEL: y}
+    rng = np.random.default_rng(batch_seed(seed, epoch, x))
+    order = rng.permutation(len(x))
+    x, y = x[order], y[order]
+    if augment is not None:
         xi, y = augment_batch(x.reshape(len(x), *shape), y, rng, augment)
         x = xi.reshape(len(x), -1)
     return {FEATURES: x, LABEL: y}
@@ -76,7 +84,11 @@ def read_split(path: str, columns: list[str]):
 def build_datasets(spec, plan, clock=None, num_blocks: int | None = None) -> dict:
     data = spec.data
     features = data.feature_columns
-    blocks = num_blocks or max(4, 2 * spec.scaling.num_workers)
+    # Blocks of ~64 MiB, at least one per worker: measured on 2 cores, per-task overhead dominates small
+    # blocks (8k 3x32x32 images, augmented: 2 blocks 20k samples/s, 16 blocks 10k/s, 32 blocks 6k/s).
+    # A fixed count also keeps block boundaries, and so the per-block seeds, deterministic.
+    train_bytes = max(plan.train_rows, 1) * math.prod(data.shape) * 4
+    blocks = num_blocks or min(256, max(spec.scaling.num_workers, math.ceil(train_bytes / BLOCK_BYTES)))
     curriculum = data.curriculum.enabled
     out = {}
     for split in ("train", "val"):
@@ -87,7 +99,7 @@ def build_datasets(spec, plan, clock=None, num_blocks: int | None = None) -> dic
             fn_kwargs={"state": plan.preprocess, "features": features, "label": data.label, "difficulty": difficulty})
         # deterministic part computed once; a fixed number of blocks keeps per-batch seeds stable
         out[split] = ds.repartition(blocks).materialize()
-    if clock is not None and (data.augment.active or curriculum):
+    if clock is not None:
         out["train"] = out["train"].map_batches(
             epoch_stage, batch_format="numpy", batch_size=None,
             fn_kwargs={"clock": clock, "seed": spec.run.seed, "shape": data.shape,

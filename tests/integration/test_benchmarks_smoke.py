@@ -1,0 +1,31 @@
+"""Each Ray-backed benchmark runs end to end on a tiny size (numbers are not asserted: the machine is shared)."""
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def bench_env(tmp_path, monkeypatch, ray_session):
+    monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    return tmp_path
+
+
+@pytest.mark.timeout(300)
+def test_data_ingest_runs(bench_env):
+    from benchmarks import data_ingest
+
+    result = data_ingest.main(["--rows", "600", "--epochs", "1", "--batch", "32"])
+    assert result["samples_per_s"]["ray_data"] > 0 and result["samples_per_s"]["dataloader"] > 0
+    assert (bench_env / "data_ingest.json").exists()
+
+
+@pytest.mark.timeout(300)
+def test_data_wait_runs(bench_env):
+    from benchmarks import data_wait
+
+    result = data_wait.main(["--rows", "600", "--epochs", "1", "--channels", "[4,8]"])
+    assert result["status"] == "finished" and 0 <= result["steady_data_wait_frac"] <= 1
