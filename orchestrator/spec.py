@@ -75,6 +75,7 @@ class AugmentSpec(Section):
 class CurriculumSpec(Section):
     enabled: bool = doc(False, "Train on the easiest rows first, widening the pool every epoch.")
     score: str = doc("difficulty", "Training-split column with each row's difficulty (higher = harder).")
+    checkpoint: Optional[str] = doc(None, "Instead of a column: a Keel checkpoint directory whose model's per-row loss is the difficulty.")
     pacing: Literal["linear", "root", "step"] = doc("linear", "How the pool grows: linearly, as a square root, or in 4 steps.")
     start_fraction: float = doc(0.3, "Fraction of the data in the pool at epoch 1.", gt=0, le=1)
     full_epoch: int = doc(5, "Epoch (0-based) from which the pool is the whole training split.", ge=1)

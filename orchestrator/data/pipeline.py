@@ -40,12 +40,16 @@ def make_epoch_clock():
     return EpochClock.remote()
 
 
-def preprocess_batch(table, *, state: PreprocessState, features: list[str], label: str, difficulty: str | None) -> dict:
+def preprocess_batch(table, *, state: PreprocessState, features: list[str], label: str, difficulty: str | None,
+                     score_checkpoint: str | None = None) -> dict:
     """The deterministic part, on a pyarrow batch (the same feature decoding as the driver's scan)."""
-    x = feature_matrix(table, features)
-    x, y, keep = apply_preprocess(x, table.column(label).to_numpy(zero_copy_only=False), state)
+    raw, labels = feature_matrix(table, features), table.column(label).to_numpy(zero_copy_only=False)
+    x, y, keep = apply_preprocess(raw, labels, state)
     out = {FEATURES: x, LABEL: y}
-    if difficulty:
+    if score_checkpoint:
+        from orchestrator.data.scoring import checkpoint_losses
+        out[DIFFICULTY] = checkpoint_losses(score_checkpoint, raw, labels.astype(np.int64))[keep]
+    elif difficulty:
         out[DIFFICULTY] = table.column(difficulty).to_numpy(zero_copy_only=False).astype(np.float64)[keep]
     return out
 
@@ -92,11 +96,13 @@ def build_datasets(spec, plan, clock=None, num_blocks: int | None = None) -> dic
     curriculum = data.curriculum.enabled
     out = {}
     for split in ("train", "val"):
-        difficulty = data.curriculum.score if curriculum and split == "train" else None
+        score_checkpoint = resolve(data.curriculum.checkpoint) if curriculum and split == "train" and data.curriculum.checkpoint else None
+        difficulty = data.curriculum.score if curriculum and split == "train" and not score_checkpoint else None
         columns = [*features, data.label] + ([difficulty] if difficulty else [])
         ds = read_split(getattr(data, split), columns).map_batches(
             preprocess_batch, batch_format="pyarrow",
-            fn_kwargs={"state": plan.preprocess, "features": features, "label": data.label, "difficulty": difficulty})
+            fn_kwargs={"state": plan.preprocess, "features": features, "label": data.label, "difficulty": difficulty,
+                       "score_checkpoint": score_checkpoint})
         # deterministic part computed once; a fixed number of blocks keeps per-batch seeds stable
         out[split] = ds.repartition(blocks).materialize()
     if clock is not None:

@@ -79,7 +79,8 @@ def open_dataset(path: str, field_name: str) -> pq.ParquetDataset:
 
 
 def scan_split(path: str, field_name: str, features: list[str], label: str, num_classes: Optional[int] = None,
-               shape: Optional[list[int]] = None, extra_columns: list[str] = ()) -> SplitScan:
+               shape: Optional[list[int]] = None, extra_columns: list[str] = (), scorer=None) -> SplitScan:
+    """`scorer(x_raw, y) -> scores`, if given, fills scan.extra["score"] batch by batch."""
     dataset = open_dataset(path, field_name)
     names = dataset.schema.names
     for column in [*features, label, *extra_columns]:
@@ -100,6 +101,9 @@ def scan_split(path: str, field_name: str, features: list[str], label: str, num_
                 _accumulate(scan, batch, features, label, num_classes, path)
                 for column in extra_columns:
                     scan.extra[column].extend(batch.column(column).to_numpy(zero_copy_only=False).tolist())
+                if scorer is not None:
+                    y = batch.column(label).to_numpy(zero_copy_only=False).astype(np.int64)
+                    scan.extra.setdefault("score", []).extend(scorer(feature_matrix(batch, features), y).tolist())
     except BadInput as exc:
         raise BadInput(f"{path}: {exc}" if not str(exc).startswith(path) else str(exc)) from None
     except Exception as exc:

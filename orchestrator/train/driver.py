@@ -99,9 +99,18 @@ def preflight(spec: JobSpec, generate: bool = True) -> Plan:
     cpus_per_worker = scaling.cpus_per_worker or (min(1.0, (cpus - 1) / scaling.num_workers) if local and cpus > 1 else 1.0)
     if missing and not generate:
         return Plan(-1, -1, [0] * spec.run.epochs, cpus_per_worker)
-    extra = [data.curriculum.score] if data.curriculum.enabled else []
+    cur = data.curriculum
+    extra = [cur.score] if cur.enabled and not cur.checkpoint else []
+    scorer = None
+    if cur.enabled and cur.checkpoint:
+        from functools import partial
+
+        from orchestrator.data.scoring import checkpoint_losses, load_scorer
+        load_scorer(resolve(cur.checkpoint))  # BadInput now if it is not a checkpoint
+        scorer = partial(checkpoint_losses, resolve(cur.checkpoint))
     scans = {split: scan_split(resolve(getattr(data, split)), f"data.{split}", data.feature_columns, data.label,
-                               data.num_classes, data.shape, extra_columns=extra if split == "train" else [])
+                               data.num_classes, data.shape, extra_columns=extra if split == "train" else [],
+                               scorer=scorer if split == "train" else None)
              for split in ("train", "val")}
     dropped = {split: check_rows(scan, data, f"data.{split}") for split, scan in scans.items()}
     preprocess = fit_preprocess(scans["train"], data.preprocess, data.shape, data.num_classes, data.on_bad_rows,
@@ -109,7 +118,7 @@ def preflight(spec: JobSpec, generate: bool = True) -> Plan:
     usable = scans["train"].rows - dropped["train"]
     pools, limits = [usable] * spec.run.epochs, None
     if data.curriculum.enabled:
-        scores = np.asarray(scans["train"].extra[data.curriculum.score], dtype=np.float64)
+        scores = np.asarray(scans["train"].extra["score" if cur.checkpoint else cur.score], dtype=np.float64)
         limits = curriculum_thresholds(scores, data.curriculum, spec.run.epochs)
         pools = [min(usable, n) for n in pool_sizes(scores, limits)]
     steps = [(pool // scaling.num_workers) // data.batch_size for pool in pools]

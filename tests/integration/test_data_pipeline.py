@@ -93,3 +93,42 @@ def test_curriculum_widens_the_pool_as_scheduled_and_bad_rows_are_dropped_and_co
     assert sizes[3:] == [usable, usable] and sizes == sorted(sizes)
     assert abs(sizes[0] - 0.25 * 1600) <= 10 and abs(sizes[1] - 0.5 * 1600) <= 10
     assert plan.steps_per_epoch[0] < plan.steps_per_epoch[-1] == (usable // 2) // 16
+
+
+@pytest.mark.timeout(300)
+def test_curriculum_by_the_loss_of_an_earlier_checkpoint(ray_session, tmp_path):
+    from orchestrator.train.checkpointing import list_checkpoints
+    from orchestrator.train.driver import run_job
+
+    make_tabular(tmp_path, rows=1500, features=4)
+    data = {"train": str(tmp_path / "train.parquet"), "val": str(tmp_path / "val.parquet"), "features": "features",
+            "shape": [4], "num_classes": 3, "batch_size": 16, "preprocess": {"standardize": "per_feature"}}
+    first = run_job(parse_spec({"model": {"kind": "mlp", "hidden": [16]}, "data": data,
+                                "run": {"name": "scorer", "storage_path": str(tmp_path), "epochs": 1}}))
+    checkpoint = list_checkpoints(first.run_dir)[-1]
+    spec = parse_spec({"model": {"kind": "mlp"}, "run": {"name": "cur-loss", "storage_path": str(tmp_path), "epochs": 4},
+                       "data": {**data, "curriculum": {"enabled": True, "checkpoint": str(checkpoint),
+                                                       "start_fraction": 0.4, "full_epoch": 2}}})
+    clock = make_epoch_clock()
+    plan, ds = pipeline(spec, clock)
+    sizes = []
+    for epoch in range(4):
+        ray.get(clock.set.remote(epoch))
+        sizes.append(sum(len(b[LABEL]) for b in ds["train"].iter_batches(batch_size=None, batch_format="numpy")))
+    assert abs(sizes[0] - 0.4 * 1200) <= 5 and sizes[2:] == [1200, 1200] and sizes == sorted(sizes)
+    # the driver's scores (steps per epoch) and the tasks' scores (pool sizes) agree
+    assert [(n // 2) // 16 for n in sizes] == plan.steps_per_epoch
+    hard = ds["train"].take_all()  # epoch 3: everything; difficulty is dropped by the epoch stage
+    assert len(hard) == 1200
+
+
+def test_curriculum_checkpoint_that_is_not_a_checkpoint_is_bad_input(tmp_path):
+    from orchestrator.errors import BadInput
+
+    make_tabular(tmp_path, rows=300, features=4)
+    spec = parse_spec({"model": {"kind": "mlp"}, "run": {"name": "x", "storage_path": str(tmp_path)},
+                       "data": {"train": str(tmp_path / "train.parquet"), "val": str(tmp_path / "val.parquet"),
+                                "features": "features", "shape": [4], "num_classes": 3,
+                                "curriculum": {"enabled": True, "checkpoint": str(tmp_path)}}})
+    with pytest.raises(BadInput, match="data.curriculum.checkpoint: .* not a Keel checkpoint"):
+        preflight(spec)
