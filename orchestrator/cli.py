@@ -18,6 +18,9 @@ def cmd_run(args, console: Console) -> int:
     from orchestrator.spec import load_spec
     from orchestrator.train.driver import preflight, run_job
 
+    from orchestrator.sweep.spec import is_sweep_file
+    if is_sweep_file(args.job):
+        raise BadInput(f"{args.job}: this is a sweep spec (it has base: and search:); run it with keel sweep")
     spec = load_spec(args.job, args.overrides)
     if args.print_config:
         console.print(spec.to_yaml(), highlight=False, markup=False)
@@ -36,10 +39,76 @@ def cmd_run(args, console: Console) -> int:
     return 0
 
 
-def cmd_validate(args, console: Console) -> int:
-    from orchestrator.spec import load_spec
+def cmd_sweep(args, console: Console) -> int:
+    from rich.live import Live
+
+    from orchestrator.report.sweep_table import trial_table
+    from orchestrator.spec import parse_spec
+    from orchestrator.sweep.spec import load_sweep
     from orchestrator.train.driver import preflight
 
+    sweep, base = load_sweep(args.sweep, args.overrides)
+    preflight(parse_spec(base, args.sweep), generate=True)  # the base job's data, before any trial or Ray starts
+    from orchestrator.sweep.driver import run_sweep
+    live = Live(console=console, auto_refresh=False) if console.is_terminal and not args.quiet else None
+
+    def show(rows):
+        if live is not None:
+            live.update(trial_table(rows, sweep.metric, f"sweep {sweep.name}"), refresh=True)
+        elif not args.quiet:
+            last = rows[-1]
+            console.print(f"{last.trial_id} {last.status} {sweep.metric}={last.metric} reports={last.iterations}"
+                          + (f" ({last.reason})" if last.reason else ""), highlight=False, soft_wrap=True)
+
+    if live is not None:
+        live.start()
+    try:
+        outcome = run_sweep(sweep, base, on_result=show)
+    finally:
+        if live is not None:
+            live.stop()
+    return print_results(outcome, sweep.metric, console)
+
+
+def print_results(outcome, metric: str, console: Console) -> int:
+    from orchestrator.report.sweep_table import trial_table
+
+    console.print(trial_table(outcome.rows, metric, f"results: {outcome.exp_dir}"))
+    if outcome.best is None:
+        raise RunFailed("no trial finished healthy")
+    console.print(f"best: {outcome.best.trial_id} {metric}={outcome.best.metric:.4g} {outcome.best.config}", highlight=False)
+    if outcome.best_job:
+        console.print(f"best config as a job: {outcome.best_job}  (keel run {outcome.best_job})", highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_results(args, console: Console) -> int:
+    import yaml
+
+    from orchestrator.sweep.driver import summarize
+    from orchestrator.sweep.spec import SweepSpec
+
+    from pathlib import Path
+    exp = Path(args.exp_dir)
+    metric, mode = args.metric, args.mode
+    saved = exp / "keel_sweep.yaml"
+    if saved.exists():
+        sweep = SweepSpec.model_validate(yaml.safe_load(saved.read_text()))
+        metric, mode = metric or sweep.metric, mode or sweep.mode
+    return print_results(summarize(exp, metric or "val_accuracy", mode or "max"), metric or "val_accuracy", console)
+
+
+def cmd_validate(args, console: Console) -> int:
+    from orchestrator.spec import load_spec, parse_spec
+    from orchestrator.sweep.spec import is_sweep_file, load_sweep
+    from orchestrator.train.driver import preflight
+
+    if is_sweep_file(args.job):
+        sweep, base = load_sweep(args.job, args.overrides)
+        preflight(parse_spec(base, args.job), generate=False)
+        console.print(f"{args.job}: ok (sweep over {', '.join(sweep.search)}, {sweep.scheduler.kind}, "
+                      f"{sweep.num_samples} samples)", highlight=False)
+        return 0
     spec = load_spec(args.job, args.overrides)
     plan = preflight(spec, generate=False)
     rows = "will be generated" if plan.train_rows < 0 else f"{plan.train_rows} train / {plan.val_rows} val rows"
@@ -181,6 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no live bar or per-epoch lines; summary only")
     run.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
     run.set_defaults(func=cmd_run)
+
+    sweep = sub.add_parser("sweep", help="run a Ray Tune sweep over a job; divergent trials are stopped at once")
+    sweep.add_argument("sweep", help="sweep spec YAML")
+    sweep.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the sweep spec")
+    sweep.add_argument("--quiet", action="store_true")
+    sweep.set_defaults(func=cmd_sweep)
+
+    results = sub.add_parser("results", help="re-read a finished or interrupted sweep")
+    results.add_argument("exp_dir")
+    results.add_argument("--metric")
+    results.add_argument("--mode", choices=["min", "max"])
+    results.set_defaults(func=cmd_results)
 
     validate = sub.add_parser("validate", help="check a job spec and its data without running it")
     validate.add_argument("job")

@@ -68,20 +68,26 @@ def entrypoint(kind: str, job_path: Path, overrides: list[str], workdir: Path) -
 def submit(job_path: str, overrides: list[str], address: Optional[str], workdir: str = ".") -> tuple[object, str]:
     """Validate locally, then submit. Returns (client, submission id)."""
     from orchestrator.spec import load_spec
+    from orchestrator.sweep.spec import is_sweep_file, load_sweep
 
     path = Path(job_path)
-    spec = load_spec(path, overrides)  # BadInput before anything is uploaded
-    command = entrypoint("run", path, list(overrides), Path(workdir))
+    if is_sweep_file(path):  # BadInput before anything is uploaded
+        spec = load_sweep(path, overrides)[0]
+        kind, name = "sweep", spec.name
+    else:
+        spec = load_spec(path, overrides)
+        kind, name = "run", spec.run.name
+    command = entrypoint(kind, path, list(overrides), Path(workdir))
     client = connect(address)
     logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
-    submission_id = f"keel-{spec.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    submission_id = f"keel-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
             client.submit_job(
                 entrypoint=command, submission_id=submission_id,
                 runtime_env={"working_dir": str(Path(workdir).resolve()), "excludes": UPLOAD_EXCLUDES},
-                metadata={"keel_job": str(path), "keel_run": spec.run.name, "user": getpass.getuser()})
+                metadata={"keel_job": str(path), "keel_run": name, "kind": kind, "user": getpass.getuser()})
             return client, submission_id
         except RuntimeError as exc:
             # A head that just started answers before its job agent is up; Ray says "try again later".

@@ -131,6 +131,19 @@ def preflight(spec: JobSpec, generate: bool = True) -> Plan:
     return Plan(scans["train"].rows, scans["val"].rows, steps, cpus_per_worker, preprocess, limits, dropped)
 
 
+def free_dashboard_port(preferred: int = 8265) -> int:
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return sock.getsockname()[1]
+            except OSError:
+                continue
+    return preferred
+
+
 def ensure_ray(address: Optional[str], verbose: bool = False) -> None:
     import ray
 
@@ -138,9 +151,13 @@ def ensure_ray(address: Optional[str], verbose: bool = False) -> None:
         return
     for key, value in FAST_LOCAL_ENV.items():
         os.environ.setdefault(key, value)
+    address = address or os.environ.get("RAY_ADDRESS") or None  # inside a Ray Job: join its cluster
     if address is None:
-        # Embedded local cluster; dashboard/job API stay on 127.0.0.1 (Ray's default).
-        ray.init(log_to_driver=verbose, configure_logging=verbose, logging_level="WARNING")
+        # Embedded local cluster; dashboard/job API stay on 127.0.0.1 (Ray's default). The dashboard must
+        # come up: its State API is how Ray frees a Tune-stopped trial's workers. Measured: with port 8265
+        # taken by another Ray, no dashboard started, and the next trial waited forever for CPUs.
+        ray.init(log_to_driver=verbose, configure_logging=verbose, logging_level="WARNING",
+                 include_dashboard=True, dashboard_port=free_dashboard_port())
     else:
         ray.init(address=address, log_to_driver=verbose, logging_level="WARNING")
     import logging
@@ -159,7 +176,7 @@ def resolved(spec: JobSpec) -> JobSpec:
     return spec
 
 
-def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: Any = None):
+def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: Any = None, callbacks: list = ()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -178,7 +195,8 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: 
                                      resources_per_worker=resources),
         run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path,
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
+                             callbacks=list(callbacks)),
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo",
                                  timeout_s=spec.scaling.collective_timeout_s),
         datasets=build_datasets(spec, plan, clock),

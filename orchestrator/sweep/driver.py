@@ -1,0 +1,196 @@
+"""`keel sweep`: Ray Tune over Keel jobs. Each trial is a function trainable that fits a TorchTrainer
+with TuneReportCallback (the Train V2 pattern); every epoch report becomes one Tune result."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from ray.tune import Callback
+
+from orchestrator.data.sources import resolve
+from orchestrator.sweep.spec import SweepSpec
+
+DIVERGED_FILE = "keel_diverged.json"
+TRIAL_CPU = 0.05  # the trial's own driver process; Tune refuses 0
+
+
+def set_dotted(tree: dict, path: str, value) -> dict:
+    node = tree
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return tree
+
+
+def param_space(search: dict) -> dict:
+    from ray import tune
+
+    makers = {"loguniform": tune.loguniform, "uniform": tune.uniform, "quniform": tune.quniform,
+              "randint": tune.randint, "choice": lambda *v: tune.choice(list(v)), "grid": lambda *v: tune.grid_search(list(v))}
+    return {path: makers[kind](*args) for path, dist in search.items() for kind, args in dist.items()}
+
+
+def trial_job(config: dict, base_tree: dict, sweep: SweepSpec, trial_id: str, trials_dir: str) -> dict:
+    tree = copy.deepcopy(base_tree)
+    for path, value in config.items():
+        set_dotted(tree, path, value)
+    r = sweep.resources
+    set_dotted(tree, "run.name", trial_id)
+    set_dotted(tree, "run.storage_path", trials_dir)
+    set_dotted(tree, "scaling.num_workers", r.workers_per_trial)
+    set_dotted(tree, "scaling.cpus_per_worker", r.cpus_per_worker)
+    set_dotted(tree, "scaling.use_gpu", r.gpus_per_worker > 0)
+    return tree
+
+
+def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str) -> None:
+    """The Tune trainable: one Keel job, reported epoch by epoch through TuneReportCallback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.data.pipeline import make_epoch_clock
+    from orchestrator.spec import JobSpec
+    from orchestrator.train.driver import build_trainer, preflight, resolved
+
+    sweep = SweepSpec.model_validate(sweep_json)
+    spec = resolved(JobSpec.model_validate(trial_job(config, base_tree, sweep, tune.get_context().get_trial_id(), trials_dir)))
+    build_trainer(spec, preflight(spec), None, make_epoch_clock(), callbacks=[TuneReportCallback()]).fit()
+
+
+def make_scheduler(sweep: SweepSpec):
+    from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule,
+                                     PopulationBasedTraining)
+
+    s = sweep.scheduler
+    if s.kind == "asha":
+        return ASHAScheduler(max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    if s.kind == "hyperband":
+        return HyperBandScheduler(max_t=s.max_t, reduction_factor=s.reduction_factor)
+    if s.kind == "median":
+        return MedianStoppingRule(grace_period=s.grace_period)
+    if s.kind == "pbt":
+        numeric = {k: v for k, v in param_space(sweep.search).items() if not isinstance(v, dict)}
+        return PopulationBasedTraining(perturbation_interval=s.perturbation_interval,
+                                       quantile_fraction=s.quantile_fraction, hyperparam_mutations=numeric)
+    return FIFOScheduler()
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    status: str            # RUNNING / TERMINATED / ERROR / diverged
+    config: dict
+    metric: Optional[float]
+    iterations: int
+    reason: str = ""
+    events: int = 0
+
+
+@dataclass
+class SweepOutcome:
+    exp_dir: Path
+    rows: list[TrialRow] = field(default_factory=list)
+    best: Optional[TrialRow] = None
+    best_job: Optional[Path] = None
+
+
+def experiment_dir(sweep: SweepSpec) -> Path:
+    return Path(resolve(sweep.storage_path)) / sweep.name
+
+
+def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[TrialRow]], None] = lambda rows: None) -> SweepOutcome:
+    from ray import tune
+
+    from orchestrator.sweep.stopping import DivergenceStopper
+    from orchestrator.train.driver import ensure_ray
+
+    ensure_ray(base_tree.get("scaling", {}).get("address"))
+    exp_dir = experiment_dir(sweep)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    (exp_dir / "keel_sweep.yaml").write_text(yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
+    divergence = sweep.divergence.model_copy()
+    if divergence.loss_threshold == "auto":  # a first report can already be the explosion: an absolute scale too
+        divergence.loss_threshold = 10 * math.log(base_tree["data"]["num_classes"])
+    stopper = DivergenceStopper(divergence, sweep.metric, exp_dir / DIVERGED_FILE)
+    trainable = tune.with_parameters(run_trial, base_tree=base_tree, sweep_json=sweep.model_dump(mode="json"),
+                                     trials_dir=str(exp_dir / "trials"))
+    trainable = tune.with_resources(trainable, {"cpu": TRIAL_CPU})
+    LIVE_HANDLERS[sweep.name] = on_result
+    if tune.Tuner.can_restore(str(exp_dir)):  # an interrupted sweep: resume it
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, restart_errored=False)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space(sweep.search), tune_config=tune.TuneConfig(
+            metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=make_scheduler(sweep),
+            max_concurrent_trials=sweep.max_concurrent_trials, time_budget_s=sweep.time_budget_s),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=str(exp_dir.parent), stop=stopper,
+                                      callbacks=[LiveRows(sweep.name, stopper, sweep.metric)], verbose=0))
+    tuner.fit()
+    return summarize(exp_dir, sweep.metric, sweep.mode, base_tree)
+
+
+# Live-table handlers by experiment name: Tune pickles its callbacks, a rich display must stay out of them.
+LIVE_HANDLERS: dict[str, Callable[[list[TrialRow]], None]] = {}
+
+
+class LiveRows(Callback):
+    """A Tune callback on the driver: one row per trial for the live table (diverged marked with the reason)."""
+
+    def __init__(self, key: str, stopper, metric: str):
+        self.key, self.stopper, self.metric = key, stopper, metric
+        self.rows: dict[str, TrialRow] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._update(trial, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._update(trial, trial.last_result or {})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._update(trial, trial.last_result or {}, status="ERROR")
+
+    def _update(self, trial, result, status=None):
+        reason = self.stopper.reasons.get(trial.trial_id, {}).get("reason", "")
+        self.rows[trial.trial_id] = TrialRow(
+            trial.trial_id, "diverged" if reason else (status or trial.status), dict(trial.config),
+            result.get(self.metric), result.get("training_iteration", 0), reason, len(result.get("events") or []))
+        LIVE_HANDLERS.get(self.key, lambda rows: None)(list(self.rows.values()))
+
+
+def summarize(exp_dir: Path, metric: str, mode: str, base_tree: Optional[dict] = None) -> SweepOutcome:
+    """Re-read an experiment directory (finished or interrupted): rows, the best healthy trial, its job YAML."""
+    import json
+
+    from ray import tune
+
+    from orchestrator.errors import BadInput
+
+    if not tune.Tuner.can_restore(str(exp_dir)):
+        raise BadInput(f"{exp_dir}: not a Keel sweep experiment directory")
+    analysis = tune.ExperimentAnalysis(str(exp_dir))  # reads the experiment state; needs no trainable
+    reasons = json.loads((exp_dir / DIVERGED_FILE).read_text()) if (exp_dir / DIVERGED_FILE).exists() else {}
+    outcome = SweepOutcome(exp_dir)
+    for trial in analysis.trials:
+        m = trial.last_result or {}
+        reason = reasons.get(trial.trial_id, {}).get("reason", "")
+        status = "diverged" if reason else trial.status
+        outcome.rows.append(TrialRow(trial.trial_id, status, dict(trial.config), m.get(metric),
+                                     m.get("training_iteration", 0), reason, len(m.get("events") or [])))
+    healthy = [r for r in outcome.rows if r.status == "TERMINATED" and isinstance(r.metric, (int, float)) and math.isfinite(r.metric)]
+    if healthy:
+        outcome.best = (max if mode == "max" else min)(healthy, key=lambda r: r.metric)
+        if base_tree is not None:
+            best_tree = copy.deepcopy(base_tree)
+            for path, value in outcome.best.config.items():
+                set_dotted(best_tree, path, value)
+            set_dotted(best_tree, "run.name", f"{exp_dir.name}-best")
+            outcome.best_job = exp_dir / "best_job.yaml"
+            outcome.best_job.write_text(yaml.safe_dump(best_tree, sort_keys=False))
+    outcome.rows.sort(key=lambda r: (r.status != "TERMINATED", -(r.metric or -math.inf) if mode == "max" else (r.metric or math.inf)))
+    return outcome

@@ -1,0 +1,61 @@
+"""Divergence-aware stopping: a Tune Stopper, so it composes with any scheduler.
+
+Stock ASHA/HyperBand/PBT/FIFO let a trial reporting NaN run to the end (measured on Ray 2.60).
+This stops a trial at its first report with a non-finite metric or loss, when its loss exceeds
+k times its first value or an absolute threshold, or when Keel's own guards declared it diverged.
+The reasons are kept (and written to keel_diverged.json) so results can mark such trials.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from ray import tune
+
+
+def divergence_reason(result: dict, first_loss: Optional[float], *, metric: str, loss_metric: str,
+                      loss_factor: float, loss_threshold: Optional[float]) -> Optional[str]:
+    """Plain-function twin: why this report means the trial diverged, or None."""
+    if result.get("diverged"):
+        return result.get("stop_reason") or "diverged (Keel guards)"
+    for key in (metric, loss_metric):
+        value = result.get(key)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            return f"{key} is {value}"
+    loss = result.get(loss_metric)
+    if isinstance(loss, (int, float)):
+        if loss_threshold is not None and loss > loss_threshold:
+            return f"{loss_metric} {loss:.4g} above threshold {loss_threshold:.4g}"
+        if first_loss is not None and first_loss > 0 and loss > loss_factor * first_loss:
+            return f"{loss_metric} {loss:.4g} exploded above {loss_factor:g}x its first value {first_loss:.4g}"
+    return None
+
+
+class DivergenceStopper(tune.Stopper):
+    def __init__(self, spec, metric: str, record: Optional[Path] = None):
+        self.spec, self.metric, self.record = spec, metric, record
+        self.first_loss: dict[str, float] = {}
+        self.reasons: dict[str, dict] = json.loads(record.read_text()) if record and record.exists() else {}
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        if not self.spec.enabled:
+            return False
+        reason = divergence_reason(result, self.first_loss.get(trial_id), metric=self.metric,
+                                   loss_metric=self.spec.loss_metric, loss_factor=self.spec.loss_factor,
+                                   loss_threshold=self.spec.loss_threshold)
+        loss = result.get(self.spec.loss_metric)
+        if trial_id not in self.first_loss and isinstance(loss, (int, float)) and math.isfinite(loss):
+            self.first_loss[trial_id] = loss
+        if reason is None:
+            return False
+        self.reasons[trial_id] = {"reason": reason, "iteration": result.get("training_iteration")}
+        if self.record is not None:
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            self.record.write_text(json.dumps(self.reasons, indent=1))
+        return True
+
+    def stop_all(self) -> bool:
+        return False

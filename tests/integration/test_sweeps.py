@@ -1,0 +1,111 @@
+"""Sweeps on a real local Ray cluster: divergent trials stopped at once, healthy ones finish, resume works."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import cli
+from orchestrator.sweep.driver import run_sweep, summarize
+from orchestrator.sweep.spec import load_sweep
+from tests.conftest import ROOT, job_tree
+
+pytestmark = pytest.mark.integration
+BAD_SWEEPS = {
+    "unknown_distribution.yaml": "search.optimizer.lr: unknown distribution 'lognormal'",
+    "bounds_reversed.yaml": "lower bound 1.0 must be below upper bound 0.001",
+    "loguniform_zero.yaml": "bounds must be positive",
+    "nonexistent_field.yaml": "optimizer.learning_rate is not a job spec field",
+    "section_not_field.yaml": "search.optimizer: is a section, not a field",
+    "unknown_scheduler.yaml": "scheduler.kind:",
+    "quniform_two_args.yaml": "quniform: expected 3 numbers",
+    "missing_base.yaml": "no-such-job.yaml: no such file",
+    "invalid_base_override.yaml": "optimizer.lr: Input should be greater than 0",
+}
+PROBE = ("import sys; from orchestrator.cli import main; rc = main(sys.argv[1:]); "
+         "sys.stdout.write('RAY IMPORTED' if 'ray' in sys.modules else ''); sys.exit(rc)")
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SWEEPS))
+@pytest.mark.parametrize("command", ["sweep", "validate"])
+def test_bad_sweep_spec_is_one_line_exit_2_and_starts_nothing(case, command, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", PROBE, command, str(ROOT / "tests/bad_inputs/sweeps" / case)],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and BAD_SWEEPS[case] in proc.stderr, proc.stderr
+    assert "RAY IMPORTED" not in proc.stdout
+
+
+def sweep_file(tmp_path, digits_dir, name, lrs, **extra) -> Path:
+    base = job_tree(digits_dir, tmp_path, "base", model={"kind": "mlp", "hidden": [64]},
+                    stability={"clip": {"mode": "none"}, "spike": {"enabled": False}},
+                    run={"name": "base", "epochs": 3})
+    tree = {"name": name, "storage_path": str(tmp_path / "sweeps"), "base": base,
+            "search": {"optimizer.lr": {"grid": lrs}}, "metric": "val_accuracy", "mode": "max", "num_samples": 1,
+            "scheduler": {"kind": "fifo"}, "resources": {"workers_per_trial": 1, "cpus_per_worker": 0.5}, **extra}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.mark.timeout(600)
+def test_absurd_learning_rates_are_stopped_at_once_and_the_best_trial_is_healthy(ray_session, digits_dir, tmp_path):
+    path = sweep_file(tmp_path, digits_dir, "lrs", [0.05, 1e4, 1e8])
+    sweep, base = load_sweep(path)
+    seen = []
+    outcome = run_sweep(sweep, base, on_result=lambda rows: seen.append(len(rows)))
+    rows = {r.config["optimizer.lr"]: r for r in outcome.rows}
+    assert rows[0.05].status == "TERMINATED" and rows[0.05].iterations == 3  # healthy: runs to the end
+    for lr in (1e4, 1e8):
+        assert rows[lr].status == "diverged" and rows[lr].iterations <= 2, rows[lr]  # within 2 reports of explosion
+        reasons = json.loads((outcome.exp_dir / "keel_diverged.json").read_text())
+        assert reasons[rows[lr].trial_id]["iteration"] == rows[lr].iterations
+    assert outcome.best.config["optimizer.lr"] == 0.05 and outcome.best.metric > 0.8
+    assert yaml.safe_load(outcome.best_job.read_text())["optimizer"]["lr"] == 0.05
+    assert seen  # the live table was fed
+    # results can be re-read from the experiment directory alone
+    again = summarize(outcome.exp_dir, "val_accuracy", "max")
+    assert {r.trial_id: r.status for r in again.rows} == {r.trial_id: r.status for r in outcome.rows}
+
+
+@pytest.mark.timeout(600)
+def test_non_finite_metric_stops_the_trial_at_that_report(ray_session, digits_dir, tmp_path):
+    path = sweep_file(tmp_path, digits_dir, "nan", [0.05], overrides=[
+        "faults=[{kind: nan_batch, at_step: 25, repeat: 100000}]", "stability.nonfinite.max_consecutive_skips=100000"])
+    # every step from 25 on is NaN: the guard skips them, epoch 2's train loss is NaN (no finite step)
+    sweep, base = load_sweep(path)
+    outcome = run_sweep(sweep, base)
+    row = outcome.rows[0]
+    assert row.status == "diverged" and row.iterations == 2 and "train_loss is nan" in row.reason
+    assert outcome.best is None
+
+
+@pytest.mark.timeout(600)
+def test_interrupted_sweep_resumes_and_keel_results_rereads_it(ray_session, digits_dir, tmp_path, capsys):
+    path = sweep_file(tmp_path, digits_dir, "resume", [0.02, 0.05, 0.1])
+    exp = tmp_path / "sweeps" / "resume"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(path), "--quiet"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # interrupt once the first trial has finished
+        done = [p for p in exp.glob("run_trial_*/result.json") if len(p.read_text().splitlines()) >= 3]
+        if done:
+            break
+        time.sleep(1)
+    assert done, "first trial never finished"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    first_trial = done[0].parent.name
+    assert cli.main(["sweep", str(path), "--quiet"]) == 0  # resumes the same experiment
+    out = capsys.readouterr().out
+    trials = sorted(p.name for p in exp.glob("run_trial_*"))
+    assert len(trials) == 3 and first_trial in trials  # the finished trial was kept, not rerun as a new one
+    assert len((exp / first_trial / "result.json").read_text().splitlines()) == 3
+    assert cli.main(["results", str(exp)]) == 0
+    assert "best:" in capsys.readouterr().out

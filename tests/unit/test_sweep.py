@@ -1,0 +1,65 @@
+import math
+
+import pytest
+
+from orchestrator.errors import BadInput
+from orchestrator.spec import parse_spec
+from orchestrator.sweep.spec import DivergenceSpec, SweepSpec, check_field_path
+from orchestrator.sweep.stopping import DivergenceStopper, divergence_reason
+from tests.conftest import ROOT
+
+KW = dict(metric="val_accuracy", loss_metric="train_loss", loss_factor=10.0, loss_threshold=None)
+
+
+@pytest.mark.parametrize("result, first, expected", [
+    ({"train_loss": 2.0, "val_accuracy": 0.5}, None, None),
+    ({"train_loss": float("nan"), "val_accuracy": 0.5}, 2.0, "train_loss is nan"),
+    ({"train_loss": 1.0, "val_accuracy": float("inf")}, 2.0, "val_accuracy is inf"),
+    ({"train_loss": 25.0, "val_accuracy": 0.1}, 2.0, "exploded above 10x"),
+    ({"train_loss": 19.0, "val_accuracy": 0.1}, 2.0, None),
+    ({"train_loss": 1.0, "diverged": 1, "stop_reason": "diverged: 10 consecutive"}, 2.0, "diverged: 10 consecutive"),
+])
+def test_divergence_reason(result, first, expected):
+    reason = divergence_reason(result, first, **KW)
+    assert (reason is None) if expected is None else (expected in reason)
+
+
+def test_threshold_catches_an_explosion_in_the_first_report():
+    assert "above threshold 23.03" in divergence_reason({"train_loss": 500.0}, None, **{**KW, "loss_threshold": 23.03})
+
+
+def test_stopper_remembers_first_loss_and_records_reasons(tmp_path):
+    stopper = DivergenceStopper(DivergenceSpec(loss_threshold=None), "val_accuracy", tmp_path / "d.json")
+    assert not stopper("t1", {"train_loss": 2.0, "val_accuracy": 0.2, "training_iteration": 1})
+    assert not stopper("t1", {"train_loss": 5.0, "val_accuracy": 0.2, "training_iteration": 2})
+    assert stopper("t1", {"train_loss": 30.0, "val_accuracy": 0.1, "training_iteration": 3})
+    assert stopper.reasons["t1"]["iteration"] == 3 and (tmp_path / "d.json").exists()
+    again = DivergenceStopper(DivergenceSpec(), "val_accuracy", tmp_path / "d.json")  # a resumed sweep keeps them
+    assert "t1" in again.reasons
+
+
+def test_field_paths_are_checked_against_the_job_spec():
+    check_field_path("optimizer.lr")
+    check_field_path("data.augment.mixup_alpha")
+    with pytest.raises(ValueError, match="optimizer.learning_rate is not a job spec field"):
+        check_field_path("optimizer.learning_rate")
+    with pytest.raises(ValueError, match="is a section"):
+        check_field_path("stability.clip")
+
+
+def test_param_space_uses_tune_distributions():
+    from ray import tune
+
+    from orchestrator.sweep.driver import param_space, set_dotted
+    space = param_space({"optimizer.lr": {"loguniform": [1e-4, 1e-1]}, "model.activation": {"choice": ["relu", "silu"]},
+                         "data.batch_size": {"grid": [16, 32]}, "optimizer.momentum": {"quniform": [0.5, 0.9, 0.1]}})
+    assert isinstance(space["optimizer.lr"], tune.search.sample.Float)
+    assert space["data.batch_size"] == {"grid_search": [16, 32]}
+    assert set_dotted({}, "a.b.c", 1) == {"a": {"b": {"c": 1}}}
+
+
+def test_digits_sweep_spans_several_decades():
+    from orchestrator.sweep.spec import load_sweep
+    sweep, base = load_sweep(ROOT / "jobs/digits-sweep.yaml")
+    lrs = sweep.search["optimizer.lr"]["grid"]
+    assert max(lrs) / min(lrs) >= 1e4 and parse_spec(base).run.epochs == 4
