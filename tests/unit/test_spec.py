@@ -8,10 +8,16 @@ from tests.conftest import ROOT
 MINIMAL = {"data": {"train": "t", "val": "v", "shape": [1, 8, 8], "num_classes": 10}, "run": {"name": "x"}}
 
 
-def test_every_job_in_jobs_folder_loads():
-    for path in (ROOT / "jobs").glob("*.yaml"):
-        spec = load_spec(path)
-        assert isinstance(spec, JobSpec)
+def test_every_job_and_sweep_in_jobs_folder_loads():
+    from orchestrator.sweep.spec import is_sweep_file, load_sweep
+
+    paths = sorted((ROOT / "jobs").glob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        if is_sweep_file(path):
+            assert load_sweep(path)[0].search
+        else:
+            assert isinstance(load_spec(path), JobSpec)
 
 
 def test_overrides_are_parsed_as_yaml_values(tmp_path):
