@@ -65,18 +65,20 @@ def entrypoint(kind: str, job_path: Path, overrides: list[str], workdir: Path) -
     return " ".join(shlex.quote(a) for a in args)
 
 
-def submit(job_path: str, overrides: list[str], address: Optional[str], workdir: str = ".") -> tuple[object, str]:
-    """Validate locally, then submit. Returns (client, submission id)."""
+def submission_kind(path: Path, overrides: list[str]) -> tuple[str, str]:
+    """('run', run name) for a job spec, ('sweep', sweep name) for a sweep spec; validates either."""
     from orchestrator.spec import load_spec
     from orchestrator.sweep.spec import is_sweep_file, load_sweep
 
+    if is_sweep_file(path):
+        return "sweep", load_sweep(path, overrides)[0].name
+    return "run", load_spec(path, overrides).run.name
+
+
+def submit(job_path: str, overrides: list[str], address: Optional[str], workdir: str = ".") -> tuple[object, str]:
+    """Validate locally, then submit. Returns (client, submission id)."""
     path = Path(job_path)
-    if is_sweep_file(path):  # BadInput before anything is uploaded
-        spec = load_sweep(path, overrides)[0]
-        kind, name = "sweep", spec.name
-    else:
-        spec = load_spec(path, overrides)
-        kind, name = "run", spec.run.name
+    kind, name = submission_kind(path, overrides)  # BadInput before anything is uploaded
     command = entrypoint(kind, path, list(overrides), Path(workdir))
     client = connect(address)
     logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)

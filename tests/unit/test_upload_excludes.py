@@ -28,3 +28,13 @@ def test_entrypoint_runs_keel_on_the_cluster_with_quoted_overrides(tmp_path):
     job.write_text("x")
     cmd = entrypoint("run", job, ["run.name=my run"], tmp_path)
     assert cmd == "python -m orchestrator run jobs/a.yaml 'run.name=my run' scaling.address=auto --quiet"
+
+
+def test_sweep_files_are_submitted_as_keel_sweep():
+    from orchestrator.cluster.jobs import submission_kind
+    from tests.conftest import ROOT
+
+    assert submission_kind(ROOT / "jobs/digits-sweep.yaml", []) == ("sweep", "digits-sweep")
+    assert submission_kind(ROOT / "jobs/digits-resnet.yaml", ["run.name=x"]) == ("run", "x")
+    cmd = entrypoint("sweep", ROOT / "jobs/digits-sweep.yaml", [], ROOT)
+    assert cmd == "python -m orchestrator sweep jobs/digits-sweep.yaml --quiet"
