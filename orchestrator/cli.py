@@ -31,6 +31,12 @@ def cmd_run(args, console: Console) -> int:
         outcome = run_job(spec, on_event=display, verbose=args.verbose)
     finally:
         display.close()
+    for warning in outcome.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    if outcome.status == "interrupted":
+        Console(stderr=True).print(f"keel: {outcome.reason}: keel run {args.job} {' '.join(args.overrides)}".rstrip(),
+                                   highlight=False, markup=False, soft_wrap=True)
+        return 130
     console.print(summary_table(outcome))
     if outcome.stability:
         console.print(f"stability: {outcome.stability['summary']}", highlight=False, soft_wrap=True)
@@ -67,6 +73,13 @@ def cmd_sweep(args, console: Console) -> int:
     finally:
         if live is not None:
             live.stop()
+    unfinished = [r for r in outcome.rows if r.status in ("PENDING", "RUNNING", "PAUSED")]
+    if unfinished:  # Ctrl-C: Tune saved the experiment state
+        console.print(trial_table(outcome.rows, sweep.metric, f"interrupted: {outcome.exp_dir}"))
+        Console(stderr=True).print(f"keel: sweep interrupted with {len(unfinished)} trials unfinished; re-run to resume: "
+                                   f"keel sweep {args.sweep} {' '.join(args.overrides)}".rstrip(),
+                                   highlight=False, markup=False, soft_wrap=True)
+        return 130
     return print_results(outcome, sweep.metric, console)
 
 

@@ -195,6 +195,7 @@ class ScalingSpec(Section):
     amp: Literal["none", "bf16", "fp16"] = doc("none", "Mixed precision (fp16 uses a GradScaler; clipping happens after unscale).")
     address: Optional[str] = doc(None, "Ray cluster address ('auto' inside a cluster); empty = start an embedded local Ray.")
     collective_timeout_s: int = doc(300, "gloo/nccl timeout: a dead peer fails the run after this many seconds, not 30 minutes.", ge=10)
+    resource_wait_s: float = doc(120.0, "How long to wait for the cluster to offer the workers' CPUs/GPUs before failing with a clear message.", ge=0)
 
 
 class RunSpec(Section):
@@ -209,8 +210,8 @@ class RunSpec(Section):
 
 
 class FaultSpec(Section):
-    kind: Literal["nan_batch", "huge_batch", "lr_spike", "scale_weights"] = doc(
-        ..., "nan_batch / huge_batch: poison one rank's inputs; lr_spike: multiply the LR; scale_weights: multiply a layer's weights.")
+    kind: Literal["nan_batch", "huge_batch", "lr_spike", "scale_weights", "hang"] = doc(
+        ..., "nan_batch / huge_batch: poison one rank's inputs; lr_spike: multiply the LR; scale_weights: multiply a layer's weights; hang: one rank stops responding.")
     at_step: int = doc(..., "Global optimizer step at which to inject (0-based).", ge=0)
     repeat: int = doc(1, "Inject at this many consecutive steps from at_step.", ge=1)
     rank: int = doc(0, "Rank whose batch is poisoned (batch faults; the others act on every rank).", ge=0)

@@ -42,6 +42,8 @@ class RunDisplay:
                                f"{plan.steps_per_epoch[-1]} steps per epoch per worker", highlight=False, soft_wrap=True)
             if self.progress:
                 self.progress.start()
+        elif kind == "warning":
+            self.console.print(f"[yellow]warning:[/] {event['message']}", highlight=False, soft_wrap=True)
         elif kind == "resumed":
             self.console.print(f"resumed from checkpoint: continuing at epoch {event['epoch'] + 1}")
         elif kind == "step" and self.progress:
@@ -61,7 +63,7 @@ class RunDisplay:
 
 
 def summary_table(outcome) -> Table:
-    colour = {"finished": "green", "early_stopped": "green", "diverged": "red", "failed": "red"}[outcome.status]
+    colour = {"finished": "green", "early_stopped": "green", "diverged": "red", "failed": "red"}.get(outcome.status, "yellow")
     table = Table(title=f"[{colour}]{outcome.status}[/]" + (f": {outcome.reason}" if outcome.reason else ""),
                   show_header=False, title_justify="left")
     table.add_column("what", no_wrap=True)

@@ -7,6 +7,8 @@ hyper-parameter or a corrupted layer would.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from orchestrator.train.checkpointing import unwrap
@@ -39,6 +41,9 @@ class FaultInjector:
                 batch = dict(batch)
                 batch[self.features] = poison_batch(batch[self.features].float(), fault.kind, fault.factor)
                 state.events.append({"step": state.step, "trigger": "fault", "action": fault.kind, "value": fault.rank})
+        for fault in self._active(state, ("hang",)):
+            if fault.rank == state.rank:  # a dead peer: the others must fail fast on the collective timeout
+                time.sleep(10 ** 6)
         for fault in self._active(state, ("scale_weights",)):
             if state.step == fault.at_step:  # once, on every rank: replicas stay identical
                 names = scale_weights(state.model, fault.layer, fault.factor)

@@ -2,11 +2,16 @@
 
 One file, `state.pt`: model (unwrapped from DDP), optimizer, schedule, AMP
 scaler, safeguard state, epoch and step. Next to it, `config.yaml`: the
-resolved job spec the checkpoint was trained with.
+resolved job spec the checkpoint was trained with, and `manifest.json`: size
+and sha256 of every file, written last. Every file is written to a temporary
+name and renamed, so a crash never leaves a half-written file under the real
+name; a checkpoint without a matching manifest is not trusted at resume.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +19,7 @@ import torch
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "manifest.json"
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -33,9 +39,60 @@ def save_checkpoint(directory: str | os.PathLike, comps, *, epoch: int, spec_yam
         "extra": extra or {},
     }
     directory = Path(directory)
-    torch.save(payload, directory / STATE_FILE)
-    (directory / CONFIG_FILE).write_text(spec_yaml)
+    _atomic(directory / STATE_FILE, lambda tmp: torch.save(payload, tmp))
+    _atomic(directory / CONFIG_FILE, lambda tmp: tmp.write_text(spec_yaml))
+    manifest = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+                for name in (STATE_FILE, CONFIG_FILE)}
+    _atomic(directory / MANIFEST_FILE, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     return directory
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that does not match its manifest (the message names the file)."""
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> None:
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CorruptCheckpoint(f"{manifest_path}: missing (the checkpoint was never completed)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+        raise CorruptCheckpoint(f"{manifest_path}: not valid JSON") from None
+    for name, expected in manifest.items():
+        path = directory / name
+        if not path.is_file():
+            raise CorruptCheckpoint(f"{path}: missing")
+        if path.stat().st_size != expected["bytes"]:
+            raise CorruptCheckpoint(f"{path}: {path.stat().st_size} bytes, manifest says {expected['bytes']} (truncated?)")
+        if _sha256(path) != expected["sha256"]:
+            raise CorruptCheckpoint(f"{path}: checksum does not match the manifest (corrupted)")
+
+
+def newest_good_checkpoint(candidates: list[Path], warn) -> Path | None:
+    """The first of `candidates` (newest first) that verifies; `warn(message)` for each one skipped."""
+    for directory in candidates:
+        try:
+            verify_checkpoint(directory)
+            return directory
+        except CorruptCheckpoint as exc:
+            warn(f"checkpoint {exc}; falling back to an older one")
+    return None
 
 
 def load_checkpoint(directory: str | os.PathLike, comps, map_location="cpu") -> dict:

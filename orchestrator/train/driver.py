@@ -47,6 +47,7 @@ class RunOutcome:
     checkpoint: Optional[str] = None
     reason: str = ""
     stability: Optional[dict] = None  # the run's stability report, when diagnostics are on
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -203,6 +204,36 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: 
     )
 
 
+def failure_reason(exc: Exception, spec: JobSpec) -> str:
+    text = str(exc)
+    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+        return (f"a peer stopped responding: a collective timed out after {spec.scaling.collective_timeout_s} s "
+                "(scaling.collective_timeout_s); see the worker logs for the rank that hung")
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:500]
+
+
+def wait_for_resources(spec: JobSpec, plan: Plan) -> None:
+    """A bounded wait for the cluster to offer what the run needs (an autoscaler may add nodes);
+    then a clear error instead of a run pending forever."""
+    import time
+
+    import ray
+
+    need_cpu = spec.scaling.num_workers * plan.cpus_per_worker
+    need_gpu = spec.scaling.num_workers if spec.scaling.use_gpu else 0
+    deadline = time.monotonic() + spec.scaling.resource_wait_s
+    while True:
+        have = ray.cluster_resources()
+        if have.get("CPU", 0) >= need_cpu and have.get("GPU", 0) >= need_gpu:
+            return
+        if time.monotonic() >= deadline:
+            raise BadInput(f"scaling: {spec.scaling.num_workers} workers need {need_cpu:g} CPUs and {need_gpu} GPUs but the "
+                           f"cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs "
+                           f"(waited {spec.scaling.resource_wait_s:g} s, scaling.resource_wait_s)")
+        time.sleep(1.0)
+
+
 def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, verbose: bool = False) -> RunOutcome:
     """Run a job to the end. `on_event` receives live progress dicts (step / epoch / resumed)."""
     plan = preflight(spec)
@@ -231,6 +262,8 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
             if event["type"] == "epoch":
                 outcome.history.append(event["metrics"])
                 log.append(event["metrics"])
+            elif event["type"] == "warning":
+                outcome.warnings.append(event["message"])
             elif event["type"] == "stability_report":
                 outcome.stability = event["report"]
                 (run_dir / "stability_report.json").write_text(json.dumps(event["report"], indent=1, default=str))
@@ -240,10 +273,16 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
     pumper.start()
     try:
         on_event({"type": "start", "plan": plan, "run_dir": str(run_dir)})
+        wait_for_resources(spec, plan)
         result = build_trainer(spec, plan, queue, make_epoch_clock()).fit()
         outcome.checkpoint = result.checkpoint.path if result.checkpoint else None
     except TrainingFailedError as exc:
-        outcome.status, outcome.reason = "failed", str(exc).strip().splitlines()[-1][:500]
+        outcome.status, outcome.reason = "failed", failure_reason(exc, spec)
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C: Ray Train's own SIGINT handler aborts the controller gracefully (workers stopped,
+        # checkpoints kept), then fit() raises SystemExit(1) (measured on Ray 2.60).
+        outcome.status = "interrupted"
+        outcome.reason = f"interrupted; re-run the same job (run.name={spec.run.name}) to resume from its last checkpoint"
     finally:
         done.set()
         pumper.join(timeout=30)

@@ -16,7 +16,7 @@ from orchestrator.data.preprocess import FEATURES, LABEL
 from orchestrator.spec import JobSpec
 from orchestrator.stability.diagnostics import Diagnostics
 from orchestrator.stability.distributed import all_reduce_, world_size
-from orchestrator.train.checkpointing import load_checkpoint, save_checkpoint
+from orchestrator.train.checkpointing import list_checkpoints, load_checkpoint, newest_good_checkpoint, save_checkpoint
 from orchestrator.train.components import Components, build_components, seed_everything
 from orchestrator.train.meters import EpochMeter, ProgressSender
 from orchestrator.train.optim import weight_penalty
@@ -116,6 +116,27 @@ def stability_report(comps: Components, events: list[dict], metrics: dict) -> di
     return {"stop_reason": metrics["stop_reason"], **diagnostics.report(events[-1000:], counters)}
 
 
+def resume(comps: Components, spec: JobSpec, progress: ProgressSender) -> int:
+    """Load the newest checkpoint that matches its manifest; warn about (and skip) corrupted ones.
+    Every rank reads the same files, so every rank makes the same choice."""
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return 0
+    warn = lambda message: progress.send("warning", message=message)
+    with latest.as_directory() as directory:
+        candidates = [Path(directory)]  # Ray's latest, then this run's older ones (local storage), newest first
+        run_dir = Path(spec.run.storage_path) / spec.run.name
+        if "://" not in spec.run.storage_path and run_dir.is_dir():
+            candidates += sorted((c for c in list_checkpoints(run_dir) if c.name < Path(directory).name), reverse=True)
+        chosen = newest_good_checkpoint(candidates, warn)
+        if chosen is None:
+            warn("no intact checkpoint: starting from scratch")
+            return 0
+        epoch = load_checkpoint(chosen, comps, map_location=comps.state.device)["epoch"] + 1
+    progress.send("resumed", epoch=epoch, checkpoint=str(chosen))
+    return epoch
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: config = {spec, steps_per_epoch (per epoch), progress (a ray Queue or None),
     clock (the data pipeline's EpochClock or None), preprocess (statistics, saved with checkpoints)}."""
@@ -125,11 +146,7 @@ def train_loop_per_worker(config: dict) -> None:
     st, guards = comps.state, comps.safeguards
     progress = ProgressSender(config.get("progress"), st.rank)
     progress.send("ready", world_size=world)
-    start_epoch = 0
-    if (resume_from := ray.train.get_checkpoint()) is not None:
-        with resume_from.as_directory() as directory:
-            start_epoch = load_checkpoint(directory, comps, map_location=st.device)["epoch"] + 1
-        progress.send("resumed", epoch=start_epoch)
+    start_epoch = resume(comps, spec, progress)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     all_events: list[dict] = []
 

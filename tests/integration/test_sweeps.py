@@ -100,7 +100,8 @@ def test_interrupted_sweep_resumes_and_keel_results_rereads_it(ray_session, digi
         time.sleep(1)
     assert done, "first trial never finished"
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and b"re-run to resume: keel sweep" in out, out[-2000:]
     first_trial = done[0].parent.name
     assert cli.main(["sweep", str(path), "--quiet"]) == 0  # resumes the same experiment
     out = capsys.readouterr().out

@@ -1,0 +1,119 @@
+"""Reliability promises in real multi-process runs (see docs/reliability.md)."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+
+from orchestrator.errors import BadInput
+from orchestrator.report.metrics import read_metrics
+from orchestrator.spec import parse_spec
+from orchestrator.train.checkpointing import list_checkpoints
+from orchestrator.train.driver import run_job
+from tests.conftest import ROOT, job_tree
+
+pytestmark = pytest.mark.integration
+
+
+def worker_pids():
+    import ray
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                       filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+
+
+@pytest.mark.timeout(600)
+def test_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoint(ray_session, digits_dir, tmp_path):
+    tree = lambda name: job_tree(digits_dir, tmp_path, name, run={"name": name, "storage_path": str(tmp_path),
+                                                                  "epochs": 4, "max_failures": 1, "seed": 3})
+    undisturbed = run_job(parse_spec(tree("calm")))
+    killed = {}
+
+    def on_event(event):  # the pump thread: kill a real worker process mid-epoch 3
+        if event["type"] == "step" and event["epoch"] == 2 and event["step"] > 5 and not killed:
+            killed["pid"] = worker_pids()[-1]
+            os.kill(killed["pid"], signal.SIGKILL)
+
+    events = []
+    disturbed = run_job(parse_spec(tree("killed")), on_event=lambda e: (events.append(e), on_event(e)))
+    assert killed, "no worker was killed"
+    assert disturbed.ok, disturbed.reason
+    resumed = [e for e in events if e["type"] == "resumed"]
+    assert resumed and resumed[0]["epoch"] == 2  # restarted from epoch 2's checkpoint, not from scratch
+    assert disturbed.final["epoch"] == 3
+    assert abs(disturbed.final["val_accuracy"] - undisturbed.final["val_accuracy"]) <= 0.01 + 1e-9
+
+
+@pytest.mark.timeout(420)
+def test_corrupted_latest_checkpoint_is_detected_and_the_previous_one_used(ray_session, digits_dir, tmp_path):
+    tree = job_tree(digits_dir, tmp_path, "corrupt", run={"name": "corrupt", "storage_path": str(tmp_path), "epochs": 2})
+    run_job(parse_spec(tree))
+    latest = list_checkpoints(tmp_path / "corrupt")[-1]
+    state = latest / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated
+    tree["run"]["epochs"] = 3
+    events = []
+    outcome = run_job(parse_spec(tree), on_event=events.append)
+    assert outcome.ok
+    assert any(str(state) in w and "truncated" in w for w in outcome.warnings), outcome.warnings
+    assert [e["epoch"] for e in events if e["type"] == "resumed"] == [1]  # epoch 0's checkpoint: the good one
+    assert [h["epoch"] for h in outcome.history] == [1, 2]
+
+
+@pytest.mark.timeout(420)
+def test_ctrl_c_on_keel_run_stops_cleanly_and_leaves_a_resumable_run(digits_dir, tmp_path):
+    tree = job_tree(digits_dir, tmp_path, "sigint", run={"name": "sigint", "storage_path": str(tmp_path), "epochs": 30})
+    job = tmp_path / "sigint.yaml"
+    job.write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(job), "--quiet"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(read_metrics(tmp_path / "sigint")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "to resume" in err and f"keel run {job}" in err
+    done = len(read_metrics(tmp_path / "sigint"))
+    assert list_checkpoints(tmp_path / "sigint")
+    rerun = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(job), "run.epochs=" + str(done + 1)],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resumed from checkpoint" in rerun.stdout
+    assert [h["epoch"] for h in read_metrics(tmp_path / "sigint")][-1] == done
+
+
+@pytest.mark.timeout(300)
+def test_a_hung_peer_fails_the_run_fast_with_a_clear_message(ray_session, digits_dir, tmp_path):
+    tree = job_tree(digits_dir, tmp_path, "hang", faults=[{"kind": "hang", "at_step": 3, "rank": 1}],
+                    scaling={"num_workers": 2, "collective_timeout_s": 10})
+    start = time.monotonic()
+    outcome = run_job(parse_spec(tree))
+    assert outcome.status == "failed" and "collective timed out after 10 s" in outcome.reason
+    assert time.monotonic() - start < 150
+
+
+@pytest.mark.timeout(300)
+def test_early_stop_is_agreed_by_every_rank_without_a_hang(ray_session, digits_dir, tmp_path):
+    tree = job_tree(digits_dir, tmp_path, "early", run={"name": "early", "storage_path": str(tmp_path), "epochs": 10},
+                    stability={"early_stopping": {"enabled": True, "metric": "val_loss", "patience": 1, "min_delta": 100.0}})
+    outcome = run_job(parse_spec(tree))
+    assert outcome.status == "early_stopped" and "no improvement for 1 epochs" in outcome.reason
+    assert len(outcome.history) == 2 and outcome.history[-1]["replica_drift"] == 0.0
+
+
+@pytest.mark.timeout(120)
+def test_more_resources_than_the_cluster_has_fail_with_a_clear_message(ray_session, digits_dir, tmp_path):
+    tree = job_tree(digits_dir, tmp_path, "huge", scaling={"num_workers": 2, "cpus_per_worker": 64, "address": "auto",
+                                                            "resource_wait_s": 2})
+    start = time.monotonic()
+    with pytest.raises(BadInput, match=r"2 workers need 128 CPUs and 0 GPUs but the cluster has \d+ CPUs.*waited 2 s"):
+        run_job(parse_spec(tree))
+    assert time.monotonic() - start < 30
