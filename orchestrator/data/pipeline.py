@@ -21,6 +21,8 @@ from orchestrator.data.sources import IN_DRIVER_BYTES, resolve, size_of
 
 DIFFICULTY = "difficulty"
 BLOCK_BYTES = 64 * 2**20
+DATA_TASK_CPUS = 0.5  # Ray Data tasks fit beside fractional workers; 1 CPU each (Ray's default) measured a deadlock
+                      # on 2 cores once any other 0.5 CPU was held
 
 
 def make_epoch_clock():
@@ -100,14 +102,14 @@ def build_datasets(spec, plan, clock=None, num_blocks: int | None = None) -> dic
         difficulty = data.curriculum.score if curriculum and split == "train" and not score_checkpoint else None
         columns = [*features, data.label] + ([difficulty] if difficulty else [])
         ds = read_split(getattr(data, split), columns).map_batches(
-            preprocess_batch, batch_format="pyarrow",
+            preprocess_batch, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS,
             fn_kwargs={"state": plan.preprocess, "features": features, "label": data.label, "difficulty": difficulty,
                        "score_checkpoint": score_checkpoint})
         # deterministic part computed once; a fixed number of blocks keeps per-batch seeds stable
         out[split] = ds.repartition(blocks).materialize()
     if clock is not None:
         out["train"] = out["train"].map_batches(
-            epoch_stage, batch_format="numpy", batch_size=None,
+            epoch_stage, batch_format="numpy", batch_size=None, num_cpus=DATA_TASK_CPUS,
             fn_kwargs={"clock": clock, "seed": spec.run.seed, "shape": data.shape,
                        "augment": data.augment if data.augment.active else None,
                        "limits": plan.curriculum_limits if curriculum else None})

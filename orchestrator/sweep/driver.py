@@ -64,15 +64,19 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str) 
     build_trainer(spec, preflight(spec), None, make_epoch_clock(), callbacks=[TuneReportCallback()]).fit()
 
 
-def make_scheduler(sweep: SweepSpec):
+def make_scheduler(sweep: SweepSpec, epochs: int):
     from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule,
                                      PopulationBasedTraining)
 
     s = sweep.scheduler
+    # A STOP at a trial's very last report races the TorchTrainer's own shutdown and leaked its workers'
+    # placement group (measured on Ray 2.60: the next trial then waited forever for CPUs). A trial that
+    # reaches max_t == epochs ends by itself anyway, so let it.
+    max_t = s.max_t + 1 if s.max_t == epochs else s.max_t
     if s.kind == "asha":
-        return ASHAScheduler(max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+        return ASHAScheduler(max_t=max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
     if s.kind == "hyperband":
-        return HyperBandScheduler(max_t=s.max_t, reduction_factor=s.reduction_factor)
+        return HyperBandScheduler(max_t=max_t, reduction_factor=s.reduction_factor)
     if s.kind == "median":
         return MedianStoppingRule(grace_period=s.grace_period)
     if s.kind == "pbt":
@@ -127,7 +131,7 @@ def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[Trial
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, restart_errored=False)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space(sweep.search), tune_config=tune.TuneConfig(
-            metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=make_scheduler(sweep),
+            metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=make_scheduler(sweep, base_tree.get("run", {}).get("epochs", 10)),
             max_concurrent_trials=sweep.max_concurrent_trials, time_budget_s=sweep.time_budget_s),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(exp_dir.parent), stop=stopper,
                                       callbacks=[LiveRows(sweep.name, stopper, sweep.metric)], verbose=0))
