@@ -55,7 +55,8 @@ def cmd_sweep(args, console: Console) -> int:
 
     sweep, base = load_sweep(args.sweep, args.overrides)
     preflight(parse_spec(base, args.sweep), generate=True)  # the base job's data, before any trial or Ray starts
-    from orchestrator.sweep.driver import run_sweep
+    from orchestrator.sweep.driver import logger_callbacks, run_sweep
+    logger_callbacks(sweep)  # a missing mlflow/wandb is bad input, found before the sweep starts
     live = Live(console=console, auto_refresh=False) if console.is_terminal and not args.quiet else None
 
     def show(rows):
@@ -109,6 +110,20 @@ def cmd_results(args, console: Console) -> int:
         sweep = SweepSpec.model_validate(yaml.safe_load(saved.read_text()))
         metric, mode = metric or sweep.metric, mode or sweep.mode
     return print_results(summarize(exp, metric or "val_accuracy", mode or "max"), metric or "val_accuracy", console)
+
+
+def cmd_report(args, console: Console) -> int:
+    from pathlib import Path
+
+    from orchestrator.report.html import run_report, sweep_report
+
+    path = Path(args.path)
+    if not path.is_dir():
+        raise BadInput(f"{path}: no such directory")
+    page, text = (sweep_report if (path / "keel_sweep.yaml").exists() else run_report)(path)
+    console.print(text, highlight=False, soft_wrap=True)
+    console.print(f"report: {page}", highlight=False, soft_wrap=True)
+    return 0
 
 
 def cmd_validate(args, console: Console) -> int:
@@ -275,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--metric")
     results.add_argument("--mode", choices=["min", "max"])
     results.set_defaults(func=cmd_results)
+
+    report = sub.add_parser("report", help="HTML report and PNG plots for a run directory or a sweep directory")
+    report.add_argument("path", help="a run directory (runs/NAME) or a sweep's experiment directory")
+    report.set_defaults(func=cmd_report)
 
     validate = sub.add_parser("validate", help="check a job spec and its data without running it")
     validate.add_argument("job")

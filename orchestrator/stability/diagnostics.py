@@ -44,6 +44,7 @@ class Diagnostics:
         self.names = [n for n, p in unwrap(model).named_parameters() if p.requires_grad]
         self.ema = None
         self.last_norms = None
+        self.history: deque[dict] = deque(maxlen=200)
         self.losses: deque[float] = deque(maxlen=window)
         self.layers: dict[str, dict] = {}
         self.first_trouble = None
@@ -75,8 +76,10 @@ class Diagnostics:
         # the usual norm of each tensor, learned on sampled steps
         self.ema = torch.where(finite, stacked if self.ema is None else 0.7 * self.ema + 0.3 * stacked,
                                self.ema if self.ema is not None else torch.zeros_like(stacked))
-        for name, value in zip(self.names, stacked.tolist()):
+        values = stacked.tolist()
+        for name, value in zip(self.names, values):
             self.layers.setdefault(name, {})["grad_norm"] = value
+        self.history.append({"step": state.step, "grad_norms": values})  # for the report's heatmap
         self.before = [p.detach().clone() for p in unwrap(state.model).parameters() if p.requires_grad]
 
     def after_step(self, state) -> None:
@@ -104,7 +107,8 @@ class Diagnostics:
         report = {"first_trouble": self.first_trouble, "counters": counters, "events": events,
                   "loss_oscillation": loss_oscillation(list(self.losses)), "loss_window": len(self.losses),
                   "largest_update_ratio": {"layer": worst[0], **worst[1]} if worst[0] else None,
-                  "dead_units": dead, "layers": self.layers}
+                  "dead_units": dead, "layers": self.layers,
+                  "grad_norm_history": {"names": self.names, "samples": list(self.history)}}
         report["summary"] = summarize(report)
         return report
 

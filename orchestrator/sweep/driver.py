@@ -64,6 +64,26 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str) 
     build_trainer(spec, preflight(spec), None, make_epoch_clock(), callbacks=[TuneReportCallback()]).fit()
 
 
+def logger_callbacks(sweep: SweepSpec) -> list:
+    """Ray's own MLflow / W&B logger callbacks, imported only when asked for."""
+    from orchestrator.errors import BadInput
+
+    callbacks = []
+    for name in sweep.loggers:
+        try:
+            if name == "mlflow":
+                import mlflow  # noqa: F401
+                from ray.air.integrations.mlflow import MLflowLoggerCallback
+                callbacks.append(MLflowLoggerCallback(experiment_name=sweep.name))
+            else:
+                import wandb  # noqa: F401
+                from ray.air.integrations.wandb import WandbLoggerCallback
+                callbacks.append(WandbLoggerCallback(project=sweep.name))
+        except ImportError:
+            raise BadInput(f"loggers: {name} is not installed (pip install 'keel[{name}]')") from None
+    return callbacks
+
+
 def make_scheduler(sweep: SweepSpec, epochs: int):
     from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule,
                                      PopulationBasedTraining)
@@ -134,7 +154,8 @@ def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[Trial
             metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=make_scheduler(sweep, base_tree.get("run", {}).get("epochs", 10)),
             max_concurrent_trials=sweep.max_concurrent_trials, time_budget_s=sweep.time_budget_s),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(exp_dir.parent), stop=stopper,
-                                      callbacks=[LiveRows(sweep.name, stopper, sweep.metric)], verbose=0))
+                                      callbacks=[LiveRows(sweep.name, stopper, sweep.metric), *logger_callbacks(sweep)],
+                                      verbose=0))
     tuner.fit()
     return summarize(exp_dir, sweep.metric, sweep.mode, base_tree)
 

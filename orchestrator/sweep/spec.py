@@ -50,6 +50,7 @@ class SweepSpec(Section):
     max_concurrent_trials: int = doc(1, "Trials running at once.", ge=1)
     time_budget_s: Optional[float] = doc(None, "Stop the whole sweep after this many seconds.", gt=0)
     resources: ResourcesSpec = doc(ResourcesSpec(), "Resources per trial.")
+    loggers: list[Literal["mlflow", "wandb"]] = doc([], "Also log trials to MLflow / Weights & Biases through Ray's logger callbacks (pip install keel[mlflow] / keel[wandb]).")
 
     @model_validator(mode="after")
     def _search(self) -> "SweepSpec":

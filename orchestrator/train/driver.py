@@ -262,6 +262,8 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
             if event["type"] == "epoch":
                 outcome.history.append(event["metrics"])
                 log.append(event["metrics"])
+            elif event["type"] == "step":
+                log.step(event)
             elif event["type"] == "warning":
                 outcome.warnings.append(event["message"])
             elif event["type"] == "stability_report":
@@ -286,6 +288,7 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
     finally:
         done.set()
         pumper.join(timeout=30)
+        log.close()
         import ray
         ray.kill(queue.actor)
     reason = outcome.final.get("stop_reason", "")

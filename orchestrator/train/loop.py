@@ -167,7 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
             train_step(comps, batch, spec)
             meter.add(st.global_loss, st.grad_norm_value, spec.data.batch_size * world)
             if i % spec.run.log_every == 0 or i == steps - 1:
-                progress.send("step", epoch=epoch, step=i + 1, steps=steps, loss=st.global_loss,
+                progress.send("step", epoch=epoch, step=i + 1, steps=steps, global_step=st.step, loss=st.global_loss,
                               grad_norm=st.grad_norm_value, lr=st.optimizer.param_groups[0]["lr"])
 
         metrics = {"epoch": epoch, "step": st.step, **meter.summary(), **evaluate(comps, val_shard, spec),

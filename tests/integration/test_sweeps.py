@@ -72,6 +72,12 @@ def test_absurd_learning_rates_are_stopped_at_once_and_the_best_trial_is_healthy
     # results can be re-read from the experiment directory alone
     again = summarize(outcome.exp_dir, "val_accuracy", "max")
     assert {r.trial_id: r.status for r in again.rows} == {r.trial_id: r.status for r in outcome.rows}
+    # the sweep report marks the diverged trials and plots the metric against the searched parameter
+    assert cli.main(["report", str(outcome.exp_dir)]) == 0
+    page = (outcome.exp_dir / "report" / "index.html").read_text()
+    assert page.count("class='diverged'") == 2 and "2 diverged" in page
+    assert (outcome.exp_dir / "report" / "param_0.png").read_bytes()[:4] == b"\x89PNG"
+    assert (outcome.exp_dir / "report" / "best_trial.png").exists()
 
 
 @pytest.mark.timeout(600)

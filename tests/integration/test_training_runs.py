@@ -32,6 +32,23 @@ def test_main_job_reaches_95_percent_on_digits(ray_session, tmp_path, monkeypatc
     checkpoints = list_checkpoints(run_dir)
     assert checkpoints and yaml.safe_load((checkpoints[-1] / "config.yaml").read_text()) == saved
     assert "best val accuracy" in capsys.readouterr().out
+    # the files people's tools read: CSV, TensorBoard (read back with TensorBoard's own reader), report
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert len(rows) == len(history) and float(rows[-1]["val_accuracy"]) == pytest.approx(history[-1]["val_accuracy"])
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    losses = [e.value for e in events.Scalars("epoch/train_loss")]
+    assert losses == pytest.approx([h["train_loss"] for h in history], rel=1e-5)
+    assert len(events.Scalars("step/grad_norm")) >= len(history)
+    assert cli.main(["report", str(run_dir)]) == 0
+    report = run_dir / "report"
+    pngs = sorted(p.name for p in report.glob("*.png"))
+    assert {"loss.png", "grad_norm.png", "lr.png", "throughput.png", "layers.png"} <= set(pngs)
+    assert all((report / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    page = (report / "index.html").read_text()
+    assert all(f"src='{p}'" in page for p in pngs) and "best val accuracy" in page
 
 
 @pytest.mark.timeout(300)

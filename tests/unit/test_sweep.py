@@ -63,3 +63,17 @@ def test_digits_sweep_spans_several_decades():
     sweep, base = load_sweep(ROOT / "jobs/digits-sweep.yaml")
     lrs = sweep.search["optimizer.lr"]["grid"]
     assert max(lrs) / min(lrs) >= 1e4 and parse_spec(base).run.epochs == 4
+
+
+def test_missing_logger_package_is_bad_input():
+    import importlib.util
+
+    from orchestrator.sweep.driver import logger_callbacks
+    from orchestrator.sweep.spec import load_sweep
+    sweep, _ = load_sweep(ROOT / "jobs/digits-sweep.yaml", ["loggers=[mlflow, wandb]"])
+    missing = next((n for n in ("mlflow", "wandb") if importlib.util.find_spec(n) is None), None)
+    if missing is None:  # both installed: the callbacks are Ray's own
+        assert len(logger_callbacks(sweep)) == 2
+    else:
+        with pytest.raises(BadInput, match=f"loggers: {missing} is not installed"):
+            logger_callbacks(sweep.model_copy(update={"loggers": [missing]}))
