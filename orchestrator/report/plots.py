@@ -41,10 +41,17 @@ def loss_curves(history: list[dict], events: list[dict], steps_per_epoch: float,
                        label=f"guard: {trigger} ({e['action']})" if trigger not in shown else None)
             shown.add(trigger)
         ax.set(title="Loss by epoch (dashed: guard events)", xlabel="epoch", ylabel="cross-entropy loss")
+        _integer_x(ax)
         if history and all((h.get("train_loss") or 1) > 0 for h in history):
             _plain_log_axis(ax)
         ax.legend()
         return _save(fig, path)
+
+
+def _integer_x(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _plain_log_axis(ax) -> None:
@@ -84,6 +91,7 @@ def throughput(history: list[dict], path: Path) -> Path:
         epochs = [h["epoch"] + 1 for h in history]
         ax.bar(epochs, [h.get("samples_per_s") or 0 for h in history], color="tab:blue", alpha=0.7, label="samples/s")
         ax.set(title="Throughput and data wait", xlabel="epoch", ylabel="samples per second (all workers)")
+        _integer_x(ax)
         twin = ax.twinx()
         twin.plot(epochs, [100 * (h.get("data_wait_frac") or 0) for h in history], color="tab:red", marker="o",
                   label="data wait")
@@ -136,6 +144,7 @@ def trial_curves(results: list[dict], metric: str, trial: str, path: Path) -> Pa
         it = [r["training_iteration"] for r in results]
         ax.plot(*_finite(it, [r.get(metric) for r in results]), marker="o", label=metric, color="tab:green")
         ax.set(title=f"Best trial {trial}", xlabel="report (epoch)", ylabel=metric)
+        _integer_x(ax)
         twin = ax.twinx()
         twin.plot(*_finite(it, [r.get("train_loss") for r in results]), marker="s", color="tab:blue", label="train loss")
         twin.set_ylabel("train loss")
