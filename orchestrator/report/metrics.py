@@ -59,11 +59,12 @@ class MetricsLog:
             self.writer.flush()
 
     def step(self, event: dict) -> None:
-        sample = {k: _finite_or_none(event.get(k)) for k in ("global_step", "epoch", "loss", "grad_norm", "lr")}
+        sample = {k: _finite_or_none(event.get(k)) for k in ("global_step", "epoch", "loss", "grad_norm",
+                                                              "grad_norm_post_clip", "lr")}
         with self.steps_path.open("a") as f:
             f.write(json.dumps(sample) + "\n")
         if self.writer is not None and sample["global_step"] is not None:
-            for key in ("loss", "grad_norm", "lr"):
+            for key in ("loss", "grad_norm", "grad_norm_post_clip", "lr"):
                 if sample[key] is not None:
                     self.writer.add_scalar(f"step/{key}", sample[key], sample["global_step"])
 

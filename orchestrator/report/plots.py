@@ -67,13 +67,15 @@ def grad_norm(steps: list[dict], history: list[dict], clip: dict, path: Path) ->
         fig, ax = plt.subplots()
         ax.plot(*_finite([s["global_step"] for s in steps], [s.get("grad_norm") for s in steps]),
                 label="pre-clip global norm (sampled steps)")
+        ax.plot(*_finite([s["global_step"] for s in steps], [s.get("grad_norm_post_clip") for s in steps]),
+                linestyle=":", color="tab:green", label="after clipping")
         ax.plot(*_finite([h.get("step") for h in history], [h.get("grad_norm_max") for h in history]), "v",
                 color="tab:orange", label="largest in each epoch")
         if clip.get("mode") == "norm":
             ax.axhline(clip["max_norm"], color="tab:red", linestyle="--", label=f"clip threshold ({clip['max_norm']:g})")
         ax.set(title=f"Gradient norm (clipping: {clip.get('mode', '?')})", xlabel="optimizer step", ylabel="L2 norm")
         _plain_log_axis(ax)
-        ax.legend()
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, fontsize=8, frameon=False)
         return _save(fig, path)
 
 

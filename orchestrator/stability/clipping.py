@@ -71,6 +71,8 @@ class GradClipper:
             self.seen += 1
         else:
             _apply_fixed(params, s.mode, s.max_norm, s.max_value, norm)
+        if getattr(state, "want_post_clip_norm", False):  # one more norm pass, on logged steps only
+            state.post_clip_norm = grad_norms(params)[1]
 
     def state_dict(self) -> dict:
         return {"mean": self.mean, "var": self.var, "seen": self.seen}

@@ -55,11 +55,13 @@ class StepState:
     global_nonfinite: float = 0.0        # ranks that saw NaN/Inf (per step)
     skip: bool = False                   # skip this optimizer step (per step)
     lr_scale: float = 1.0                # multiplier on the scheduled LR for this step (recoveries, faults)
+    want_post_clip_norm: bool = False    # set by the loop on logged steps: measure the norm after clipping too
+    post_clip_norm: Optional[torch.Tensor] = None
     stop_reason: Optional[str] = None    # set -> the run stops after this epoch's report
     events: list[dict] = field(default_factory=list)  # guard events (step, trigger, value, action)
 
     def begin_step(self) -> None:
-        self.loss = self.grad_norm = self.param_grad_norms = None
+        self.loss = self.grad_norm = self.param_grad_norms = self.post_clip_norm = None
         self.lr_scale = 1.0
         self.global_loss, self.grad_norm_value = float("nan"), float("nan")
         self.global_nonfinite, self.skip = 0.0, False

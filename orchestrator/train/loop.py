@@ -164,11 +164,14 @@ def train_loop_per_worker(config: dict) -> None:
         for i, batch in enumerate(meter.timed(batches)):
             if i >= steps or st.stop_reason:
                 continue  # drain the shard: every rank takes exactly `steps` (agreed) steps
+            logged = i % spec.run.log_every == 0 or i == steps - 1
+            st.want_post_clip_norm = logged
             train_step(comps, batch, spec)
             meter.add(st.global_loss, st.grad_norm_value, spec.data.batch_size * world)
-            if i % spec.run.log_every == 0 or i == steps - 1:
-                progress.send("step", epoch=epoch, step=i + 1, steps=steps, global_step=st.step, loss=st.global_loss,
-                              grad_norm=st.grad_norm_value, lr=st.optimizer.param_groups[0]["lr"])
+            if logged:
+                post = st.post_clip_norm.item() if st.post_clip_norm is not None else None
+                progress.send("step", epoch=epoch, step=i + 1, steps=steps, global_step=st.step - 1, loss=st.global_loss,
+                              grad_norm=st.grad_norm_value, grad_norm_post_clip=post, lr=st.optimizer.param_groups[0]["lr"])
 
         metrics = {"epoch": epoch, "step": st.step, **meter.summary(), **evaluate(comps, val_shard, spec),
                    "lr": st.optimizer.param_groups[0]["lr"]}

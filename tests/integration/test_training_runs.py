@@ -41,7 +41,9 @@ def test_main_job_reaches_95_percent_on_digits(ray_session, tmp_path, monkeypatc
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
     losses = [e.value for e in events.Scalars("epoch/train_loss")]
     assert losses == pytest.approx([h["train_loss"] for h in history], rel=1e-5)
-    assert len(events.Scalars("step/grad_norm")) >= len(history)
+    pre, post = events.Scalars("step/grad_norm"), events.Scalars("step/grad_norm_post_clip")
+    assert len(pre) >= len(history) and len(post) == len(pre)
+    assert all(b.value <= min(a.value, 1.0) + 1e-4 for a, b in zip(pre, post))  # clip.max_norm = 1.0
     assert cli.main(["report", str(run_dir)]) == 0
     report = run_dir / "report"
     pngs = sorted(p.name for p in report.glob("*.png"))
