@@ -30,13 +30,15 @@ def worker_pids():
 
 @pytest.mark.timeout(600)
 def test_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoint(ray_session, digits_dir, tmp_path):
+    # converged runs (8 epochs): before convergence, Ray Data's dynamic shard assignment alone moves the
+    # final accuracy by more than a point between two undisturbed runs (measured: 4 epochs, 0.867 vs 0.878)
     tree = lambda name: job_tree(digits_dir, tmp_path, name, run={"name": name, "storage_path": str(tmp_path),
-                                                                  "epochs": 4, "max_failures": 1, "seed": 3})
+                                                                  "epochs": 8, "max_failures": 1, "seed": 3})
     undisturbed = run_job(parse_spec(tree("calm")))
     killed = {}
 
-    def on_event(event):  # the pump thread: kill a real worker process mid-epoch 3
-        if event["type"] == "step" and event["epoch"] == 2 and event["step"] > 5 and not killed:
+    def on_event(event):  # the pump thread: kill a real worker process mid-epoch 4
+        if event["type"] == "step" and event["epoch"] == 3 and event["step"] > 5 and not killed:
             killed["pid"] = worker_pids()[-1]
             os.kill(killed["pid"], signal.SIGKILL)
 
@@ -45,8 +47,8 @@ def test_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoint(ray_sessi
     assert killed, "no worker was killed"
     assert disturbed.ok, disturbed.reason
     resumed = [e for e in events if e["type"] == "resumed"]
-    assert resumed and resumed[0]["epoch"] == 2  # restarted from epoch 2's checkpoint, not from scratch
-    assert disturbed.final["epoch"] == 3
+    assert resumed and resumed[0]["epoch"] == 3  # restarted from the checkpoint of epoch 3, not from scratch
+    assert disturbed.final["epoch"] == 7
     assert abs(disturbed.final["val_accuracy"] - undisturbed.final["val_accuracy"]) <= 0.01 + 1e-9
 
 
