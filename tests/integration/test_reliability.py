@@ -12,7 +12,7 @@ import yaml
 
 from orchestrator.errors import BadInput
 from orchestrator.report.metrics import read_metrics
-from orchestrator.spec import parse_spec
+from orchestrator.spec import load_spec, parse_spec
 from orchestrator.train.checkpointing import list_checkpoints
 from orchestrator.train.driver import run_job
 from tests.conftest import ROOT, job_tree
@@ -30,11 +30,14 @@ def worker_pids():
 
 @pytest.mark.timeout(600)
 def test_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoint(ray_session, digits_dir, tmp_path):
-    # converged runs (8 epochs): before convergence, Ray Data's dynamic shard assignment alone moves the
-    # final accuracy by more than a point between two undisturbed runs (measured: 4 epochs, 0.867 vs 0.878)
-    tree = lambda name: job_tree(digits_dir, tmp_path, name, run={"name": name, "storage_path": str(tmp_path),
-                                                                  "epochs": 8, "max_failures": 1, "seed": 3})
-    undisturbed = run_job(parse_spec(tree("calm")))
+    # The main job's model, which converges tightly (0.989-0.994 in every run seen): with a smaller net, Ray Data's
+    # dynamic shard assignment alone moved the final accuracy by 1.1-1.4 points between runs (measured).
+    def spec(name):
+        return load_spec(ROOT / "jobs/digits-resnet.yaml", [
+            f"run.name={name}", f"run.storage_path={tmp_path}", "run.epochs=8", "run.max_failures=1",
+            f"data.train={digits_dir / 'train.parquet'}", f"data.val={digits_dir / 'val.parquet'}",
+            "stability.early_stopping.enabled=false", "data.augment.random_crop_padding=0", "data.augment.noise_std=0"])
+    undisturbed = run_job(spec("calm"))
     killed = {}
 
     def on_event(event):  # the pump thread: kill a real worker process mid-epoch 4
@@ -43,7 +46,7 @@ def test_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoint(ray_sessi
             os.kill(killed["pid"], signal.SIGKILL)
 
     events = []
-    disturbed = run_job(parse_spec(tree("killed")), on_event=lambda e: (events.append(e), on_event(e)))
+    disturbed = run_job(spec("killed"), on_event=lambda e: (events.append(e), on_event(e)))
     assert killed, "no worker was killed"
     assert disturbed.ok, disturbed.reason
     resumed = [e for e in events if e["type"] == "resumed"]
