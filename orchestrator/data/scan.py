@@ -179,6 +179,3 @@ def describe(scan: SplitScan) -> list[tuple[str, str]]:
             ("Inf rows per column", ", ".join(f"{k}: {v}" for k, v in scan.inf.items())),
             ("label range", f"{scan.label_min} .. {scan.label_max}"), ("class balance", balance or "-")]
 
-
-def is_finite_number(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
