@@ -175,6 +175,8 @@ def cmd_data_make(args, console: Console) -> int:
         options["classes"] = args.classes
     if args.missing:
         options["missing"] = args.missing
+    if args.length is not None:
+        options["length"] = args.length
     try:
         paths = GENERATORS[args.dataset](args.out, **options)
     except TypeError as exc:
@@ -267,6 +269,28 @@ def cmd_data_inspect(args, console: Console) -> int:
     return 0
 
 
+def cmd_stress(args, console: Console) -> int:
+    from orchestrator.stress.scenarios import BY_NAME
+
+    names = args.scenarios.split(",") if args.scenarios else list(BY_NAME)
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        raise BadInput(f"--scenarios: unknown scenario {unknown[0]!r} (choose from {', '.join(BY_NAME)})")
+    from pathlib import Path
+
+    from orchestrator.stress.runner import run_stress
+
+    def show(r) -> None:
+        acc = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
+        console.print(f"{r.scenario:>16} {r.profile:<9} acc {acc:>6}  {'DIVERGED' if r.diverged else r.status:<9} "
+                      f"{r.seconds:6.1f} s", highlight=False)
+    epochs = {"digits": args.epochs, "lstm": args.lstm_epochs}
+    summary = run_stress(Path(args.out), names, epochs, on_run=show)
+    console.print((Path(args.out) / "stress.md").read_text(), highlight=False, markup=False)
+    console.print(f"wrote {args.out}/stress.json, stress.md, stress_losses.png", highlight=False)
+    return 0 if summary["scenarios"] else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keel", description="Stable data-parallel PyTorch training on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the sweep spec")
     sweep.add_argument("--quiet", action="store_true")
     sweep.set_defaults(func=cmd_sweep)
+
+    stress = sub.add_parser("stress", help="each stress scenario in a plain loop and with Keel's defaults: table + loss PNG")
+    stress.add_argument("--scenarios", help="comma-separated subset (default: all 8)")
+    stress.add_argument("--epochs", type=int, default=8, help="epochs of the digits scenarios")
+    stress.add_argument("--lstm-epochs", type=int, default=4, help="epochs of the LSTM scenario")
+    stress.add_argument("--out", default="runs/stress", help="output directory")
+    stress.set_defaults(func=cmd_stress)
 
     results = sub.add_parser("results", help="re-read a finished or interrupted sweep")
     results.add_argument("exp_dir")
@@ -328,12 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     make = data.add_parser("make", help="write a built-in dataset as Parquet")
-    make.add_argument("dataset", choices=["digits", "synthetic", "tabular", "sequence"])
+    make.add_argument("dataset", choices=["digits", "synthetic", "tabular", "sequence", "graphs"])
     make.add_argument("--out", required=True, help="output directory")
-    make.add_argument("--rows", type=int, help="rows in total (synthetic, tabular, sequence)")
+    make.add_argument("--rows", type=int, help="rows in total (synthetic, tabular, sequence, graphs)")
     make.add_argument("--shape", help="synthetic: C,H,W (default 3,32,32)")
     make.add_argument("--classes", type=int, help="number of classes")
     make.add_argument("--missing", type=float, default=0.0, help="tabular: fraction of NaN cells")
+    make.add_argument("--length", type=int, help="sequence: time steps per sequence (default 32)")
     make.set_defaults(func=cmd_data_make)
     inspect = data.add_parser("inspect", help="schema, rows, class balance and NaN counts of a Parquet file")
     inspect.add_argument("path")

@@ -34,15 +34,15 @@ def doc(default: Any = ..., text: str = "", **limits: Any) -> Any:
 
 
 class ModelSpec(Section):
-    kind: Literal["mlp", "cnn", "resnet"] = doc("resnet", "Architecture family: mlp, cnn (plain conv stack) or resnet (residual blocks).")
-    hidden: list[int] = doc([128, 128], "MLP hidden layer widths.")
+    kind: Literal["mlp", "cnn", "resnet", "lstm", "gcn"] = doc("resnet", "Architecture family: mlp, cnn (plain conv stack), resnet (residual blocks), lstm (data.shape [time, features]) or gcn (data.shape [nodes, nodes + node features]: adjacency then features).")
+    hidden: list[int] = doc([128, 128], "Hidden widths: MLP layers, stacked LSTM layers, or GCN layers.")
     channels: list[int] = doc([32, 64], "CNN/ResNet channels per stage; each stage after the first halves the resolution.")
     blocks_per_stage: int = doc(2, "ResNet residual blocks per stage.", ge=1)
     batch_norm: bool = doc(True, "Use batch norm after each conv/linear layer.")
     activation: Literal[ACTIVATIONS] = doc("relu", "Hidden activation: relu, leaky_relu, elu, silu/swish or gelu.")
     leaky_slope: float = doc(0.01, "Negative slope of leaky_relu (also used for its init gain).", ge=0, lt=1)
     init: Literal[INITS] = doc("kaiming_normal", "Weight init of conv/linear layers; 'default' keeps torch's.")
-    dropout: float = doc(0.0, "Dropout probability before the classifier (and between MLP layers).", ge=0, lt=1)
+    dropout: float = doc(0.0, "Dropout probability before the classifier (and between MLP/LSTM/GCN layers).", ge=0, lt=1)
     zero_init_residual: bool = doc(True, "Start each residual branch's last BN at zero so blocks begin as identities.")
 
 
@@ -84,7 +84,7 @@ class CurriculumSpec(Section):
 class DataSpec(Section):
     train: str = doc(..., "Parquet file or directory with the training split.")
     val: str = doc(..., "Parquet file or directory with the validation split.")
-    generate: Optional[Literal["digits"]] = doc(None, "If the Parquet files are missing, write this built-in dataset there first.")
+    generate: Optional[Literal["digits", "sequence", "graphs", "synthetic", "tabular"]] = doc(None, "If the Parquet files are missing, write this built-in dataset (keel data make) there first.")
     features: Union[str, list[str]] = doc("image", "Feature column (a fixed-size list), or a list of scalar columns (tabular).")
     label: str = doc("label", "Column with integer class labels in [0, num_classes).")
     shape: list[int] = doc(..., "Shape of one sample, e.g. [1, 8, 8] for images or [64] for tabular rows.", min_length=1)
@@ -124,6 +124,17 @@ class ScheduleSpec(Section):
     base_lr_ratio: float = doc(0.1, "cyclic: lowest LR as a fraction of lr.", gt=0, le=1)
     plateau_patience: int = doc(3, "plateau: epochs without val_loss improvement before the LR drops.", ge=0)
     plateau_factor: float = doc(0.5, "plateau: LR factor applied on a plateau.", gt=0, lt=1)
+
+
+class LossSpec(Section):
+    kind: Literal["cross_entropy", "symmetric_ce", "bootstrap", "huber"] = doc(
+        "cross_entropy", "Training loss; symmetric_ce / bootstrap / huber are robust to noisy labels.")
+    label_smoothing: float = doc(0.0, "Mix this much of the uniform distribution into the targets.", ge=0, lt=1)
+    sce_alpha: float = doc(0.1, "symmetric_ce: weight of the cross-entropy term.", ge=0)
+    sce_beta: float = doc(1.0, "symmetric_ce: weight of the reverse cross-entropy term.", ge=0)
+    log_clamp: float = doc(-4.0, "symmetric_ce: log(0) in the reverse term is clamped to this.", lt=0)
+    bootstrap_beta: float = doc(0.8, "bootstrap: weight of the given labels against the model's own prediction.", gt=0, le=1)
+    huber_delta: float = doc(1.0, "huber: the Huber threshold on probability errors.", gt=0)
 
 
 class RegularizationSpec(Section):
@@ -166,6 +177,7 @@ class DiagnosticsSpec(Section):
 
 
 class NonFiniteSpec(Section):
+    enabled: bool = doc(True, "Skip steps with a NaN/Inf loss or gradient (off: they are applied, as in a plain loop).")
     max_consecutive_skips: int = doc(10, "Consecutive skipped (NaN/Inf) steps after which the run stops as diverged.", ge=1)
 
 
@@ -225,6 +237,7 @@ class JobSpec(Section):
     optimizer: OptimizerSpec = doc(OptimizerSpec(), "Optimizer and learning rate.")
     schedule: ScheduleSpec = doc(ScheduleSpec(), "Learning-rate warmup and schedule.")
     regularization: RegularizationSpec = doc(RegularizationSpec(), "Weight decay and L1/L2 penalties.")
+    loss: LossSpec = doc(LossSpec(), "Training loss (validation always reports plain cross-entropy).")
     stability: StabilitySpec = doc(StabilitySpec(), "Safeguards that keep training stable.")
     scaling: ScalingSpec = doc(ScalingSpec(), "Workers, devices and the Ray cluster.")
     run: RunSpec = doc(..., "Name, storage, length, checkpoints and seed.")
@@ -236,6 +249,10 @@ class JobSpec(Section):
             raise ValueError("scaling.amp: fp16 needs scaling.use_gpu: true (use bf16 or none on CPU)")
         if self.model.kind in ("cnn", "resnet") and len(self.data.shape) != 3:
             raise ValueError(f"data.shape: model.kind {self.model.kind} needs [channels, height, width], got {self.data.shape}")
+        if self.model.kind == "lstm" and len(self.data.shape) != 2:
+            raise ValueError(f"data.shape: model.kind lstm needs [time, features], got {self.data.shape}")
+        if self.model.kind == "gcn" and (len(self.data.shape) != 2 or self.data.shape[1] <= self.data.shape[0]):
+            raise ValueError(f"data.shape: model.kind gcn needs [nodes, nodes + node_features], got {self.data.shape}")
         aug = self.data.augment
         image_only = {"random_crop_padding": aug.random_crop_padding, "hflip": aug.hflip, "cutout": aug.cutout,
                       "cutmix_alpha": aug.cutmix_alpha}

@@ -1,4 +1,4 @@
-"""MLP, plain CNN and ResNet for small images and tabular rows."""
+"""MLP, plain CNN and ResNet for small images and tabular rows (LSTM: sequence.py, GCN: graph.py)."""
 
 from __future__ import annotations
 
@@ -94,6 +94,17 @@ def build_network(kind: str, shape: list[int], num_classes: int, **options) -> n
         return MLP(math.prod(shape), options["hidden"], num_classes, **common)
     if kind == "cnn":
         return CNN(shape[0], options["channels"], num_classes, **common)
+    if kind == "lstm":
+        from orchestrator.models.sequence import LSTMClassifier
+        if len(shape) != 2:
+            raise ValueError("lstm needs data.shape [time, features]")
+        return LSTMClassifier(shape[1], options["hidden"], num_classes, dropout=options["dropout"])
+    if kind == "gcn":
+        from orchestrator.models.graph import GCN
+        if len(shape) != 2 or shape[1] <= shape[0]:
+            raise ValueError("gcn needs data.shape [nodes, nodes + node_features]")
+        return GCN(shape[0], shape[1] - shape[0], options["hidden"], num_classes, activation=options["activation"],
+                   leaky_slope=options["leaky_slope"], dropout=options["dropout"])
     if kind == "resnet":
         return ResNet(shape[0], options["channels"], options["blocks_per_stage"], num_classes,
                       zero_init_residual=options["zero_init_residual"], **common)

@@ -1,5 +1,5 @@
-"""`keel sweep`: Ray Tune over Keel jobs. Each trial is a function trainable that fits a TorchTrainer
-with TuneReportCallback (the Train V2 pattern); every epoch report becomes one Tune result."""
+"""`keel sweep`: Ray Tune over Keel jobs. Each trial (sweep/trial.py) is a function trainable that fits a
+TorchTrainer (the Train V2 pattern); every epoch report becomes one Tune result with its checkpoint."""
 
 from __future__ import annotations
 
@@ -15,18 +15,10 @@ from ray.tune import Callback
 
 from orchestrator.data.sources import resolve
 from orchestrator.sweep.spec import SweepSpec
+from orchestrator.sweep.trial import loss_threshold, run_trial, set_dotted
 
 DIVERGED_FILE = "keel_diverged.json"
 TRIAL_CPU = 0.05  # the trial's own driver process; Tune refuses 0
-
-
-def set_dotted(tree: dict, path: str, value) -> dict:
-    node = tree
-    *parents, leaf = path.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-    return tree
 
 
 def param_space(search: dict) -> dict:
@@ -35,33 +27,6 @@ def param_space(search: dict) -> dict:
     makers = {"loguniform": tune.loguniform, "uniform": tune.uniform, "quniform": tune.quniform,
               "randint": tune.randint, "choice": lambda *v: tune.choice(list(v)), "grid": lambda *v: tune.grid_search(list(v))}
     return {path: makers[kind](*args) for path, dist in search.items() for kind, args in dist.items()}
-
-
-def trial_job(config: dict, base_tree: dict, sweep: SweepSpec, trial_id: str, trials_dir: str) -> dict:
-    tree = copy.deepcopy(base_tree)
-    for path, value in config.items():
-        set_dotted(tree, path, value)
-    r = sweep.resources
-    set_dotted(tree, "run.name", trial_id)
-    set_dotted(tree, "run.storage_path", trials_dir)
-    set_dotted(tree, "scaling.num_workers", r.workers_per_trial)
-    set_dotted(tree, "scaling.cpus_per_worker", r.cpus_per_worker)
-    set_dotted(tree, "scaling.use_gpu", r.gpus_per_worker > 0)
-    return tree
-
-
-def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str) -> None:
-    """The Tune trainable: one Keel job, reported epoch by epoch through TuneReportCallback."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from orchestrator.data.pipeline import make_epoch_clock
-    from orchestrator.spec import JobSpec
-    from orchestrator.train.driver import build_trainer, preflight, resolved
-
-    sweep = SweepSpec.model_validate(sweep_json)
-    spec = resolved(JobSpec.model_validate(trial_job(config, base_tree, sweep, tune.get_context().get_trial_id(), trials_dir)))
-    build_trainer(spec, preflight(spec), None, make_epoch_clock(), callbacks=[TuneReportCallback()]).fit()
 
 
 def logger_callbacks(sweep: SweepSpec) -> list:
@@ -140,9 +105,9 @@ def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[Trial
     exp_dir.mkdir(parents=True, exist_ok=True)
     (exp_dir / "keel_sweep.yaml").write_text(yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
     divergence = sweep.divergence.model_copy()
-    if divergence.loss_threshold == "auto":  # a first report can already be the explosion: an absolute scale too
-        divergence.loss_threshold = 10 * math.log(base_tree["data"]["num_classes"])
-    stopper = DivergenceStopper(divergence, sweep.metric, exp_dir / DIVERGED_FILE)
+    divergence.loss_threshold = loss_threshold(sweep, base_tree["data"]["num_classes"])
+    # PBT: diverged trials are recorded, not stopped; they report the worst score and PBT clones over them
+    stopper = DivergenceStopper(divergence, sweep.metric, exp_dir / DIVERGED_FILE, stop=sweep.scheduler.kind != "pbt")
     trainable = tune.with_parameters(run_trial, base_tree=base_tree, sweep_json=sweep.model_dump(mode="json"),
                                      trials_dir=str(exp_dir / "trials"))
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_CPU})
@@ -181,11 +146,20 @@ class LiveRows(Callback):
         self._update(trial, trial.last_result or {}, status="ERROR")
 
     def _update(self, trial, result, status=None):
-        reason = self.stopper.reasons.get(trial.trial_id, {}).get("reason", "")
-        self.rows[trial.trial_id] = TrialRow(
-            trial.trial_id, "diverged" if reason else (status or trial.status), dict(trial.config),
-            result.get(self.metric), result.get("training_iteration", 0), reason, len(result.get("events") or []))
+        status, reason = trial_status(self.stopper.reasons.get(trial.trial_id), status or trial.status)
+        self.rows[trial.trial_id] = TrialRow(trial.trial_id, status, dict(trial.config), result.get(self.metric),
+                                             result.get("training_iteration", 0), reason, len(result.get("events") or []))
         LIVE_HANDLERS.get(self.key, lambda rows: None)(list(self.rows.values()))
+
+
+def trial_status(record: Optional[dict], tune_status: str) -> tuple[str, str]:
+    """(status, reason): `diverged` unless PBT has since replaced the trial with a clone of a good one."""
+    if not record:
+        return tune_status, ""
+    if record.get("cloned_from"):
+        return tune_status, (f"diverged at report {record['iteration']} ({record['reason']}); "
+                             f"replaced by a clone of {record['cloned_from']}")
+    return "diverged", record["reason"]
 
 
 def summarize(exp_dir: Path, metric: str, mode: str, base_tree: Optional[dict] = None) -> SweepOutcome:
@@ -203,8 +177,7 @@ def summarize(exp_dir: Path, metric: str, mode: str, base_tree: Optional[dict] =
     outcome = SweepOutcome(exp_dir)
     for trial in analysis.trials:
         m = trial.last_result or {}
-        reason = reasons.get(trial.trial_id, {}).get("reason", "")
-        status = "diverged" if reason else trial.status
+        status, reason = trial_status(reasons.get(trial.trial_id), trial.status)
         outcome.rows.append(TrialRow(trial.trial_id, status, dict(trial.config), m.get(metric),
                                      m.get("training_iteration", 0), reason, len(m.get("events") or [])))
     healthy = [r for r in outcome.rows if r.status == "TERMINATED" and isinstance(r.metric, (int, float)) and math.isfinite(r.metric)]

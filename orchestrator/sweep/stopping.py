@@ -3,7 +3,8 @@
 Stock ASHA/HyperBand/PBT/FIFO let a trial reporting NaN run to the end (measured on Ray 2.60).
 This stops a trial at its first report with a non-finite metric or loss, when its loss exceeds
 k times its first value or an absolute threshold, or when Keel's own guards declared it diverged.
-The reasons are kept (and written to keel_diverged.json) so results can mark such trials.
+The reasons are kept (and written to keel_diverged.json) so results can mark such trials. Under PBT
+(stop=False) it only records: the trial lives on at the worst score until PBT clones a good one over it.
 """
 
 from __future__ import annotations
@@ -35,27 +36,34 @@ def divergence_reason(result: dict, first_loss: Optional[float], *, metric: str,
 
 
 class DivergenceStopper(tune.Stopper):
-    def __init__(self, spec, metric: str, record: Optional[Path] = None):
-        self.spec, self.metric, self.record = spec, metric, record
+    def __init__(self, spec, metric: str, record: Optional[Path] = None, stop: bool = True):
+        self.spec, self.metric, self.record, self.stop = spec, metric, record, stop
         self.first_loss: dict[str, float] = {}
         self.reasons: dict[str, dict] = json.loads(record.read_text()) if record and record.exists() else {}
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         if not self.spec.enabled:
             return False
+        previous = self.reasons.get(trial_id)
+        if previous and result.get("cloned_from") and not previous.get("cloned_from"):
+            previous["cloned_from"] = result["cloned_from"]  # PBT replaced it with a clone of a good trial
+            self._save()
         reason = divergence_reason(result, self.first_loss.get(trial_id), metric=self.metric,
                                    loss_metric=self.spec.loss_metric, loss_factor=self.spec.loss_factor,
                                    loss_threshold=self.spec.loss_threshold)
         loss = result.get(self.spec.loss_metric)
         if trial_id not in self.first_loss and isinstance(loss, (int, float)) and math.isfinite(loss):
             self.first_loss[trial_id] = loss
-        if reason is None:
-            return False
+        if reason is None or (previous and not previous.get("cloned_from")):
+            return False  # healthy, or (PBT) already recorded and waiting to be replaced
         self.reasons[trial_id] = {"reason": reason, "iteration": result.get("training_iteration")}
+        self._save()
+        return self.stop
+
+    def _save(self) -> None:
         if self.record is not None:
             self.record.parent.mkdir(parents=True, exist_ok=True)
             self.record.write_text(json.dumps(self.reasons, indent=1))
-        return True
 
     def stop_all(self) -> bool:
         return False

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,13 +96,26 @@ def newest_good_checkpoint(candidates: list[Path], warn) -> Path | None:
     return None
 
 
-def load_checkpoint(directory: str | os.PathLike, comps, map_location="cpu") -> dict:
-    """Restore `comps` in place; returns the payload (for epoch/step)."""
+def load_checkpoint(directory: str | os.PathLike, comps, map_location="cpu", keep_hyperparameters: bool = False) -> dict:
+    """Restore `comps` in place; returns the payload (for epoch/step).
+
+    keep_hyperparameters: take weights, optimizer moments and guard state from the checkpoint but keep
+    this spec's LR, weight decay, momentum... (PBT's exploit: a clone continues a better trial's weights
+    under mutated hyper-parameters). The LR schedule is then replayed to the checkpoint's step."""
     payload = torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=False)
     st = comps.state
     unwrap(st.model).load_state_dict(payload["model"])
+    ours = [{k: v for k, v in g.items() if k != "params"} for g in st.optimizer.param_groups]
     st.optimizer.load_state_dict(payload["optimizer"])
-    comps.schedule.load_state_dict(payload["schedule"])
+    if keep_hyperparameters:
+        for group, hyper in zip(st.optimizer.param_groups, ours):
+            group.update(hyper)
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": replaying on purpose
+            warnings.simplefilter("ignore")
+            for _ in range(payload["step"]):
+                comps.schedule.step()
+    else:
+        comps.schedule.load_state_dict(payload["schedule"])
     if st.scaler is not None and payload["scaler"] is not None:
         st.scaler.load_state_dict(payload["scaler"])
     comps.safeguards.load_state_dict(payload["safeguards"])

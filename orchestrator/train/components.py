@@ -58,7 +58,8 @@ def build_safeguards(spec: JobSpec, model: torch.nn.Module) -> Safeguards:
               GradClipper(st.clip, classifier_params(model))]
     if st.diagnostics.enabled:
         guards.append(Diagnostics(model, st.diagnostics.every))
-    guards.append(NonFiniteGuard(st.nonfinite.max_consecutive_skips))
+    if st.nonfinite.enabled:
+        guards.append(NonFiniteGuard(st.nonfinite.max_consecutive_skips))
     if st.spike.enabled:
         guards.append(SpikeGuard(st.spike))
     guards.append(ReplicaCheck())
@@ -74,7 +75,7 @@ def build_components(spec: JobSpec, steps_per_epoch: int, device: torch.device, 
     model = build_model(spec.model, spec.data)
     if spec.stability.sync_batchnorm and world_size() > 1:
         model = convert_sync_batchnorm(model, use_cuda=device.type == "cuda")
-    if spec.scaling.use_gpu and spec.model.kind != "mlp":
+    if spec.scaling.use_gpu and spec.model.kind in ("cnn", "resnet"):
         model = model.to(memory_format=torch.channels_last)
     model = prepare_model(model) if prepare_model else model.to(device)
     optimizer = build_optimizer(model, spec.optimizer, spec.regularization, world_size())

@@ -177,7 +177,8 @@ def resolved(spec: JobSpec) -> JobSpec:
     return spec
 
 
-def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: Any = None, callbacks: list = ()):
+def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: Any = None, callbacks: list = (),
+                  initial_checkpoint: Optional[dict] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -191,7 +192,8 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "steps_per_epoch": plan.steps_per_epoch,
-                           "progress": progress_queue, "clock": clock, "preprocess": plan.preprocess.to_dict()},
+                           "progress": progress_queue, "clock": clock, "preprocess": plan.preprocess.to_dict(),
+                           "initial_checkpoint": initial_checkpoint},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path,

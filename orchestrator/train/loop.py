@@ -19,6 +19,7 @@ from orchestrator.stability.distributed import all_reduce_, world_size
 from orchestrator.train.checkpointing import list_checkpoints, load_checkpoint, newest_good_checkpoint, save_checkpoint
 from orchestrator.train.components import Components, build_components, seed_everything
 from orchestrator.train.meters import EpochMeter, ProgressSender
+from orchestrator.train.losses import compute_loss
 from orchestrator.train.optim import weight_penalty
 
 
@@ -53,7 +54,7 @@ def train_step(comps: Components, batch: dict, spec: JobSpec) -> None:
         return
     x, y = to_inputs(batch, spec.data, st.device)
     with torch.autocast(st.device.type, dtype=comps.amp_dtype, enabled=comps.amp_dtype is not None):
-        loss = F.cross_entropy(st.model(x).float(), y)
+        loss = compute_loss(st.model(x).float(), y, spec.loss)
     st.loss = loss.detach()
     guards.call("after_loss", st)
     total = loss + weight_penalty(comps.penalized, reg.l1, reg.l2)
@@ -116,10 +117,14 @@ def stability_report(comps: Components, events: list[dict], metrics: dict) -> di
     return {"stop_reason": metrics["stop_reason"], **diagnostics.report(events[-1000:], counters)}
 
 
-def resume(comps: Components, spec: JobSpec, progress: ProgressSender) -> int:
+def resume(comps: Components, spec: JobSpec, progress: ProgressSender, initial: dict | None = None) -> int:
     """Load the newest checkpoint that matches its manifest; warn about (and skip) corrupted ones.
-    Every rank reads the same files, so every rank makes the same choice."""
+    Every rank reads the same files, so every rank makes the same choice. Without one of this run's
+    own, `initial` = {path, keep_hyperparameters} starts from another run's (a sweep trial's restore)."""
     latest = ray.train.get_checkpoint()
+    keep_hyperparameters = False
+    if latest is None and initial:
+        latest, keep_hyperparameters = ray.train.Checkpoint(initial["path"]), initial["keep_hyperparameters"]
     if latest is None:
         return 0
     warn = lambda message: progress.send("warning", message=message)
@@ -132,21 +137,23 @@ def resume(comps: Components, spec: JobSpec, progress: ProgressSender) -> int:
         if chosen is None:
             warn("no intact checkpoint: starting from scratch")
             return 0
-        epoch = load_checkpoint(chosen, comps, map_location=comps.state.device)["epoch"] + 1
+        epoch = load_checkpoint(chosen, comps, map_location=comps.state.device,
+                                keep_hyperparameters=keep_hyperparameters)["epoch"] + 1
     progress.send("resumed", epoch=epoch, checkpoint=str(chosen))
     return epoch
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: config = {spec, steps_per_epoch (per epoch), progress (a ray Queue or None),
-    clock (the data pipeline's EpochClock or None), preprocess (statistics, saved with checkpoints)}."""
+    clock (the data pipeline's EpochClock or None), preprocess (statistics, saved with checkpoints),
+    initial_checkpoint (optional: {path, keep_hyperparameters}, see `resume`)}."""
     spec = JobSpec.model_validate(config["spec"])
     steps_per_epoch, world, clock = config["steps_per_epoch"], world_size(), config.get("clock")
     comps = build_components(spec, max(steps_per_epoch), ray.train.torch.get_device(), ray.train.torch.prepare_model)
     st, guards = comps.state, comps.safeguards
     progress = ProgressSender(config.get("progress"), st.rank)
     progress.send("ready", world_size=world)
-    start_epoch = resume(comps, spec, progress)
+    start_epoch = resume(comps, spec, progress, config.get("initial_checkpoint"))
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     all_events: list[dict] = []
 
@@ -162,6 +169,8 @@ def train_loop_per_worker(config: dict) -> None:
             local_shuffle_buffer_size=spec.data.shuffle_buffer or None,
             local_shuffle_seed=spec.run.seed * 7919 + epoch * 31 + st.rank if spec.data.shuffle_buffer else None)
         for i, batch in enumerate(meter.timed(batches)):
+            if i == 0 and epoch == start_epoch:
+                progress.send("first_batch")  # start-up breakdown: data pipeline up
             if i >= steps or st.stop_reason:
                 continue  # drain the shard: every rank takes exactly `steps` (agreed) steps
             logged = i % spec.run.log_every == 0 or i == steps - 1

@@ -1,6 +1,7 @@
 """Sweeps on a real local Ray cluster: divergent trials stopped at once, healthy ones finish, resume works."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -116,3 +117,32 @@ def test_interrupted_sweep_resumes_and_keel_results_rereads_it(ray_session, digi
     assert len((exp / first_trial / "result.json").read_text().splitlines()) == 3
     assert cli.main(["results", str(exp)]) == 0
     assert "best:" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(900)
+def test_pbt_replaces_a_diverged_trial_with_a_clone_of_a_good_one(ray_session, digits_dir, tmp_path):
+    # Two trials side by side: lr 0.05 trains, lr 1e4 diverges in its first epoch (Keel's guard ends its
+    # run). Stock PBT ignores NaN scores; Keel's trial reports the worst score instead, so PBT's exploit
+    # clones the good trial over it. The clone keeps training from the good trial's checkpoint.
+    # A ResNet, not the MLP: PBT clones only from trials still running, so the good one must outlast
+    # the bad one's first reports (with the MLP, under load, it finished within 2 s of them).
+    model = ["model.kind=resnet", "model.channels=[16,32]", "model.blocks_per_stage=1"]
+    path = sweep_file(tmp_path, digits_dir, "pbt", [0.05, 1e4], max_concurrent_trials=2, overrides=["run.epochs=6", *model],
+                      scheduler={"kind": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5})
+    tree = yaml.safe_load(path.read_text())
+    tree["search"]["regularization.weight_decay"] = {"choice": [0.0, 1e-5]}  # PBT needs a mutation to explore
+    path.write_text(yaml.safe_dump(tree))
+    sweep, base = load_sweep(path)
+    outcome = run_sweep(sweep, base)
+    reasons = json.loads((outcome.exp_dir / "keel_diverged.json").read_text())
+    (bad_id, record), = reasons.items()
+    good = next(r for r in outcome.rows if r.trial_id != bad_id)
+    bad = next(r for r in outcome.rows if r.trial_id == bad_id)
+    assert record["cloned_from"] == good.trial_id, record           # replaced by a clone of the good trial
+    assert bad.status == "TERMINATED" and "replaced by a clone of" in bad.reason
+    assert bad.config["optimizer.lr"] == 0.05                       # it took the donor's hyper-parameters
+    assert bad.metric > 0.8 and good.metric > 0.8                   # and trained on from its weights
+    results = [json.loads(line) for line in
+               next(outcome.exp_dir.glob(f"*{bad_id}*/result.json")).read_text().splitlines()]
+    assert any(r.get("diverged") for r in results) and results[-1].get("cloned_from") == good.trial_id
+    assert outcome.best is not None and math.isfinite(outcome.best.metric)

@@ -59,3 +59,32 @@ def test_zero_init_residual_makes_blocks_start_as_identity():
     assert all(torch.count_nonzero(block.bn2.weight) == 0 for block in model.blocks)
     spec = parse_spec({**MINIMAL, "model": {"kind": "resnet", "channels": [8], "zero_init_residual": False}})
     assert all(torch.count_nonzero(block.bn2.weight) > 0 for block in build_model(spec.model, spec.data).blocks)
+
+
+def test_gcn_normalized_adjacency_and_permutation_invariance():
+    from orchestrator.models.graph import GCN, normalized_adjacency
+
+    a = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+    assert torch.allclose(normalized_adjacency(a), torch.full((1, 2, 2), 0.5))  # D^-1/2 (A+I) D^-1/2, degrees 2
+    torch.manual_seed(0)
+    net = GCN(5, 3, [8, 8], 3, activation="relu", leaky_slope=0.0, dropout=0.0)
+    adj = (torch.rand(1, 5, 5) > 0.5).float()
+    adj = ((adj + adj.transpose(1, 2)) > 0).float()
+    feats = torch.randn(1, 5, 3)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    x = torch.cat([adj, feats], 2)
+    x_perm = torch.cat([adj[:, perm][:, :, perm], feats[:, perm]], 2)
+    assert torch.allclose(net(x), net(x_perm), atol=1e-5)  # relabelling the nodes changes nothing
+
+
+def test_lstm_classifier_reads_the_whole_sequence():
+    from orchestrator.models.sequence import LSTMClassifier
+
+    torch.manual_seed(0)
+    net = LSTMClassifier(1, [8, 4], 2, dropout=0.1).eval()
+    x = torch.randn(3, 20, 1)
+    y = net(x)
+    assert y.shape == (3, 2)
+    x2 = x.clone()
+    x2[:, 0] += 5.0  # changing only the first step must change the output: gradients reach step 0
+    assert not torch.allclose(net(x2), y)

@@ -1,0 +1,148 @@
+"""Throughput of the same model, data and batch, four ways, in one invocation:
+
+  (a) keel:       `run_job` with every guard on (norm clipping, non-finite skip, spike rollback snapshots,
+                  diagnostics, synchronized BN), Ray Data ingest, 2 workers;
+  (b) ray_train:  a minimal hand-written Ray Train V2 loop in the shape of Ray's examples
+                  (ray.data.read_parquet -> get_dataset_shard -> iter_torch_batches, prepare_model, a
+                  plain step), 2 workers;
+  (c) torchrun:   plain DDP on gloo under torchrun, 2 processes, a DistributedSampler DataLoader;
+  (d) single:     one process, the global batch, all cores.
+
+samples/s is measured over the epochs after the first (start-up excluded), training time only (no
+validation). Targets: keel/ray_train >= 0.97, keel/torchrun >= 0.90.
+
+    python -m benchmarks.overhead [--rows N] [--epochs E] [--batch B]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import machine, save, table
+from orchestrator.data.generators import make_synthetic
+from orchestrator.spec import load_spec
+
+MODEL = ["model.channels=[32,64]", "model.blocks_per_stage=1", "model.dropout=0.0"]
+
+
+def job(workdir: str, epochs: int, batch: int, *extra: str):
+    return load_spec("jobs/digits-resnet.yaml", [
+        f"data.train={workdir}/train.parquet", f"data.val={workdir}/val.parquet", "data.generate=null",
+        f"run.storage_path={workdir}/runs", f"run.epochs={epochs}", f"data.batch_size={batch}", "run.name=overhead",
+        "data.augment.random_crop_padding=0", "data.augment.noise_std=0.0", "data.preprocess.standardize=none",
+        "stability.early_stopping.enabled=false", "schedule.warmup_epochs=0", *MODEL, *extra])
+
+
+def steady(per_epoch: list[float]) -> float:
+    rest = per_epoch[1:] or per_epoch
+    return sum(rest) / len(rest)
+
+
+def run_keel(workdir: str, epochs: int, batch: int) -> float:
+    from orchestrator.train.driver import run_job
+
+    spec = job(workdir, epochs, batch, "stability.spike.action=rollback", "stability.clip.mode=norm")
+    outcome = run_job(spec)
+    return steady([h["samples_per_s"] for h in outcome.history])
+
+
+def ray_train_loop(config: dict) -> None:
+    """Ray's example shape: shard -> iter_torch_batches -> prepare_model'd DDP model -> step."""
+    import ray.train
+    import ray.train.torch
+    import torch.nn.functional as F
+
+    from orchestrator.models import build_model
+
+    spec = config["spec"]
+    model = ray.train.torch.prepare_model(build_model(spec.model, spec.data))
+    optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    shard = ray.train.get_dataset_shard("train")
+    world = ray.train.get_context().get_world_size()
+    for epoch in range(config["epochs"]):
+        start, samples = time.perf_counter(), 0
+        for batch in shard.iter_torch_batches(batch_size=config["batch"], drop_last=True, local_shuffle_buffer_size=512):
+            x = batch["image"].float().reshape(-1, *spec.data.shape)
+            loss = F.cross_entropy(model(x), batch["label"].long())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            samples += len(x) * world
+        ray.train.report({"epoch": epoch, "samples_per_s": samples / (time.perf_counter() - start)})
+
+
+def run_ray_train(workdir: str, epochs: int, batch: int) -> float:
+    import ray.data
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    spec = job(workdir, epochs, batch)
+    history: list[float] = []
+
+    from ray.train.v2.api.callback import UserCallback
+
+    class Collect(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            history.append(metrics[0]["samples_per_s"])
+
+    trainer = TorchTrainer(ray_train_loop, train_loop_config={"spec": spec, "epochs": epochs, "batch": batch},
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                           run_config=RunConfig(name="overhead-ray-train", storage_path=f"{workdir}/runs", callbacks=[Collect()]),
+                           datasets={"train": ray.data.read_parquet(f"{workdir}/train.parquet")})
+    trainer.fit()
+    return steady(history)
+
+
+def run_torchrun(workdir: str, epochs: int, batch: int) -> float:
+    out = Path(workdir) / "torchrun.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+                    "-m", "benchmarks.plain_ddp", workdir, str(epochs), str(batch), str(out)],
+                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=900)
+    return steady(json.loads(out.read_text()))
+
+
+def run_single(workdir: str, epochs: int, batch: int) -> float:
+    from benchmarks.plain_ddp import train
+
+    return steady(train(workdir, epochs, batch * 2, distributed=False))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=12_000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32, help="per worker (single process: the global batch)")
+    args = parser.parse_args(argv)
+    workdir = tempfile.mkdtemp(prefix="keel-overhead-")
+    make_synthetic(workdir, rows=args.rows, shape=(1, 8, 8))
+    from orchestrator.train.driver import ensure_ray
+
+    ensure_ray(None)
+    rates = {}
+    for name, fn in (("keel", run_keel), ("ray_train", run_ray_train), ("torchrun", run_torchrun), ("single", run_single)):
+        rates[name] = fn(workdir, args.epochs, args.batch)
+        print(f"{name}: {rates[name]:.0f} samples/s", flush=True)
+    ratios = {"keel/ray_train": rates["keel"] / rates["ray_train"], "keel/torchrun": rates["keel"] / rates["torchrun"],
+              "keel/single": rates["keel"] / rates["single"]}
+    targets = {"keel/ray_train": 0.97, "keel/torchrun": 0.90}
+    print(f"\noverhead: digits ResNet [32,64] on 1x8x8, batch {args.batch}/worker, {args.rows} rows ({machine()})\n")
+    print(table(["variant", "samples/s"], [[k, f"{v:.0f}"] for k, v in rates.items()]))
+    print()
+    print(table(["ratio", "value", "target"], [[k, f"{v:.2f}", f">= {targets[k]}" if k in targets else "-"] for k, v in ratios.items()]))
+    result = {"rows": args.rows, "epochs": args.epochs, "batch": args.batch, "samples_per_s": rates, "ratios": ratios, "targets": targets}
+    print(f"wrote {save('overhead', result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

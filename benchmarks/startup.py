@@ -1,0 +1,90 @@
+"""Start-up time of `keel run` on the smallest job, from the command to the first step and to exit.
+
+Each round runs a fresh Python process (as a user's `keel run` would) that timestamps: imports done,
+Ray started (embedded local cluster), worker group up (the workers' first message), first batch
+delivered by the data pipeline, first optimizer step logged, run finished; the parent adds the exit.
+
+    python -m benchmarks.startup [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import machine, median, save, table
+
+SMALLEST = ["model.kind=mlp", "model.hidden=[32]", "run.epochs=1", "run.log_every=1",
+            "stability.early_stopping.enabled=false", "stability.diagnostics.enabled=false"]
+PHASES = [("ray_start", "imported", "ray_started"), ("worker_group", "ray_started", "ready"),
+          ("dataset_first_batch", "ready", "first_batch"), ("first_step", "first_batch", "first_step"),
+          ("rest_of_run", "first_step", "finished"), ("shutdown_exit", "finished", "exit")]
+
+
+def child(workdir: str) -> None:
+    marks = {"imported": 0.0}
+    from orchestrator.spec import load_spec
+    from orchestrator.train.driver import ensure_ray, run_job
+    marks["imported"] = time.time()
+    spec = load_spec("jobs/digits-resnet.yaml", [f"data.train={workdir}/train.parquet", f"data.val={workdir}/val.parquet",
+                                                 f"run.storage_path={workdir}/runs", f"run.name=startup-{time.time_ns()}", *SMALLEST])
+    ensure_ray(None)
+    marks["ray_started"] = time.time()
+
+    def on_event(event: dict) -> None:
+        kind = {"ready": "ready", "first_batch": "first_batch", "step": "first_step"}.get(event["type"])
+        if kind and kind not in marks:
+            marks[kind] = time.time()
+    outcome = run_job(spec, on_event=on_event)
+    marks["finished"] = time.time()
+    print("MARKS " + json.dumps({**marks, "status": outcome.status}), flush=True)
+
+
+def one_round(workdir: str) -> dict:
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--child", workdir], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    end = time.time()
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("MARKS ")), None)
+    if line is None:
+        raise RuntimeError(f"startup child failed: {proc.stderr[-2000:]}")
+    marks = {**json.loads(line[6:]), "command": start, "exit": end}
+    phases = {"imports": marks["imported"] - start}
+    phases.update({name: marks[b] - marks[a] for name, a, b in PHASES})
+    phases["to_first_step"] = marks["first_step"] - start
+    phases["to_exit"] = end - start
+    return phases
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child")
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child)
+        return {}
+    from orchestrator.data.generators import make_digits
+
+    workdir = tempfile.mkdtemp(prefix="keel-startup-")
+    make_digits(workdir)
+    rounds = [one_round(workdir) for _ in range(args.rounds)]
+    keys = ["imports"] + [p[0] for p in PHASES] + ["to_first_step", "to_exit"]
+    summary = {k: median([r[k] for r in rounds]) for k in keys}
+    print(f"keel run start-up, smallest job (MLP [32], 1 epoch, 2 workers), median of {args.rounds} ({machine()})\n")
+    print(table(["phase", "seconds (median)"] + [f"round {i + 1}" for i in range(len(rounds))],
+                [[k, f"{summary[k]:.1f}"] + [f"{r[k]:.1f}" for r in rounds] for k in keys]))
+    print(f"\nto first step: **{summary['to_first_step']:.1f} s** (target <= 10 s); to exit: {summary['to_exit']:.1f} s")
+    result = {"rounds": rounds, "median": summary, "target_first_step_s": 10.0, "env": {k: v for k, v in os.environ.items() if k.startswith("RAY_")}}
+    print(f"wrote {save('startup', result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The stress scenarios: each is a job (a spec tree) that breaks a plain training loop in a known way.
+
+Every scenario is run twice, the same model and data under two profiles:
+- plain: what a hand-written loop does: no clipping, NaN steps applied, no spike guard, per-worker
+  ("stock") batch norm, no warmup, torch's default init;
+- keel: Keel's default stability profile: the spec's defaults for `stability` (norm clipping at 1.0,
+  the agreed non-finite skip, spike skip, synchronized BN), Kaiming init, and one warmup epoch.
+Each workload also gets one tuned reference run (keel profile, no fault), the bar for "converged".
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+PLAIN = {"stability": {"clip": {"mode": "none"}, "nonfinite": {"enabled": False}, "spike": {"enabled": False},
+                       "sync_batchnorm": False, "diagnostics": {"enabled": False}},
+         "schedule": {"warmup_epochs": 0}, "model": {"init": "default", "zero_init_residual": False}}
+KEEL = {"schedule": {"warmup_epochs": 1}}  # everything else: the spec's defaults
+
+
+def merge(tree: dict, patch: dict) -> dict:
+    out = copy.deepcopy(tree)
+    for key, value in patch.items():
+        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) else copy.deepcopy(value)
+    return out
+
+
+def profile(tree: dict, name: str) -> dict:
+    return merge(tree, PLAIN if name == "plain" else KEEL)
+
+
+def digits_job(data_dir: Path, epochs: int) -> dict:
+    return {"model": {"kind": "resnet", "channels": [16, 32], "blocks_per_stage": 1},
+            "data": {"train": str(data_dir / "train.parquet"), "val": str(data_dir / "val.parquet"),
+                     "shape": [1, 8, 8], "num_classes": 10, "batch_size": 32, "preprocess": {"standardize": "per_channel"}},
+            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "schedule": {"kind": "cosine"},
+            "scaling": {"num_workers": 2}, "run": {"name": "digits", "epochs": epochs, "log_every": 2}}
+
+
+def lstm_job(data_dir: Path, epochs: int) -> dict:
+    return {"model": {"kind": "lstm", "hidden": [32, 32]},
+            "data": {"train": str(data_dir / "train.parquet"), "val": str(data_dir / "val.parquet"), "features": "sequence",
+                     "shape": [LONG_SEQUENCE, 1], "num_classes": 2, "batch_size": 64},
+            "optimizer": {"name": "adam", "lr": 0.003}, "schedule": {"kind": "cosine"},
+            "scaling": {"num_workers": 2}, "run": {"name": "lstm", "epochs": epochs, "log_every": 2}}
+
+
+LONG_SEQUENCE = 100
+
+
+@dataclass
+class Scenario:
+    name: str
+    what: str
+    workload: str                        # digits | digits_noisy | lstm
+    patch: dict = field(default_factory=dict)
+    reference: str = "digits"            # the tuned run this is measured against
+
+
+SCENARIOS = [
+    Scenario("lr_x30", "learning rate 30x the tuned 0.1", "digits", {"optimizer": {"lr": 3.0}}),
+    Scenario("bad_init", "every weight x10 before the first step", "digits",
+             {"faults": [{"kind": "scale_weights", "at_step": 0, "factor": 10.0, "layer": ""}]}),
+    Scenario("deep_plain", "12-layer MLP, no skips, no batch norm", "digits",
+             {"model": {"kind": "mlp", "hidden": [128] * 12, "batch_norm": False}, "optimizer": {"lr": 0.05}}),
+    Scenario("poisoned_batches", "NaN batches at steps 30 and 90, a 1e4x batch at 60", "digits",
+             {"faults": [{"kind": "nan_batch", "at_step": 30}, {"kind": "huge_batch", "at_step": 60, "factor": 1e4},
+                         {"kind": "nan_batch", "at_step": 90, "rank": 1}]}),
+    Scenario("label_noise_20", "20% of training labels replaced at random", "digits_noisy"),
+    Scenario("tiny_bn_batch", "2 samples per worker with batch norm", "digits",
+             {"data": {"batch_size": 2}, "optimizer": {"lr": 0.02}}),
+    Scenario("lr_spike", "LR x100 for 3 steps mid-run", "digits",
+             {"faults": [{"kind": "lr_spike", "at_step": 80, "repeat": 3, "factor": 100.0}]}),
+    Scenario("long_lstm", f"stacked LSTM over {LONG_SEQUENCE} steps, Adam at 3x the tuned LR", "lstm",
+             {"optimizer": {"lr": 0.01}}, reference="lstm"),
+]
+BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+def noisy_copy(src: Path, dst: Path, fraction: float, num_classes: int, seed: int = 0) -> Path:
+    """The training split with `fraction` of its labels replaced by uniform random ones (validation stays clean)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(src / "train.parquet")
+    labels = table["label"].to_numpy().copy()
+    rng = np.random.default_rng(seed)
+    flip = rng.random(len(labels)) < fraction
+    labels[flip] = rng.integers(0, num_classes, int(flip.sum()))
+    dst.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels)), dst / "train.parquet")
+    pq.write_table(pq.read_table(src / "val.parquet"), dst / "val.parquet")
+    return dst
+
+
+def prepare_data(root: Path) -> dict[str, Path]:
+    """Generated once per output directory: digits, digits with 20% label noise, long sequences."""
+    from orchestrator.data.generators import make_digits, make_sequence
+
+    dirs = {"digits": root / "digits", "digits_noisy": root / "digits_noisy", "lstm": root / f"sequence{LONG_SEQUENCE}"}
+    if not (dirs["digits"] / "val.parquet").exists():
+        make_digits(dirs["digits"])
+    if not (dirs["digits_noisy"] / "val.parquet").exists():
+        noisy_copy(dirs["digits"], dirs["digits_noisy"], 0.2, 10)
+    if not (dirs["lstm"] / "val.parquet").exists():
+        make_sequence(dirs["lstm"], rows=4000, length=LONG_SEQUENCE)
+    return dirs
+
+
+JOBS: dict[str, Callable[[Path, int], dict]] = {"digits": digits_job, "digits_noisy": digits_job, "lstm": lstm_job}
+
+
+def scenario_job(scenario: Scenario, profile_name: str, data: dict[str, Path], epochs: dict[str, int], storage: Path) -> dict:
+    tree = merge(JOBS[scenario.workload](data[scenario.workload], epochs[scenario.reference]), scenario.patch)
+    tree = profile(tree, profile_name)
+    tree["run"].update(name=f"{scenario.name}-{profile_name}", storage_path=str(storage))
+    return tree
+
+
+def reference_job(workload: str, data: dict[str, Path], epochs: dict[str, int], storage: Path) -> dict:
+    tree = profile(JOBS[workload](data[workload], epochs[workload]), "keel")
+    tree["run"].update(name=f"reference-{workload}", storage_path=str(storage))
+    return tree

@@ -1,0 +1,154 @@
+"""One sweep trial: a Tune function trainable that fits a Keel TorchTrainer (the Train V2 pattern).
+
+Each epoch's `ray.train.report` reaches Tune as one result *with its checkpoint*: a Train callback
+forwards (metrics, persisted checkpoint path) to this trial's thread, which calls `tune.report`.
+(Ray's TuneReportCallback forwards only the path, as a metric, so PBT would have nothing to clone.)
+
+A trial restored by Tune (an interrupted sweep resumed, or PBT's exploit) starts a fresh Train run
+from `tune.get_checkpoint()`; under PBT it keeps its own, mutated hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from ray.train.v2.api.callback import UserCallback
+
+from orchestrator.sweep.spec import SweepSpec
+from orchestrator.sweep.stopping import divergence_reason
+
+# Under PBT a diverged trial is not stopped: it reports this score so PBT's exploit replaces it with a
+# clone of a top trial (PBT skips NaN scores, and a stopped trial can no longer be exploited).
+WORST = {"max": -1e9, "min": 1e9}
+IDLE_REPORT_S = (1.0, 5.0)  # a diverged PBT trial whose run ended reports at its own epoch pace, within these bounds
+
+
+def set_dotted(tree: dict, path: str, value) -> dict:
+    node = tree
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return tree
+
+
+def trial_job(config: dict, base_tree: dict, sweep: SweepSpec, run_name: str, trials_dir: str) -> dict:
+    tree = copy.deepcopy(base_tree)
+    for path, value in config.items():
+        set_dotted(tree, path, value)
+    r = sweep.resources
+    set_dotted(tree, "run.name", run_name)
+    set_dotted(tree, "run.storage_path", trials_dir)
+    set_dotted(tree, "scaling.num_workers", r.workers_per_trial)
+    set_dotted(tree, "scaling.cpus_per_worker", r.cpus_per_worker)
+    set_dotted(tree, "scaling.use_gpu", r.gpus_per_worker > 0)
+    if sweep.scheduler.kind == "pbt":
+        set_dotted(tree, "run.checkpoint_every", 1)  # PBT clones from the latest report's checkpoint
+    return tree
+
+
+def loss_threshold(sweep: SweepSpec, num_classes: int) -> Optional[float]:
+    """`auto`: ten times a uniform guess's loss (a first report can already be the explosion)."""
+    value = sweep.divergence.loss_threshold
+    return 10 * math.log(num_classes) if value == "auto" else value
+
+
+class ForwardReports(UserCallback):
+    """Runs in the Train controller: hands each report and its persisted checkpoint to the trial thread."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put({"metrics": dict(metrics[0]), "checkpoint": checkpoint.path if checkpoint else None})
+
+
+def restored_run_name(trial_id: str, trials_dir: str) -> str:
+    """A fresh Train run name per restore: the trial's own run directory may hold a later (or, after a
+    PBT clone, an unrelated) checkpoint that Ray Train would otherwise resume by itself."""
+    k = 1
+    while (Path(trials_dir) / f"{trial_id}-r{k}").exists():
+        k += 1
+    return f"{trial_id}-r{k}"
+
+
+def source_trial(checkpoint_dir: str) -> str:
+    """The trial whose run wrote a checkpoint (from its config.yaml's run.name)."""
+    import yaml
+
+    name = yaml.safe_load((Path(checkpoint_dir) / "config.yaml").read_text())["run"]["name"]
+    return name.split("-r")[0]
+
+
+def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str) -> None:
+    from ray import tune
+    from ray.util.queue import Empty, Queue
+
+    from orchestrator.data.pipeline import make_epoch_clock
+    from orchestrator.spec import JobSpec
+    from orchestrator.train.driver import build_trainer, preflight, resolved
+
+    sweep = SweepSpec.model_validate(sweep_json)
+    trial_id, restored, pbt = tune.get_context().get_trial_id(), tune.get_checkpoint(), sweep.scheduler.kind == "pbt"
+    run_name = restored_run_name(trial_id, trials_dir) if restored else trial_id
+    spec = resolved(JobSpec.model_validate(trial_job(config, base_tree, sweep, run_name, trials_dir)))
+    initial, cloned_from = None, None
+    if restored is not None:
+        initial = {"path": restored.path, "keep_hyperparameters": pbt}
+        cloned_from = source_trial(restored.path)
+        cloned_from = cloned_from if cloned_from != trial_id else None
+    reports = Queue(actor_options={"num_cpus": 0})
+    trainer = build_trainer(spec, preflight(spec), None, make_epoch_clock(), callbacks=[ForwardReports(reports)],
+                            initial_checkpoint=initial)
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # re-raised in the trial thread: the trial errors, as Tune expects
+            failure.append(exc)
+
+    fitting = threading.Thread(target=fit, daemon=True)
+    fitting.start()
+    first_loss, threshold, last, report_times = None, loss_threshold(sweep, spec.data.num_classes), {}, []
+    while fitting.is_alive() or not reports.empty():
+        try:
+            item = reports.get(timeout=0.5)
+        except Empty:
+            continue
+        last = metrics = item["metrics"]
+        if cloned_from:
+            metrics["cloned_from"] = cloned_from
+        if pbt:  # keep a diverged trial alive at the worst score; the stopper only records it
+            reason = divergence_reason(metrics, first_loss, metric=sweep.metric, loss_metric=sweep.divergence.loss_metric,
+                                       loss_factor=sweep.divergence.loss_factor, loss_threshold=threshold)
+            if reason:
+                metrics.update({sweep.metric: WORST[sweep.mode], "diverged": 1, "stop_reason": reason})
+        loss = metrics.get(sweep.divergence.loss_metric)
+        if first_loss is None and isinstance(loss, (int, float)) and math.isfinite(loss):
+            first_loss = loss
+        checkpoint = tune.Checkpoint.from_directory(item["checkpoint"]) if item["checkpoint"] else None
+        tune.report(metrics, checkpoint=checkpoint)
+        report_times.append(time.monotonic())
+    fitting.join()
+    if failure:
+        raise failure[0]
+    if pbt and last.get("diverged"):
+        pace = (report_times[-1] - report_times[0]) / (len(report_times) - 1) if len(report_times) > 1 else 0.0
+        wait_to_be_replaced(last, spec.run.epochs, min(max(pace, IDLE_REPORT_S[0]), IDLE_REPORT_S[1]))
+
+
+def wait_to_be_replaced(last: dict, epochs: int, every_s: float) -> None:
+    """A PBT trial whose run stopped as diverged (Keel's guards) reports its worst score for the epochs it
+    had left, at about its own epoch pace, so PBT's next exploit can replace it with a clone of a top trial.
+    (PBT exploits only trials that are still running, and clones only from those.)"""
+    from ray import tune
+
+    for epoch in range(last.get("epoch", 0) + 1, epochs):
+        time.sleep(every_s)
+        tune.report({**{k: v for k, v in last.items() if k != "events"}, "epoch": epoch, "waiting_for_clone": 1})

@@ -1,0 +1,52 @@
+"""Training losses, including robust ones for noisy labels.
+
+- cross_entropy, with optional label smoothing (Szegedy et al. 2016);
+- symmetric_ce: alpha * CE + beta * reverse CE, log(0) clamped to `log_clamp` (Wang et al. 2019, SCE);
+- bootstrap: "soft" bootstrapping, targets = beta * labels + (1 - beta) * the model's own prediction
+  (Reed et al. 2015);
+- huber: Huber loss between softmax probabilities and the target distribution (bounded per sample, so a
+  wrong label cannot dominate a batch).
+
+Targets are class indices or probability rows (one-hot, mixup). Each loss is a plain function of
+(logits, targets, spec) so it can be tested against hand-computed values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def target_probs(targets: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    probs = targets.float() if targets.dim() == 2 else F.one_hot(targets, num_classes).float()
+    return probs * (1 - smoothing) + smoothing / num_classes if smoothing else probs
+
+
+def cross_entropy(logits, targets, spec) -> torch.Tensor:
+    return F.cross_entropy(logits, targets, label_smoothing=spec.label_smoothing)
+
+
+def symmetric_ce(logits, targets, spec) -> torch.Tensor:
+    probs = target_probs(targets, logits.shape[1], spec.label_smoothing)
+    forward = -(probs * F.log_softmax(logits, 1)).sum(1)
+    reverse = -(F.softmax(logits, 1) * probs.clamp_min(torch.exp(torch.tensor(spec.log_clamp)).item()).log()).sum(1)
+    return (spec.sce_alpha * forward + spec.sce_beta * reverse).mean()
+
+
+def bootstrap(logits, targets, spec) -> torch.Tensor:
+    probs = target_probs(targets, logits.shape[1], spec.label_smoothing)
+    own = F.softmax(logits, 1).detach()  # the prediction is a target, not a path for gradients
+    mixed = spec.bootstrap_beta * probs + (1 - spec.bootstrap_beta) * own
+    return -(mixed * F.log_softmax(logits, 1)).sum(1).mean()
+
+
+def huber(logits, targets, spec) -> torch.Tensor:
+    probs = target_probs(targets, logits.shape[1], spec.label_smoothing)
+    return F.huber_loss(F.softmax(logits, 1), probs, delta=spec.huber_delta, reduction="none").sum(1).mean()
+
+
+LOSSES = {"cross_entropy": cross_entropy, "symmetric_ce": symmetric_ce, "bootstrap": bootstrap, "huber": huber}
+
+
+def compute_loss(logits: torch.Tensor, targets: torch.Tensor, spec) -> torch.Tensor:
+    return LOSSES[spec.kind](logits, targets, spec)
