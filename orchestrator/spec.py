@@ -228,7 +228,7 @@ class FaultSpec(Section):
     repeat: int = doc(1, "Inject at this many consecutive steps from at_step.", ge=1)
     rank: int = doc(0, "Rank whose batch is poisoned (batch faults; the others act on every rank).", ge=0)
     factor: float = doc(100.0, "huge_batch / lr_spike / scale_weights: the multiplier.", gt=0)
-    layer: str = doc("", "scale_weights: parameter-name prefix of the layer, e.g. blocks.0.conv1.")
+    layer: str = doc("", "scale_weights: parameter-name prefix of the layer, e.g. blocks.0.conv1, or * for every parameter.")
 
 
 class JobSpec(Section):

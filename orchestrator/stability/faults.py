@@ -21,7 +21,7 @@ def poison_batch(x: torch.Tensor, kind: str = "nan_batch", factor: float = 1e6) 
 
 @torch.no_grad()
 def scale_weights(model: torch.nn.Module, prefix: str, factor: float) -> list[str]:
-    names = [n for n, p in unwrap(model).named_parameters() if n.startswith(prefix)]
+    names = [n for n, p in unwrap(model).named_parameters() if prefix == "*" or n.startswith(prefix)]
     for n, p in unwrap(model).named_parameters():
         if n in names:
             p.mul_(factor)

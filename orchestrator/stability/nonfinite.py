@@ -17,27 +17,33 @@ def should_skip(global_nonfinite_count: float) -> bool:
     return not math.isfinite(global_nonfinite_count) or global_nonfinite_count > 0
 
 
+@torch.no_grad()
+def restore_buffers(state) -> None:
+    """Undo what a skipped step's forward did to the BN running statistics (a NaN or a 1e4x batch would
+    otherwise poison evaluation for hundreds of steps, though the update itself was dropped)."""
+    live = [b for b in state.model.buffers() if b.is_floating_point()]
+    for buffer, saved in zip(live, state.buffers_before):
+        buffer.copy_(saved)
+
+
 class NonFiniteGuard:
     def __init__(self, max_consecutive_skips: int = 10):
         self.max_consecutive_skips = max_consecutive_skips
         self.consecutive = 0
         self.total = 0
-        self._buffers: list = []
 
     def on_batch(self, state, batch: dict) -> dict:
         # A NaN batch poisons BN running statistics in the forward pass (on every rank, once they are
         # synchronized), so keep a copy of the buffers to put back if this step is skipped. Cheap:
         # BN buffers are two vectors per layer.
-        self._buffers = [b.detach().clone() for b in state.model.buffers() if b.is_floating_point()]
+        state.buffers_before = [b.detach().clone() for b in state.model.buffers() if b.is_floating_point()]
         return batch
 
     def before_step(self, state) -> None:
         if not should_skip(state.global_nonfinite):
             self.consecutive = 0
             return
-        with torch.no_grad():
-            for live, saved in zip([b for b in state.model.buffers() if b.is_floating_point()], self._buffers):
-                live.copy_(saved)
+        restore_buffers(state)
         self.consecutive += 1
         self.total += 1
         state.skip = True

@@ -20,6 +20,7 @@ import math
 from typing import Optional
 
 from orchestrator.stability.replica_check import replica_drift
+from orchestrator.stability.nonfinite import restore_buffers
 from orchestrator.stability.snapshots import SnapshotRing, restore
 
 
@@ -101,6 +102,7 @@ class SpikeGuard:
         state.skip = True
         self.recoveries += 1
         event = {"step": state.step, "trigger": f"{trigger}_spike", "value": round(z, 2), "action": self.spec.action}
+        restore_buffers(state)  # the dropped step's forward must not leave its batch statistics behind
         if self.recoveries > self.spec.max_recoveries:
             event["action"] = "stop"
             state.stop_reason = (f"diverged: {self.recoveries} {trigger} spikes exceeded stability.spike.max_recoveries="

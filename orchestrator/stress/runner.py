@@ -56,7 +56,10 @@ def run_one(tree: dict, scenario: str, profile: str) -> RunResult:
 def run_stress(out: Path, names: list[str], epochs: dict[str, int], on_run: Callable[[RunResult], None] = lambda r: None) -> dict:
     from orchestrator.train.driver import ensure_ray
 
+    import shutil
+
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "runs", ignore_errors=True)  # fresh runs: a run name that exists would resume instead
     chosen = [s for s in SCENARIOS if s.name in names]
     data, storage = prepare_data(out / "data"), out / "runs"
     ensure_ray(None)

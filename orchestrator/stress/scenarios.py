@@ -65,7 +65,7 @@ class Scenario:
 SCENARIOS = [
     Scenario("lr_x30", "learning rate 30x the tuned 0.1", "digits", {"optimizer": {"lr": 3.0}}),
     Scenario("bad_init", "every weight x10 before the first step", "digits",
-             {"faults": [{"kind": "scale_weights", "at_step": 0, "factor": 10.0, "layer": ""}]}),
+             {"faults": [{"kind": "scale_weights", "at_step": 0, "factor": 10.0, "layer": "*"}]}),
     Scenario("deep_plain", "12-layer MLP, no skips, no batch norm", "digits",
              {"model": {"kind": "mlp", "hidden": [128] * 12, "batch_norm": False}, "optimizer": {"lr": 0.05}}),
     Scenario("poisoned_batches", "NaN batches at steps 30 and 90, a 1e4x batch at 60", "digits",

@@ -59,6 +59,7 @@ class StepState:
     post_clip_norm: Optional[torch.Tensor] = None
     stop_reason: Optional[str] = None    # set -> the run stops after this epoch's report
     events: list[dict] = field(default_factory=list)  # guard events (step, trigger, value, action)
+    buffers_before: list = field(default_factory=list)  # float buffers (BN running stats) before this step's forward
 
     def begin_step(self) -> None:
         self.loss = self.grad_norm = self.param_grad_norms = self.post_clip_norm = None

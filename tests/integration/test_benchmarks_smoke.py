@@ -29,3 +29,22 @@ def test_data_wait_runs(bench_env):
 
     result = data_wait.main(["--rows", "600", "--epochs", "1", "--channels", "[4,8]"])
     assert result["status"] == "finished" and 0 <= result["steady_data_wait_frac"] <= 1
+
+
+@pytest.mark.timeout(600)
+def test_overhead_runs_all_four_variants(bench_env):
+    from benchmarks import overhead
+
+    result = overhead.main(["--rows", "1200", "--epochs", "2", "--batch", "32"])
+    assert set(result["samples_per_s"]) == {"keel", "ray_train", "torchrun", "single"}
+    assert all(v > 0 for v in result["samples_per_s"].values())
+
+
+@pytest.mark.timeout(300)
+def test_startup_breakdown_runs(bench_env):
+    from benchmarks import startup
+
+    result = startup.main(["--rounds", "1"])
+    phases = result["median"]
+    assert 0 < phases["to_first_step"] < phases["to_exit"]
+    assert all(phases[k] >= 0 for k in ("ray_start", "worker_group", "dataset_first_batch", "first_step"))

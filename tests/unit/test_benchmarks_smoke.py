@@ -13,3 +13,24 @@ def test_guards_overhead_runs(tmp_path, monkeypatch):
     result = guards_overhead.main(["--steps", "2", "--rounds", "2"])
     assert result["ratio_on_off"] > 0
     assert json.loads((tmp_path / "guards_overhead.json").read_text())["median_step_s"]["guards_on"] > 0
+
+
+def test_scaling_model_runs_and_projects(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    from benchmarks import scaling
+
+    result = scaling.main(["--steps", "3"])  # two real gloo processes for the 2-worker numbers
+    assert result["measured"]["t_step2"] > 0 and result["measured"]["t_allreduce2"] > 0
+    eff = [p["efficiency"] for p in result["projection"]]
+    assert eff[0] == 1.0 and all(a >= b for a, b in zip(eff, eff[1:]))  # more GPUs never project as more efficient
+
+
+def test_gpu_path_code_runs_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    from benchmarks import gpu_path
+
+    result = gpu_path.main(["--device", "cpu", "--steps", "2", "--batch", "4", "--channels", "[4,8]"])
+    assert {r["amp"] for r in result["runs"]} == {"none", "bf16"} and all(r["samples_per_s"] > 0 for r in result["runs"])
+    assert result["batchnorm_on_this_device"] == "KeelSyncBatchNorm"

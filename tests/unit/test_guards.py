@@ -114,3 +114,27 @@ def test_safeguards_call_hooks_in_order_and_collect_state():
     assert calls == ["A", "B"] and guards.state_dict() == {"A": {"a": 1}}
     guards.load_state_dict({"A": {"a": 2}})
     assert calls[-1] == ("loaded", {"a": 2})
+
+
+def test_a_spike_skip_also_restores_bn_buffers_the_huge_batch_wrote():
+    # A 1e4x batch: BN normalizes it in training, so the update is tame, but its forward writes a running
+    # variance ~1e8 times too large: evaluation would be ruined for hundreds of steps (measured in the
+    # stress suite before this was fixed). A skipped step must leave no trace in the running stats.
+    from orchestrator.spec import SpikeSpec
+    from orchestrator.stability.nonfinite import NonFiniteGuard
+    from orchestrator.stability.spikes import SpikeGuard
+
+    st = fake_state(0, 0.0)
+    nonfinite, spike = NonFiniteGuard(), SpikeGuard(SpikeSpec(warmup_steps=5, action="skip"))
+    for step in range(20):
+        st.step = step
+        st.begin_step()
+        nonfinite.on_batch(st, {})
+        huge = step == 19
+        st.model(torch.randn(8, 2) * (1e4 if huge else 1.0))
+        st.global_loss, st.grad_norm_value = 1.0, (1e4 if huge else 1.0 + 0.01 * (step % 3))
+        nonfinite.before_step(st)
+        spike.before_step(st)
+        if huge:
+            assert st.skip
+    assert st.model.running_var.max() < 10
