@@ -162,13 +162,13 @@ class SpikeSpec(Section):
     z_loss: float = doc(6.0, "A loss more than this many std above its EMA mean is a spike.", gt=0)
     z_grad: float = doc(6.0, "A global grad norm more than this many std above its EMA mean is a spike.", gt=0)
     warmup_steps: int = doc(50, "Steps of statistics gathering before detection starts.", ge=1)
-    action: Literal["skip", "rollback", "reduce_lr"] = doc("skip", "On a spike: skip the step, roll back and skip batches, or cut and re-warm the LR.")
+    action: Literal["skip", "rollback", "reduce_lr"] = doc("rollback", "On a spike: roll back to an in-memory snapshot and skip batches (default: also undoes an update that was already applied), skip the step, or cut and re-warm the LR.")
     snapshot_every: int = doc(25, "rollback: steps between in-memory snapshots (also their minimum age when restoring).", ge=1)
     snapshots: int = doc(3, "rollback: snapshots kept in memory.", ge=1)
     rollback_skip_batches: int = doc(10, "rollback: batches every rank skips after restoring.", ge=0)
     lr_factor: float = doc(0.5, "reduce_lr: LR multiplier applied per recovery.", gt=0, lt=1)
     rewarm_steps: int = doc(50, "reduce_lr: steps to ramp the reduced LR back up from zero.", ge=1)
-    max_recoveries: int = doc(10, "Recoveries allowed before the run stops as diverged.", ge=0)
+    max_recoveries: int = doc(10, "Recoveries allowed within `window` steps; one more stops the run as diverged.", ge=0)
 
 
 class DiagnosticsSpec(Section):

@@ -138,3 +138,11 @@ def test_diagnostics_name_the_layer_where_trouble_started():
     assert report["first_trouble"]["layer"] == "2.weight" and report["first_trouble"]["step"] == 4
     assert "Trouble started at step 4" in report["summary"] and "2.weight" in report["summary"]
     assert "1" in report["dead_units"]  # the ReLU was sampled
+
+
+def test_retry_budget_is_a_rate_scattered_spikes_do_not_stop_a_run():
+    comps = FakeComps()
+    guard = SpikeGuard(SpikeSpec(warmup_steps=10, window=20, action="skip", max_recoveries=2), comps)
+    calm = [1.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(25)]
+    st = run_guard(guard, comps, CALM + ([50.0] + calm) * 4)  # 4 spikes, each more than a window apart
+    assert guard.counts["spikes"] == 4 and st.stop_reason is None
