@@ -27,14 +27,14 @@ PHASES = [("ray_start", "imported", "ray_started"), ("worker_group", "ray_starte
           ("rest_of_run", "first_step", "finished"), ("shutdown_exit", "finished", "exit")]
 
 
-def child(workdir: str) -> None:
+def child(workdir: str, dashboard: bool) -> None:
     marks = {"imported": 0.0}
     from orchestrator.spec import load_spec
     from orchestrator.train.driver import ensure_ray, run_job
     marks["imported"] = time.time()
     spec = load_spec("jobs/digits-resnet.yaml", [f"data.train={workdir}/train.parquet", f"data.val={workdir}/val.parquet",
                                                  f"run.storage_path={workdir}/runs", f"run.name=startup-{time.time_ns()}", *SMALLEST])
-    ensure_ray(None)
+    ensure_ray(None, dashboard=dashboard)  # what `keel run` does (no dashboard unless --dashboard)
     marks["ray_started"] = time.time()
 
     def on_event(event: dict) -> None:
@@ -46,9 +46,10 @@ def child(workdir: str) -> None:
     print("MARKS " + json.dumps({**marks, "status": outcome.status}), flush=True)
 
 
-def one_round(workdir: str) -> dict:
+def one_round(workdir: str, dashboard: bool) -> dict:
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--child", workdir], capture_output=True, text=True,
+    flags = ["--dashboard"] if dashboard else []
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--child", workdir, *flags], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], timeout=300)
     end = time.time()
     line = next((l for l in proc.stdout.splitlines() if l.startswith("MARKS ")), None)
@@ -66,23 +67,25 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child")
+    parser.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too (keel run --dashboard)")
     args = parser.parse_args(argv)
     if args.child:
-        child(args.child)
+        child(args.child, args.dashboard)
         return {}
     from orchestrator.data.generators import make_digits
 
     workdir = tempfile.mkdtemp(prefix="keel-startup-")
     make_digits(workdir)
-    rounds = [one_round(workdir) for _ in range(args.rounds)]
+    rounds = [one_round(workdir, args.dashboard) for _ in range(args.rounds)]
     keys = ["imports"] + [p[0] for p in PHASES] + ["to_first_step", "to_exit"]
     summary = {k: median([r[k] for r in rounds]) for k in keys}
-    print(f"keel run start-up, smallest job (MLP [32], 1 epoch, 2 workers), median of {args.rounds} ({machine()})\n")
+    print(f"keel run{' --dashboard' if args.dashboard else ''} start-up, smallest job (MLP [32], 1 epoch, 2 workers), "
+          f"median of {args.rounds} ({machine()})\n")
     print(table(["phase", "seconds (median)"] + [f"round {i + 1}" for i in range(len(rounds))],
                 [[k, f"{summary[k]:.1f}"] + [f"{r[k]:.1f}" for r in rounds] for k in keys]))
     print(f"\nto first step: **{summary['to_first_step']:.1f} s** (target <= 10 s); to exit: {summary['to_exit']:.1f} s")
     result = {"rounds": rounds, "median": summary, "target_first_step_s": 10.0, "env": {k: v for k, v in os.environ.items() if k.startswith("RAY_")}}
-    print(f"wrote {save('startup', result)}")
+    print(f"wrote {save('startup_dashboard' if args.dashboard else 'startup', result)}")
     return result
 
 
