@@ -68,6 +68,7 @@ def ray_train_loop(config: dict) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     shard = ray.train.get_dataset_shard("train")
     world = ray.train.get_context().get_world_size()
+    rates = []
     for epoch in range(config["epochs"]):
         start, samples = time.perf_counter(), 0
         for batch in shard.iter_torch_batches(batch_size=config["batch"], drop_last=True, local_shuffle_buffer_size=512):
@@ -77,7 +78,10 @@ def ray_train_loop(config: dict) -> None:
             loss.backward()
             optimizer.step()
             samples += len(x) * world
-        ray.train.report({"epoch": epoch, "samples_per_s": samples / (time.perf_counter() - start)})
+        rates.append(samples / (time.perf_counter() - start))
+        ray.train.report({"epoch": epoch, "samples_per_s": rates[-1]})
+    if ray.train.get_context().get_world_rank() == 0:  # V2 keeps metrics only with checkpoints: a file
+        Path(config["out"]).write_text(json.dumps(rates))
 
 
 def run_ray_train(workdir: str, epochs: int, batch: int) -> float:
@@ -86,26 +90,19 @@ def run_ray_train(workdir: str, epochs: int, batch: int) -> float:
     from ray.train.torch import TorchTrainer
 
     spec = job(workdir, epochs, batch)
-    history: list[float] = []
-
-    from ray.train.v2.api.callback import UserCallback
-
-    class Collect(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            history.append(metrics[0]["samples_per_s"])
-
-    trainer = TorchTrainer(ray_train_loop, train_loop_config={"spec": spec, "epochs": epochs, "batch": batch},
+    out = Path(workdir) / "ray_train.json"
+    trainer = TorchTrainer(ray_train_loop, train_loop_config={"spec": spec, "epochs": epochs, "batch": batch, "out": str(out)},
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                           run_config=RunConfig(name="overhead-ray-train", storage_path=f"{workdir}/runs", callbacks=[Collect()]),
+                           run_config=RunConfig(name="overhead-ray-train", storage_path=f"{workdir}/runs"),
                            datasets={"train": ray.data.read_parquet(f"{workdir}/train.parquet")})
     trainer.fit()
-    return steady(history)
+    return steady(json.loads(out.read_text()))
 
 
 def run_torchrun(workdir: str, epochs: int, batch: int) -> float:
     out = Path(workdir) / "torchrun.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "-m", "benchmarks.plain_ddp", workdir, str(epochs), str(batch), str(out)],
                    check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=900)
     return steady(json.loads(out.read_text()))

@@ -23,7 +23,7 @@ def train(workdir: str, epochs: int, batch: int, distributed: bool) -> list[floa
     """samples/s of each epoch (training only)."""
     table = pq.read_table(f"{workdir}/train.parquet")
     x = torch.from_numpy(np.stack(table["image"].to_numpy(zero_copy_only=False)).astype(np.float32)).reshape(-1, 1, 8, 8)
-    y = torch.from_numpy(table["label"].to_numpy())
+    y = torch.from_numpy(table["label"].to_numpy().copy())
     dataset = torch.utils.data.TensorDataset(x, y)
     world = 1
     torch.manual_seed(0)

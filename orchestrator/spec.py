@@ -179,6 +179,7 @@ class DiagnosticsSpec(Section):
 class NonFiniteSpec(Section):
     enabled: bool = doc(True, "Skip steps with a NaN/Inf loss or gradient (off: they are applied, as in a plain loop).")
     max_consecutive_skips: int = doc(10, "Consecutive skipped (NaN/Inf) steps after which the run stops as diverged.", ge=1)
+    max_batch_scale_ratio: float = doc(1000.0, "Also skip a step whose input batch's mean square exceeds this multiple of its running average (a corrupt batch that BN hides from the loss while poisoning its running statistics; judged after 50 steps; 0 = off).", ge=0)
 
 
 class EarlyStoppingSpec(Section):

@@ -1,5 +1,11 @@
 """Non-finite step guard: a NaN/Inf loss or gradient on any rank skips the step on every rank.
 
+It also skips a step whose input batch is far out of scale: mean square above `max_batch_scale_ratio`
+times its running average (a corrupt batch, e.g. 1e4x or raw 0-255 pixels). BN normalises such a batch
+away in training, so neither the loss nor the gradient need show it, but its forward would poison the
+running statistics that evaluation uses (measured: val accuracy 0.97 -> 0.10). Only the input is
+judged: after a bad *update* it is the weights that are wrong, which is the spike guard's rollback's job.
+
 The decision reads only the step's all-reduced `nonfinite` count, so all ranks
 skip together and keep identical parameters. A budget of consecutive skips
 turns a run that keeps producing NaN into a clean 'diverged' stop.
@@ -10,6 +16,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from orchestrator.data.preprocess import FEATURES
 
 
 def should_skip(global_nonfinite_count: float) -> bool:
@@ -26,9 +34,19 @@ def restore_buffers(state) -> None:
         buffer.copy_(saved)
 
 
+def batch_scale_outlier(x: torch.Tensor, running: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Plain-function twin: 1.0 when the batch's mean square exceeds `ratio` x the running one (device flag)."""
+    return (x.float().pow(2).mean() > ratio * running).float()
+
+
+OUTLIER_WARMUP_STEPS = 50  # steps of input statistics before a batch can be judged out of scale
+
+
 class NonFiniteGuard:
-    def __init__(self, max_consecutive_skips: int = 10):
+    def __init__(self, max_consecutive_skips: int = 10, max_batch_scale_ratio: float = 0.0):
         self.max_consecutive_skips = max_consecutive_skips
+        self.max_ratio = max_batch_scale_ratio
+        self.input_power: torch.Tensor | None = None  # running mean square of the inputs (no host sync)
         self.consecutive = 0
         self.total = 0
 
@@ -37,18 +55,30 @@ class NonFiniteGuard:
         # synchronized), so keep a copy of the buffers to put back if this step is skipped. Cheap:
         # BN buffers are two vectors per layer.
         state.buffers_before = [b.detach().clone() for b in state.model.buffers() if b.is_floating_point()]
+        if self.max_ratio and FEATURES in batch:
+            x = batch[FEATURES]
+            power = x.float().pow(2).mean()
+            if self.input_power is None:
+                self.input_power = power
+            elif state.step >= OUTLIER_WARMUP_STEPS:
+                state.batch_outlier = batch_scale_outlier(x, self.input_power, self.max_ratio)
+                power = torch.where(state.batch_outlier > 0, self.input_power, power)  # outliers do not teach it
+            beta = 0.9 if state.step < OUTLIER_WARMUP_STEPS else 0.99
+            self.input_power = beta * self.input_power + (1 - beta) * power
         return batch
 
     def before_step(self, state) -> None:
-        if not should_skip(state.global_nonfinite):
+        outlier = state.global_outlier > 0
+        if not should_skip(state.global_nonfinite) and not outlier:
             self.consecutive = 0
             return
         restore_buffers(state)
         self.consecutive += 1
         self.total += 1
         state.skip = True
-        state.events.append({"step": state.step, "trigger": "nonfinite", "action": "skip",
-                             "value": state.global_nonfinite})
+        trigger = "batch_outlier" if outlier and not should_skip(state.global_nonfinite) else "nonfinite"
+        state.events.append({"step": state.step, "trigger": trigger, "action": "skip",
+                             "value": state.global_outlier if trigger == "batch_outlier" else state.global_nonfinite})
         if self.consecutive >= self.max_consecutive_skips:
             state.stop_reason = (f"diverged: {self.consecutive} consecutive non-finite steps "
                                  f"(stability.nonfinite.max_consecutive_skips={self.max_consecutive_skips}) at step {state.step}")

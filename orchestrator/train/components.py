@@ -59,7 +59,7 @@ def build_safeguards(spec: JobSpec, model: torch.nn.Module) -> Safeguards:
     if st.diagnostics.enabled:
         guards.append(Diagnostics(model, st.diagnostics.every))
     if st.nonfinite.enabled:
-        guards.append(NonFiniteGuard(st.nonfinite.max_consecutive_skips))
+        guards.append(NonFiniteGuard(st.nonfinite.max_consecutive_skips, st.nonfinite.max_batch_scale_ratio))
     if st.spike.enabled:
         guards.append(SpikeGuard(st.spike))
     guards.append(ReplicaCheck())

@@ -53,6 +53,8 @@ class StepState:
     grad_norm_value: float = float("nan")  # the same, as a float after the step's one host sync
     global_loss: float = float("nan")    # all-reduced mean loss (per step)
     global_nonfinite: float = 0.0        # ranks that saw NaN/Inf (per step)
+    batch_outlier: Any = None            # this rank's input batch is far out of scale (a tensor flag, no sync)
+    global_outlier: float = 0.0          # ranks whose batch was such an outlier (per step)
     skip: bool = False                   # skip this optimizer step (per step)
     lr_scale: float = 1.0                # multiplier on the scheduled LR for this step (recoveries, faults)
     want_post_clip_norm: bool = False    # set by the loop on logged steps: measure the norm after clipping too
@@ -66,6 +68,7 @@ class StepState:
         self.lr_scale = 1.0
         self.global_loss, self.grad_norm_value = float("nan"), float("nan")
         self.global_nonfinite, self.skip = 0.0, False
+        self.batch_outlier, self.global_outlier = None, 0.0
 
 
 class Safeguards:

@@ -36,13 +36,16 @@ def hard_labels(y: torch.Tensor) -> torch.Tensor:
 
 
 def agree_step(st, n: int) -> None:
-    """ONE all-reduce per step of [loss*n, n, non-finite?, grad norm]: the loss every rank reports and
+    """ONE all-reduce per step of [loss*n, n, non-finite?, grad norm, BN outlier?]: the loss every rank reports and
     the skip decision every rank takes. `.tolist()` is the step's host sync."""
-    norm = st.grad_norm if st.grad_norm is not None else torch.zeros((), device=st.device)
+    zero = torch.zeros((), device=st.device)
+    norm = st.grad_norm if st.grad_norm is not None else zero
     bad = (~torch.isfinite(st.loss)) | (~torch.isfinite(norm))
-    stats = torch.stack([st.loss.float() * n, torch.tensor(float(n), device=st.device), bad.float(), norm.float()])
-    loss_sum, count, nonfinite, norm_sum = all_reduce_(stats).tolist()
+    outlier = st.batch_outlier.to(st.device) if st.batch_outlier is not None else zero
+    stats = torch.stack([st.loss.float() * n, torch.tensor(float(n), device=st.device), bad.float(), norm.float(), outlier.float()])
+    loss_sum, count, nonfinite, norm_sum, outliers = all_reduce_(stats).tolist()
     st.global_loss, st.global_nonfinite, st.grad_norm_value = loss_sum / count, nonfinite, norm_sum / world_size()
+    st.global_outlier = outliers
 
 
 def train_step(comps: Components, batch: dict, spec: JobSpec) -> None:

@@ -138,3 +138,25 @@ def test_a_spike_skip_also_restores_bn_buffers_the_huge_batch_wrote():
         if huge:
             assert st.skip
     assert st.model.running_var.max() < 10
+
+
+def test_an_out_of_scale_input_batch_is_skipped_and_leaves_no_trace_in_bn():
+    # BN normalises a 1e4x batch away in training (loss and gradients look normal), but its forward would
+    # multiply the running variance ~1e7-fold. The guard judges the input's mean square against its average.
+    from orchestrator.data.preprocess import FEATURES
+
+    st = fake_state(0, 0.0)
+    guard = NonFiniteGuard(max_consecutive_skips=10, max_batch_scale_ratio=1000.0)
+    flagged = []
+    for step in range(80):
+        st.step = step
+        st.begin_step()
+        x = torch.randn(16, 2) * (1e4 if step == 70 else 1.0)
+        guard.on_batch(st, {FEATURES: x})
+        st.model(x)
+        st.global_outlier = st.batch_outlier.item() if st.batch_outlier is not None else 0.0  # agree_step's job
+        guard.before_step(st)
+        if st.skip:
+            flagged.append(step)
+    assert flagged == [70] and st.events[-1]["trigger"] == "batch_outlier"
+    assert st.model.running_var.max() < 10  # restored
