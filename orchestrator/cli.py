@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--print-config", action="store_true", help="print the resolved spec and exit")
     run.add_argument("--quiet", action="store_true", help="no live bar or per-epoch lines; summary only")
     run.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
-    run.add_argument("--dashboard", action="store_true", help="also start Ray's dashboard on 127.0.0.1 (slower start-up)")
+    run.add_argument("--dashboard", action="store_true", help="also start Ray's dashboard on 127.0.0.1")
     run.set_defaults(func=cmd_run)
 
     sweep = sub.add_parser("sweep", help="run a Ray Tune sweep over a job; divergent trials are stopped at once")

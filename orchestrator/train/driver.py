@@ -160,7 +160,7 @@ def ensure_ray(address: Optional[str], verbose: bool = False, dashboard: bool = 
         # Embedded local cluster; dashboard/job API stay on 127.0.0.1 (Ray's default). Sweeps need the
         # dashboard: its State API is how Ray frees a Tune-stopped trial's workers (measured: with port 8265
         # taken by another Ray, no dashboard started, and the next trial waited forever for CPUs). A single
-        # `keel run` does not, and starts faster without it (`keel run --dashboard` to watch it there).
+        # `keel run` does not need it (`keel run --dashboard` to watch it); start-up is the same either way.
         ray.init(log_to_driver=verbose, configure_logging=verbose, logging_level="WARNING",
                  include_dashboard=dashboard, dashboard_port=free_dashboard_port() if dashboard else None)
     else:
