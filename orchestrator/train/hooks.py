@@ -3,14 +3,15 @@
     setup: model -> synchronized BN -> DDP, optimizer, schedule, safeguards, resume
     for epoch:
         for batch:
-            -- on_batch(state, batch) -> batch    FaultInjector; SpikeGuard drops batches after a rollback
+            -- on_batch(state, batch) -> batch    FaultInjector; NonFiniteGuard: BN buffers saved, input-scale
+                                                  flag; SpikeGuard drops batches after a rollback
             forward, loss (+ L1/L2 penalty)
             -- after_loss(state)
             backward                              DDP all-reduces gradients here
             -- after_backward(state)              GradClipper: AMP unscale, norms, clip (norm/value/AGC/z-score);
                                                   Diagnostics: per-layer norms (sampled)
-            agree: ONE all-reduce of [loss*n, n, non-finite flag]   (the step's only host sync)
-            -- before_step(state)                 NonFiniteGuard: skip / diverged; SpikeGuard: skip, rollback,
+            agree: ONE all-reduce of [loss*n, n, non-finite, grad norm, input outlier]   (the step's only host sync)
+            -- before_step(state)                 NonFiniteGuard: skip (BN buffers restored) / diverged; SpikeGuard: skip, rollback,
                                                   reduce LR, or diverged; FaultInjector: LR spike
             optimizer step (at lr x state.lr_scale) and LR schedule step, or skip
             -- after_step(state)                  Diagnostics: update ratios, where trouble started
