@@ -58,11 +58,13 @@ class NonFiniteGuard:
         if self.max_ratio and FEATURES in batch:
             x = batch[FEATURES]
             power = x.float().pow(2).mean()
+            ignore = ~torch.isfinite(power)  # a NaN batch is the other check's business, and must not teach
             if self.input_power is None:
-                self.input_power = power
+                self.input_power = torch.where(ignore, torch.ones_like(power), power)
             elif state.step >= OUTLIER_WARMUP_STEPS:
                 state.batch_outlier = batch_scale_outlier(x, self.input_power, self.max_ratio)
-                power = torch.where(state.batch_outlier > 0, self.input_power, power)  # outliers do not teach it
+                ignore = ignore | (state.batch_outlier > 0)  # nor may an outlier
+            power = torch.where(ignore, self.input_power, power)
             beta = 0.9 if state.step < OUTLIER_WARMUP_STEPS else 0.99
             self.input_power = beta * self.input_power + (1 - beta) * power
         return batch

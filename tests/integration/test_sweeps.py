@@ -142,7 +142,6 @@ def test_pbt_replaces_a_diverged_trial_with_a_clone_of_a_good_one(ray_session, d
     assert bad.status == "TERMINATED" and "replaced by a clone of" in bad.reason
     assert bad.config["optimizer.lr"] == 0.05                       # it took the donor's hyper-parameters
     assert bad.metric > 0.8 and good.metric > 0.8                   # and trained on from its weights
-    # (the record above is Keel's; Tune may rewrite a restored trial's result.json, so it is not read here)
-    last = json.loads(next(outcome.exp_dir.glob(f"*{bad_id}*/result.json")).read_text().splitlines()[-1])
-    assert last.get("cloned_from") == good.trial_id and not last.get("diverged")
+    # (the record above is Keel's, the rows are Tune's analysis; a restored trial's result.json is not
+    # reliable: Tune may leave it at the pre-clone lines, measured)
     assert outcome.best is not None and math.isfinite(outcome.best.metric)

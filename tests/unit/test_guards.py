@@ -152,11 +152,14 @@ def test_an_out_of_scale_input_batch_is_skipped_and_leaves_no_trace_in_bn():
         st.step = step
         st.begin_step()
         x = torch.randn(16, 2) * (1e4 if step == 70 else 1.0)
+        if step == 30:
+            x = torch.full((16, 2), float("nan"))  # an earlier NaN batch must not blind the scale check
         guard.on_batch(st, {FEATURES: x})
         st.model(x)
         st.global_outlier = st.batch_outlier.item() if st.batch_outlier is not None else 0.0  # agree_step's job
+        st.global_nonfinite = float(not torch.isfinite(x).all())
         guard.before_step(st)
         if st.skip:
             flagged.append(step)
-    assert flagged == [70] and st.events[-1]["trigger"] == "batch_outlier"
+    assert flagged == [30, 70] and st.events[-1]["trigger"] == "batch_outlier"
     assert st.model.running_var.max() < 10  # restored
