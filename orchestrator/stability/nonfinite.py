@@ -25,18 +25,9 @@ def should_skip(global_nonfinite_count: float) -> bool:
     return not math.isfinite(global_nonfinite_count) or global_nonfinite_count > 0
 
 
-@torch.no_grad()
-def restore_buffers(state) -> None:
-    """Undo what a skipped step's forward did to the BN running statistics (a NaN or a 1e4x batch would
-    otherwise poison evaluation for hundreds of steps, though the update itself was dropped)."""
-    live = [b for b in state.model.buffers() if b.is_floating_point()]
-    for buffer, saved in zip(live, state.buffers_before):
-        buffer.copy_(saved)
-
-
-def batch_scale_outlier(x: torch.Tensor, running: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Plain-function twin: 1.0 when the batch's mean square exceeds `ratio` x the running one (device flag)."""
-    return (x.float().pow(2).mean() > ratio * running).float()
+def batch_scale_outlier(power: torch.Tensor, running: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Plain-function twin: 1.0 when a batch's mean square exceeds `ratio` x the running one (a tensor flag)."""
+    return (power > ratio * running).float()
 
 
 OUTLIER_WARMUP_STEPS = 50  # steps of input statistics before a batch can be judged out of scale
@@ -51,18 +42,13 @@ class NonFiniteGuard:
         self.total = 0
 
     def on_batch(self, state, batch: dict) -> dict:
-        # A NaN batch poisons BN running statistics in the forward pass (on every rank, once they are
-        # synchronized), so keep a copy of the buffers to put back if this step is skipped. Cheap:
-        # BN buffers are two vectors per layer.
-        state.buffers_before = [b.detach().clone() for b in state.model.buffers() if b.is_floating_point()]
         if self.max_ratio and FEATURES in batch:
-            x = batch[FEATURES]
-            power = x.float().pow(2).mean()
+            power = batch[FEATURES].float().pow(2).mean()
             ignore = ~torch.isfinite(power)  # a NaN batch is the other check's business, and must not teach
             if self.input_power is None:
                 self.input_power = torch.where(ignore, torch.ones_like(power), power)
             elif state.step >= OUTLIER_WARMUP_STEPS:
-                state.batch_outlier = batch_scale_outlier(x, self.input_power, self.max_ratio)
+                state.batch_outlier = batch_scale_outlier(power, self.input_power, self.max_ratio)
                 ignore = ignore | (state.batch_outlier > 0)  # nor may an outlier
             power = torch.where(ignore, self.input_power, power)
             beta = 0.9 if state.step < OUTLIER_WARMUP_STEPS else 0.99
@@ -74,7 +60,6 @@ class NonFiniteGuard:
         if not should_skip(state.global_nonfinite) and not outlier:
             self.consecutive = 0
             return
-        restore_buffers(state)
         self.consecutive += 1
         self.total += 1
         state.skip = True

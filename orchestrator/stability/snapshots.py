@@ -28,6 +28,20 @@ def _to_cpu(obj):
     return copy.deepcopy(obj)
 
 
+def snapshot_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Copies of the float buffers (BN running statistics) before a step's forward. Cheap: two vectors
+    per BN layer, on the device."""
+    return [b.detach().clone() for b in model.buffers() if b.is_floating_point()]
+
+
+@torch.no_grad()
+def restore_buffers(model: torch.nn.Module, saved: list[torch.Tensor]) -> None:
+    """Undo what a skipped step's forward did to the running statistics: a NaN or a 1e4x batch would
+    otherwise poison evaluation for hundreds of steps, though its update was dropped."""
+    for buffer, before in zip((b for b in model.buffers() if b.is_floating_point()), saved):
+        buffer.copy_(before)
+
+
 def capture(comps) -> dict:
     st = comps.state
     return _to_cpu({"model": unwrap(st.model).state_dict(), "optimizer": st.optimizer.state_dict(),

@@ -20,7 +20,6 @@ import math
 from typing import Optional
 
 from orchestrator.stability.replica_check import replica_drift
-from orchestrator.stability.nonfinite import restore_buffers
 from orchestrator.stability.snapshots import SnapshotRing, restore
 
 
@@ -76,7 +75,7 @@ class SpikeGuard:
         self.spec = spec
         self.detector = SpikeDetector(spec.window, spec.z_loss, spec.z_grad, spec.warmup_steps)
         self.comps, self.ring = comps, SnapshotRing(spec.snapshots)
-        self.recoveries, self.skip_batches = 0, 0
+        self.skip_batches = 0
         self.recent: list[int] = []  # steps of the recoveries inside the budget's window
         self.lr_factor, self.rewarm_start = 1.0, None
         self.counts = {"spikes": 0, "rollbacks": 0, "lr_reductions": 0, "batches_skipped": 0}
@@ -101,14 +100,12 @@ class SpikeGuard:
             return
         self.counts["spikes"] += 1
         state.skip = True
-        self.recoveries += 1
         # The budget is a rate, not a lifetime count: with tiny batches a long healthy run sees scattered
         # loss "spikes" (a 4-sample batch's loss is heavy-tailed), and 11 of them over 1,400 steps
         # stopped a run at 0.98 accuracy as diverged (measured). A run that keeps spiking within one
         # statistics window is the one that is not recovering.
         self.recent = [s for s in self.recent if s > state.step - self.spec.window] + [state.step]
         event = {"step": state.step, "trigger": f"{trigger}_spike", "value": round(z, 2), "action": self.spec.action}
-        restore_buffers(state)  # the dropped step's forward must not leave its batch statistics behind
         if len(self.recent) > self.spec.max_recoveries:
             event["action"] = "stop"
             state.stop_reason = (f"diverged: {len(self.recent)} {trigger} spikes exceeded stability.spike.max_recoveries="
@@ -116,6 +113,7 @@ class SpikeGuard:
         elif self.spec.action == "rollback":
             to_step, snap = self.ring.pick(state.step, self.spec.snapshot_every)
             restore(self.comps, snap)
+            state.buffers_before = []  # the snapshot brought its own BN statistics: keep those
             self.skip_batches = self.spec.rollback_skip_batches
             self.counts["rollbacks"] += 1
             event.update(rollback_to=to_step, skip_batches=self.skip_batches,
@@ -137,11 +135,11 @@ class SpikeGuard:
         metrics.update(self.counts)
 
     def state_dict(self) -> dict:
-        return {"detector": self.detector.state_dict(), "recoveries": self.recoveries, "lr_factor": self.lr_factor,
+        return {"detector": self.detector.state_dict(), "lr_factor": self.lr_factor,
                 "rewarm_start": self.rewarm_start, "counts": dict(self.counts), "recent": list(self.recent)}
 
     def load_state_dict(self, sd: dict) -> None:
         self.detector.load_state_dict(sd["detector"])
-        self.recoveries, self.lr_factor, self.rewarm_start = sd["recoveries"], sd["lr_factor"], sd["rewarm_start"]
+        self.lr_factor, self.rewarm_start = sd["lr_factor"], sd["rewarm_start"]
         self.counts.update(sd["counts"])
         self.recent = list(sd.get("recent", []))

@@ -54,9 +54,9 @@ def run_one(tree: dict, scenario: str, profile: str) -> RunResult:
 
 
 def run_stress(out: Path, names: list[str], epochs: dict[str, int], on_run: Callable[[RunResult], None] = lambda r: None) -> dict:
-    from orchestrator.train.driver import ensure_ray
-
     import shutil
+
+    from orchestrator.train.driver import ensure_ray
 
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "runs", ignore_errors=True)  # fresh runs: a run name that exists would resume instead

@@ -112,7 +112,7 @@ def load_checkpoint(directory: str | os.PathLike, comps, map_location="cpu", kee
             group.update(hyper)
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": replaying on purpose
             warnings.simplefilter("ignore")
-            for _ in range(payload["step"]):
+            for _ in range(payload["schedule"]["per_step"]["last_epoch"]):  # steps taken, skipped ones not
                 comps.schedule.step()
     else:
         comps.schedule.load_state_dict(payload["schedule"])

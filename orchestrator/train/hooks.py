@@ -3,16 +3,17 @@
     setup: model -> synchronized BN -> DDP, optimizer, schedule, safeguards, resume
     for epoch:
         for batch:
-            -- on_batch(state, batch) -> batch    FaultInjector; NonFiniteGuard: BN buffers saved, input-scale
-                                                  flag; SpikeGuard drops batches after a rollback
+            -- on_batch(state, batch) -> batch    FaultInjector; NonFiniteGuard: input-scale flag;
+                                                  SpikeGuard drops batches after a rollback; then BN buffers saved
             forward, loss (+ L1/L2 penalty)
             -- after_loss(state)
             backward                              DDP all-reduces gradients here
             -- after_backward(state)              GradClipper: AMP unscale, norms, clip (norm/value/AGC/z-score);
                                                   Diagnostics: per-layer norms (sampled)
             agree: ONE all-reduce of [loss*n, n, non-finite, grad norm, input outlier]   (the step's only host sync)
-            -- before_step(state)                 NonFiniteGuard: skip (BN buffers restored) / diverged; SpikeGuard: skip, rollback,
+            -- before_step(state)                 NonFiniteGuard: skip / diverged; SpikeGuard: skip, rollback,
                                                   reduce LR, or diverged; FaultInjector: LR spike
+            (Safeguards.decide: a skipped step's BN running statistics are put back)
             optimizer step (at lr x state.lr_scale) and LR schedule step, or skip
             -- after_step(state)                  Diagnostics: update ratios, where trouble started
         validate (sums all-reduced, so every rank sees the same metrics)
@@ -33,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+
+from orchestrator.stability.snapshots import restore_buffers, snapshot_buffers
 
 HOOKS = ("on_batch", "after_loss", "after_backward", "before_step", "after_step", "on_epoch_end", "on_report")
 
@@ -82,10 +85,19 @@ class Safeguards:
         """None means: every rank drops this batch (a decision made from rank-identical state)."""
         for g in self.guards:
             if batch is None:
-                break
+                return None
             if hasattr(g, "on_batch"):
                 batch = g.on_batch(state, batch)
+        if batch is not None:
+            state.buffers_before = snapshot_buffers(state.model)
         return batch
+
+    def decide(self, state: StepState) -> None:
+        """The before_step hooks, then: a step any guard skipped leaves no trace in the BN running
+        statistics its forward wrote (a rollback empties `buffers_before`: it restored older ones)."""
+        self.call("before_step", state)
+        if state.skip and state.buffers_before:
+            restore_buffers(state.model, state.buffers_before)
 
     def find(self, kind: type) -> Any:
         return next((g for g in self.guards if isinstance(g, kind)), None)

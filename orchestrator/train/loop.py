@@ -64,7 +64,7 @@ def train_step(comps: Components, batch: dict, spec: JobSpec) -> None:
     (st.scaler.scale(total) if st.scaler else total).backward()
     guards.call("after_backward", st)
     agree_step(st, len(y))
-    guards.call("before_step", st)
+    guards.decide(st)  # before_step hooks; a skip also puts back the BN statistics this forward wrote
     if not st.skip:
         with lr_scaled(st.optimizer, st.lr_scale):
             st.scaler.step(st.optimizer) if st.scaler else st.optimizer.step()

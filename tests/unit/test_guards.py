@@ -44,10 +44,10 @@ def test_guard_declares_divergence_after_budget():
 
 
 def test_guard_restores_bn_buffers_poisoned_by_a_skipped_forward():
-    guard, st = NonFiniteGuard(), fake_state(0, 1.0)
-    guard.on_batch(st, {})
+    guards, st = Safeguards([NonFiniteGuard()]), fake_state(0, 1.0)  # the loop's own hook runner
+    guards.on_batch(st, {})
     st.model(torch.full((4, 2), float("nan")))  # the forward writes NaN into running stats
-    guard.before_step(st)
+    guards.decide(st)
     assert torch.isfinite(st.model.running_mean).all() and torch.isfinite(st.model.running_var).all()
 
 
@@ -121,20 +121,19 @@ def test_a_spike_skip_also_restores_bn_buffers_the_huge_batch_wrote():
     # variance ~1e8 times too large: evaluation would be ruined for hundreds of steps (measured in the
     # stress suite before this was fixed). A skipped step must leave no trace in the running stats.
     from orchestrator.spec import SpikeSpec
-    from orchestrator.stability.nonfinite import NonFiniteGuard
     from orchestrator.stability.spikes import SpikeGuard
 
     st = fake_state(0, 0.0)
-    nonfinite, spike = NonFiniteGuard(), SpikeGuard(SpikeSpec(warmup_steps=5, action="skip"))
+    # the spike guard alone: putting the statistics back is the hook runner's job, whoever skipped
+    guards = Safeguards([SpikeGuard(SpikeSpec(warmup_steps=5, action="skip"))])
     for step in range(20):
         st.step = step
         st.begin_step()
-        nonfinite.on_batch(st, {})
+        guards.on_batch(st, {})
         huge = step == 19
         st.model(torch.randn(8, 2) * (1e4 if huge else 1.0))
         st.global_loss, st.grad_norm_value = 1.0, (1e4 if huge else 1.0 + 0.01 * (step % 3))
-        nonfinite.before_step(st)
-        spike.before_step(st)
+        guards.decide(st)
         if huge:
             assert st.skip
     assert st.model.running_var.max() < 10
@@ -146,7 +145,7 @@ def test_an_out_of_scale_input_batch_is_skipped_and_leaves_no_trace_in_bn():
     from orchestrator.data.preprocess import FEATURES
 
     st = fake_state(0, 0.0)
-    guard = NonFiniteGuard(max_consecutive_skips=10, max_batch_scale_ratio=1000.0)
+    guards = Safeguards([NonFiniteGuard(max_consecutive_skips=10, max_batch_scale_ratio=1000.0)])
     flagged = []
     for step in range(80):
         st.step = step
@@ -154,11 +153,11 @@ def test_an_out_of_scale_input_batch_is_skipped_and_leaves_no_trace_in_bn():
         x = torch.randn(16, 2) * (1e4 if step == 70 else 1.0)
         if step == 30:
             x = torch.full((16, 2), float("nan"))  # an earlier NaN batch must not blind the scale check
-        guard.on_batch(st, {FEATURES: x})
+        guards.on_batch(st, {FEATURES: x})
         st.model(x)
         st.global_outlier = st.batch_outlier.item() if st.batch_outlier is not None else 0.0  # agree_step's job
         st.global_nonfinite = float(not torch.isfinite(x).all())
-        guard.before_step(st)
+        guards.decide(st)
         if st.skip:
             flagged.append(step)
     assert flagged == [30, 70] and st.events[-1]["trigger"] == "batch_outlier"
