@@ -285,7 +285,7 @@ def cmd_stress(args, console: Console) -> int:
         console.print(f"{r.scenario:>16} {r.profile:<9} acc {acc:>6}  {'DIVERGED' if r.diverged else r.status:<9} "
                       f"{r.seconds:6.1f} s", highlight=False)
     epochs = {"digits": args.epochs, "lstm": args.lstm_epochs}
-    summary = run_stress(Path(args.out), names, epochs, on_run=show)
+    summary = run_stress(Path(args.out), names, epochs, seeds=args.seeds, on_run=show)
     console.print((Path(args.out) / "stress.md").read_text(), highlight=False, markup=False)
     console.print(f"wrote {args.out}/stress.json, stress.md, stress_losses.png", highlight=False)
     return 0 if summary["scenarios"] else 2
@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=cmd_sweep)
 
     stress = sub.add_parser("stress", help="each stress scenario in a plain loop and with Keel's defaults: table + loss PNG")
-    stress.add_argument("--scenarios", help="comma-separated subset (default: all 8)")
+    stress.add_argument("--scenarios", help="comma-separated subset (default: all)")
+    stress.add_argument("--seeds", type=int, default=2, help="seeds per scenario and profile (mean and range reported)")
     stress.add_argument("--epochs", type=int, default=8, help="epochs of the digits scenarios")
     stress.add_argument("--lstm-epochs", type=int, default=4, help="epochs of the LSTM scenario")
     stress.add_argument("--out", default="runs/stress", help="output directory")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from orchestrator.errors import BadInput
 
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "silu", "swish", "gelu")
-INITS = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "default")
+INITS = ("auto", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "default")
 METRICS = ("val_loss", "val_accuracy", "train_loss")
 
 
@@ -41,9 +41,9 @@ class ModelSpec(Section):
     batch_norm: bool = doc(True, "Use batch norm after each conv/linear layer.")
     activation: Literal[ACTIVATIONS] = doc("relu", "Hidden activation: relu, leaky_relu, elu, silu/swish or gelu.")
     leaky_slope: float = doc(0.01, "Negative slope of leaky_relu (also used for its init gain).", ge=0, lt=1)
-    init: Literal[INITS] = doc("kaiming_normal", "Weight init of conv/linear layers; 'default' keeps torch's.")
+    init: Literal[INITS] = doc("auto", "Weight init of conv/linear layers; 'default' keeps torch's; 'auto': kaiming_normal for nets without normalisation layers, torch's default for nets with them (measured: see orchestrator/models/init.py).")
     dropout: float = doc(0.0, "Dropout probability before the classifier (and between MLP/LSTM/GCN layers).", ge=0, lt=1)
-    zero_init_residual: bool = doc(True, "Start each residual branch's last BN at zero so blocks begin as identities.")
+    zero_init_residual: bool = doc(False, "Start each residual branch's last BN at zero so blocks begin as identities (off by default: with weights x10 it cost 15 points in the stress suite).")
 
 
 class PreprocessSpec(Section):
@@ -145,8 +145,8 @@ class RegularizationSpec(Section):
 
 
 class ClipSpec(Section):
-    mode: Literal["norm", "value", "none", "agc", "zscore"] = doc(
-        "norm", "Clip by global L2 norm, elementwise value, adaptive unit-wise (agc), z-score of the norm, or not at all.")
+    mode: Literal["auto", "norm", "value", "none", "agc", "zscore"] = doc(
+        "auto", "Clip by global L2 norm, elementwise value, adaptive unit-wise (agc), z-score of the norm, or not at all; auto: agc for feed-forward nets without normalisation layers, zscore otherwise (chosen by measurement, see orchestrator/stability/clipping.py).")
     max_norm: float = doc(1.0, "norm: global L2 norm threshold (zscore: the fixed threshold during its warm-up).", gt=0)
     max_value: float = doc(1.0, "value: elementwise threshold.", gt=0)
     agc_lambda: float = doc(0.01, "agc: max gradient/weight norm ratio per unit (Brock et al. 2021).", gt=0)
@@ -158,7 +158,7 @@ class ClipSpec(Section):
 
 class SpikeSpec(Section):
     enabled: bool = doc(True, "Detect loss and gradient-norm spikes (z-score against an EMA of calm steps).")
-    window: int = doc(128, "EMA window, in steps, of the loss and grad-norm statistics.", ge=2)
+    window: int = doc(32, "EMA window, in steps, of the loss and grad-norm statistics (128 let a falling loss's trend hide a 150x spike: z 4.9).", ge=2)
     z_loss: float = doc(6.0, "A loss more than this many std above its EMA mean is a spike.", gt=0)
     z_grad: float = doc(6.0, "A global grad norm more than this many std above its EMA mean is a spike.", gt=0)
     warmup_steps: int = doc(50, "Steps of statistics gathering before detection starts.", ge=1)
@@ -168,6 +168,7 @@ class SpikeSpec(Section):
     rollback_skip_batches: int = doc(10, "rollback: batches every rank skips after restoring.", ge=0)
     lr_factor: float = doc(0.5, "reduce_lr: LR multiplier applied per recovery.", gt=0, lt=1)
     rewarm_steps: int = doc(50, "reduce_lr: steps to ramp the reduced LR back up from zero.", ge=1)
+    cut_lr_after: int = doc(2, "rollback: from this many recoveries within `window` steps on, each rollback also multiplies the LR by lr_factor for the rest of the run (0 = never).", ge=0)
     max_recoveries: int = doc(10, "Recoveries allowed within `window` steps; one more stops the run as diverged.", ge=0)
 
 

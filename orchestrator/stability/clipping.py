@@ -23,6 +23,26 @@ def grad_norms(params: list[torch.nn.Parameter]) -> tuple[list[torch.Tensor], to
     return per, torch.linalg.vector_norm(torch.stack(per).float(), 2.0)
 
 
+_NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
+
+
+def resolve_clip_mode(mode: str, model: torch.nn.Module) -> str:
+    """`auto` (the default) -> 'agc' for a feed-forward net without normalisation layers, else 'zscore'.
+
+    Chosen by measurement (stress suite, 2 seeds each): a fixed clip at norm 1.0 throttles gradients
+    that are large for a good reason (digits ResNet with weights x10: 0.950 vs 0.971 with z-score;
+    LSTM at 3x its LR: 0.747 vs 0.954). Z-score clipping only cuts a norm that is far above its own
+    running level, so it leaves healthy runs alone. A normaliser-free deep net at a high LR needs
+    more: no global rule bounds each layer's relative update, and AGC (Brock et al. 2021, made for
+    exactly these nets) rescued a 16-layer plain MLP at 5x its LR (0.889; z-score 0.147, norm 0.585).
+    Recurrent nets keep the global-norm rule (AGC: 0.782 on the LSTM)."""
+    if mode != "auto":
+        return mode
+    normalised = any(isinstance(m, _NORMS) for m in model.modules())
+    recurrent = any(isinstance(m, torch.nn.RNNBase) for m in model.modules())
+    return "zscore" if normalised or recurrent else "agc"
+
+
 def clip_gradients(parameters: Iterable[torch.nn.Parameter], mode: str = "norm", max_norm: float = 1.0,
                    max_value: float = 1.0) -> torch.Tensor:
     """Plain-function twin for fixed clipping: clip in place, return the pre-clip global norm."""
@@ -46,8 +66,9 @@ def _apply_fixed(params, mode: str, max_norm: float, max_value: float, norm: tor
 class GradClipper:
     """Safeguard at `after_backward`: AMP unscale, measure, clip by the configured rule."""
 
-    def __init__(self, spec, excluded: set[int] = frozenset()):
+    def __init__(self, spec, excluded: set[int] = frozenset(), model: torch.nn.Module | None = None):
         self.spec, self.excluded = spec, excluded  # excluded: ids of the final classifier's params (AGC)
+        self.mode = resolve_clip_mode(spec.mode, model) if model is not None else spec.mode
         self.mean = self.var = None  # z-score clipping's EMA of the global norm (device tensors)
         self.seen = 0
 
@@ -60,17 +81,17 @@ class GradClipper:
             return
         per, norm = grad_norms(params)
         state.grad_norm, state.param_grad_norms = norm, per
-        s = self.spec
-        if s.mode == "agc":
+        s, mode = self.spec, self.mode
+        if mode == "agc":
             agc_clip_([p for p in params if id(p) not in self.excluded], s.agc_lambda, s.agc_eps)
-        elif s.mode == "zscore":
+        elif mode == "zscore":
             if self.mean is None:
                 self.mean, self.var = torch.zeros((), device=norm.device), torch.zeros((), device=norm.device)
             fallback = s.max_norm if self.seen < s.zscore_warmup else None
             zscore_clip_(params, norm, self.mean, self.var, z=s.zscore_z, beta=s.zscore_beta, fallback_max_norm=fallback)
             self.seen += 1
         else:
-            _apply_fixed(params, s.mode, s.max_norm, s.max_value, norm)
+            _apply_fixed(params, mode, s.max_norm, s.max_value, norm)
         if getattr(state, "want_post_clip_norm", False):  # one more norm pass, on logged steps only
             state.post_clip_norm = grad_norms(params)[1]
 

@@ -118,6 +118,12 @@ class SpikeGuard:
             self.counts["rollbacks"] += 1
             event.update(rollback_to=to_step, skip_batches=self.skip_batches,
                          replica_drift=replica_drift(state.model))  # every rank is here: the collective is safe
+            if self.spec.cut_lr_after and len(self.recent) >= self.spec.cut_lr_after:
+                # A spike that comes back after a rollback is not bad luck: the LR is too high for this
+                # point of the run. Cut it for good (a spike the rollback cured leaves the LR alone).
+                self.lr_factor *= self.spec.lr_factor
+                self.counts["lr_reductions"] += 1
+                event.update(lr_factor=self.lr_factor)
         elif self.spec.action == "reduce_lr":
             self.lr_factor *= self.spec.lr_factor
             self.rewarm_start = state.step

@@ -3,9 +3,10 @@
 Every scenario is run twice, the same model and data under two profiles:
 - plain: what a hand-written loop does: no clipping, NaN steps applied, no spike guard, per-worker
   ("stock") batch norm, no warmup, torch's default init;
-- keel: Keel's default stability profile: the spec's defaults for `stability` (norm clipping at 1.0,
-  the agreed non-finite skip, spike skip, synchronized BN), Kaiming init, and one warmup epoch.
-Each workload also gets one tuned reference run (keel profile, no fault), the bar for "converged".
+- keel: the spec's defaults and nothing else (clip.mode auto, the agreed non-finite skip, spike
+  rollback, synchronized BN, init auto).
+Each workload also gets a tuned reference run (keel profile, no fault; the same model and data), the
+bar for "converged".
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 PLAIN = {"stability": {"clip": {"mode": "none"}, "nonfinite": {"enabled": False}, "spike": {"enabled": False},
                        "sync_batchnorm": False, "diagnostics": {"enabled": False}},
          "schedule": {"warmup_epochs": 0}, "model": {"init": "default", "zero_init_residual": False}}
-KEEL = {"schedule": {"warmup_epochs": 1}}  # everything else: the spec's defaults
+KEEL: dict = {}  # the spec's defaults, nothing else
 
 
 def merge(tree: dict, patch: dict) -> dict:
@@ -40,6 +41,17 @@ def digits_job(data_dir: Path, epochs: int) -> dict:
                      "shape": [1, 8, 8], "num_classes": 10, "batch_size": 32, "preprocess": {"standardize": "per_channel"}},
             "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "schedule": {"kind": "cosine"},
             "scaling": {"num_workers": 2}, "run": {"name": "digits", "epochs": epochs, "log_every": 2}}
+
+
+def mlp_job(depth: int, lr: float) -> Callable[[Path, int], dict]:
+    """A deep plain MLP (no skips, no BN) on digits at its tuned SGD LR: its own reference."""
+    def job(data_dir: Path, epochs: int) -> dict:
+        tree = digits_job(data_dir, epochs)
+        tree.update(model={"kind": "mlp", "hidden": [128] * depth, "batch_norm": False},
+                    optimizer={"name": "sgd", "lr": lr, "momentum": 0.9})
+        tree["run"]["name"] = f"mlp{depth}"
+        return tree
+    return job
 
 
 def lstm_job(data_dir: Path, epochs: int) -> dict:
@@ -66,8 +78,7 @@ SCENARIOS = [
     Scenario("lr_x30", "learning rate 30x the tuned 0.1", "digits", {"optimizer": {"lr": 3.0}}),
     Scenario("bad_init", "every weight x10 before the first step", "digits",
              {"faults": [{"kind": "scale_weights", "at_step": 0, "factor": 10.0, "layer": "*"}]}),
-    Scenario("deep_plain", "12-layer MLP, no skips, no batch norm", "digits",
-             {"model": {"kind": "mlp", "hidden": [128] * 12, "batch_norm": False}, "optimizer": {"lr": 0.05}}),
+    Scenario("deep_plain", "12-layer MLP, no skips, no batch norm", "mlp12", reference="mlp12"),
     Scenario("poisoned_batches", "NaN batches at steps 30 and 90, a 1e4x batch at 60", "digits",
              {"faults": [{"kind": "nan_batch", "at_step": 30}, {"kind": "huge_batch", "at_step": 60, "factor": 1e4},
                          {"kind": "nan_batch", "at_step": 90, "rank": 1}]}),
@@ -78,12 +89,18 @@ SCENARIOS = [
              {"faults": [{"kind": "lr_spike", "at_step": 80, "repeat": 3, "factor": 100.0}]}),
     Scenario("long_lstm", f"stacked LSTM over {LONG_SEQUENCE} steps, Adam at 3x the tuned LR", "lstm",
              {"optimizer": {"lr": 0.01}}, reference="lstm"),
+    Scenario("label_noise_asym30", "30% of each class's labels flipped to one fixed other class", "digits_asym"),
+    Scenario("deep_mlp16_high_lr", "16-layer MLP, no skips, no batch norm, SGD at 5x its tuned LR", "mlp16",
+             {"optimizer": {"lr": 0.5}}, reference="mlp16"),
+    Scenario("long_lr_spike", "LR x50 for 30 steps mid-run (outlasts the rollback's skip window)", "digits",
+             {"faults": [{"kind": "lr_spike", "at_step": 80, "repeat": 30, "factor": 50.0}]}),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
 
 
-def noisy_copy(src: Path, dst: Path, fraction: float, num_classes: int, seed: int = 0) -> Path:
-    """The training split with `fraction` of its labels replaced by uniform random ones (validation stays clean)."""
+def noisy_copy(src: Path, dst: Path, fraction: float, num_classes: int, seed: int = 0, asymmetric: bool = False) -> Path:
+    """The training split with `fraction` of its labels replaced (validation stays clean): by uniform
+    random ones, or (asymmetric) each chosen label c by the fixed class (c + 1) mod num_classes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -91,7 +108,7 @@ def noisy_copy(src: Path, dst: Path, fraction: float, num_classes: int, seed: in
     labels = table["label"].to_numpy().copy()
     rng = np.random.default_rng(seed)
     flip = rng.random(len(labels)) < fraction
-    labels[flip] = rng.integers(0, num_classes, int(flip.sum()))
+    labels[flip] = (labels[flip] + 1) % num_classes if asymmetric else rng.integers(0, num_classes, int(flip.sum()))
     dst.mkdir(parents=True, exist_ok=True)
     pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels)), dst / "train.parquet")
     pq.write_table(pq.read_table(src / "val.parquet"), dst / "val.parquet")
@@ -99,30 +116,42 @@ def noisy_copy(src: Path, dst: Path, fraction: float, num_classes: int, seed: in
 
 
 def prepare_data(root: Path) -> dict[str, Path]:
-    """Generated once per output directory: digits, digits with 20% label noise, long sequences."""
+    """Generated once per output directory: digits, digits with 20% symmetric / 30% asymmetric label noise,
+    long sequences. Keyed by workload (the MLP workloads read digits)."""
     from orchestrator.data.generators import make_digits, make_sequence
 
-    dirs = {"digits": root / "digits", "digits_noisy": root / "digits_noisy", "lstm": root / f"sequence{LONG_SEQUENCE}"}
+    dirs = {"digits": root / "digits", "digits_noisy": root / "digits_noisy", "digits_asym": root / "digits_asym30",
+            "lstm": root / f"sequence{LONG_SEQUENCE}"}
     if not (dirs["digits"] / "val.parquet").exists():
         make_digits(dirs["digits"])
     if not (dirs["digits_noisy"] / "val.parquet").exists():
         noisy_copy(dirs["digits"], dirs["digits_noisy"], 0.2, 10)
+    if not (dirs["digits_asym"] / "val.parquet").exists():
+        noisy_copy(dirs["digits"], dirs["digits_asym"], 0.3, 10, asymmetric=True)
     if not (dirs["lstm"] / "val.parquet").exists():
         make_sequence(dirs["lstm"], rows=4000, length=LONG_SEQUENCE)
+    dirs["mlp12"] = dirs["mlp16"] = dirs["digits"]
     return dirs
 
 
-JOBS: dict[str, Callable[[Path, int], dict]] = {"digits": digits_job, "digits_noisy": digits_job, "lstm": lstm_job}
+JOBS: dict[str, Callable[[Path, int], dict]] = {
+    "digits": digits_job, "digits_noisy": digits_job, "digits_asym": digits_job, "lstm": lstm_job,
+    "mlp12": mlp_job(12, 0.05), "mlp16": mlp_job(16, 0.1)}
+
+
+def epochs_for(workload: str, epochs: dict[str, int]) -> int:
+    """`epochs` has one entry per family: 'lstm', and 'digits' for every digits workload."""
+    return epochs["lstm" if workload == "lstm" else "digits"]
 
 
 def scenario_job(scenario: Scenario, profile_name: str, data: dict[str, Path], epochs: dict[str, int], storage: Path) -> dict:
-    tree = merge(JOBS[scenario.workload](data[scenario.workload], epochs[scenario.reference]), scenario.patch)
+    tree = merge(JOBS[scenario.workload](data[scenario.workload], epochs_for(scenario.workload, epochs)), scenario.patch)
     tree = profile(tree, profile_name)
     tree["run"].update(name=f"{scenario.name}-{profile_name}", storage_path=str(storage))
     return tree
 
 
 def reference_job(workload: str, data: dict[str, Path], epochs: dict[str, int], storage: Path) -> dict:
-    tree = profile(JOBS[workload](data[workload], epochs[workload]), "keel")
+    tree = profile(JOBS[workload](data[workload], epochs_for(workload, epochs)), "keel")
     tree["run"].update(name=f"reference-{workload}", storage_path=str(storage))
     return tree

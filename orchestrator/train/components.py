@@ -55,7 +55,7 @@ def build_safeguards(spec: JobSpec, model: torch.nn.Module) -> Safeguards:
     then the guards that decide, then the ones that only watch."""
     st = spec.stability
     guards = [FaultInjector(spec.faults, FEATURES),
-              GradClipper(st.clip, classifier_params(model))]
+              GradClipper(st.clip, classifier_params(model), model)]
     if st.diagnostics.enabled:
         guards.append(Diagnostics(model, st.diagnostics.every))
     if st.nonfinite.enabled:

@@ -36,6 +36,8 @@ def test_spike_recovery_job_recovers_where_the_unguarded_run_collapses(ray_sessi
     assert rollbacks and all(e["replica_drift"] == 0.0 for e in rollbacks)  # ranks identical right after each rollback
     assert all(h["replica_drift"] == 0.0 for h in guarded.history)
     assert rollbacks[0]["step"] > 180 and rollbacks[0]["rollback_to"] <= 180  # after the fault, to before it
+    # the fault lasts 30 steps, the skip window 10: recovery had to outlast it, not hide it
+    assert rollbacks[-1]["step"] > 180 + rollbacks[0]["skip_batches"]
     report = json.loads((guarded.run_dir / "stability_report.json").read_text())
     assert report["first_trouble"]["trigger"].endswith("_spike") and report["first_trouble"]["layer"]
     assert f"Trouble started at step {rollbacks[0]['step']}" in report["summary"]

@@ -49,20 +49,20 @@ def test_nonfinite_gradient_gives_nonfinite_norm():
     assert not torch.isfinite(clip_gradients(ps, "norm"))
 
 
-class FakeScaler:
-    unscaled = False
-
-    def unscale_(self, optimizer):
-        self.unscaled = True
-
-
 def test_clipper_unscales_before_clipping_and_records_norm():
+    """A real GradScaler (scale 1024): clipping must see the true gradients. Clipping the scaled ones
+    and unscaling after would record a norm of 10240 and leave the gradient at 2/1024."""
     model = torch.nn.Linear(2, 1, bias=False)
-    model.weight.grad = torch.tensor([[6.0, 8.0]])
-    state = type("S", (), {"model": model, "optimizer": None, "scaler": FakeScaler(), "grad_norm": None, "device": "cpu"})()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(model.weight.sum() * 0 + torch.tensor([6.0, 8.0]) @ model.weight[0]).backward()  # grad = 1024 x [6, 8]
+    assert model.weight.grad.norm().item() == pytest.approx(10240.0)
+    state = type("S", (), {"model": model, "optimizer": optimizer, "scaler": scaler, "grad_norm": None, "device": "cpu"})()
     GradClipper(ClipSpec(mode="norm", max_norm=2.0)).after_backward(state)
-    assert state.scaler.unscaled and state.grad_norm.item() == pytest.approx(10.0)
+    assert state.grad_norm.item() == pytest.approx(10.0)
     assert model.weight.grad.norm().item() == pytest.approx(2.0, rel=1e-5)
+    scaler.step(optimizer)  # the scaler knows this optimizer is unscaled already: no second division
+    scaler.update()
 
 
 def test_agc_clips_each_unit_to_lambda_times_its_weight_norm():
@@ -110,3 +110,16 @@ def test_zscore_clip_warmup_uses_fixed_norm_and_learns_raw_norms():
     mean, var = torch.zeros(()), torch.zeros(())
     zscore_clip_([p], torch.tensor(4.0), mean, var, fallback_max_norm=1.0)
     assert p.grad.item() == pytest.approx(1.0) and mean.item() == 4.0 and var.item() == 0.0
+
+
+def test_auto_clip_mode_is_agc_for_normaliser_free_feed_forward_nets_else_zscore():
+    from orchestrator.stability.clipping import resolve_clip_mode
+
+    plain_mlp = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with_bn = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    with_ln = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    recurrent = torch.nn.ModuleList([torch.nn.LSTM(4, 4), torch.nn.Linear(4, 2)])
+    assert resolve_clip_mode("auto", plain_mlp) == "agc"
+    assert [resolve_clip_mode("auto", m) for m in (with_bn, with_ln, recurrent)] == ["zscore"] * 3
+    assert resolve_clip_mode("norm", plain_mlp) == "norm"  # an explicit choice is kept
+    assert GradClipper(ClipSpec(), model=with_bn).mode == "zscore"

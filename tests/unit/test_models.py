@@ -54,7 +54,7 @@ def test_init_schemes(scheme, expected_std):
 
 
 def test_zero_init_residual_makes_blocks_start_as_identity():
-    spec = parse_spec({**MINIMAL, "model": {"kind": "resnet", "channels": [8], "blocks_per_stage": 2}})
+    spec = parse_spec({**MINIMAL, "model": {"kind": "resnet", "channels": [8], "blocks_per_stage": 2, "zero_init_residual": True}})
     model = build_model(spec.model, spec.data)
     assert all(torch.count_nonzero(block.bn2.weight) == 0 for block in model.blocks)
     spec = parse_spec({**MINIMAL, "model": {"kind": "resnet", "channels": [8], "zero_init_residual": False}})
@@ -88,3 +88,17 @@ def test_lstm_classifier_reads_the_whole_sequence():
     x2 = x.clone()
     x2[:, 0] += 5.0  # changing only the first step must change the output: gradients reach step 0
     assert not torch.allclose(net(x2), y)
+
+
+def test_auto_init_is_kaiming_without_normalisation_and_torch_default_with_it():
+    from orchestrator.models.init import resolve_init
+
+    torch.manual_seed(0)
+    wide = torch.nn.Sequential(torch.nn.Linear(512, 512))
+    default_std = wide[0].weight.std().item()  # torch's default: kaiming_uniform(a=sqrt(5)) ~ 1/sqrt(3 fan_in)
+    init_weights(wide, "auto")
+    assert wide[0].weight.std().item() == pytest.approx((2 / 512) ** 0.5, rel=0.05) and default_std < 0.03
+    normed = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.BatchNorm1d(512))
+    before = normed[0].weight.detach().clone()
+    init_weights(normed, "auto")
+    assert torch.equal(before, normed[0].weight) and resolve_init(normed, "auto") == "default"

@@ -67,17 +67,31 @@ def test_skip_action_drops_the_spike_step():
 
 def test_rollback_restores_a_snapshot_old_enough_and_skips_batches():
     comps = FakeComps()
-    spec = SpikeSpec(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=3)
+    w0 = comps.model.weight.detach().clone()
+    spec = SpikeSpec(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=3, cut_lr_after=0)
     guard = SpikeGuard(spec, comps)
-    st = run_guard(guard, comps, CALM + [50.0])
+    st = run_guard(guard, comps, CALM + [50.0])  # steps 0..29 each add 1.0 to the weight; step 30 spikes
     event = st.events[-1]
     assert event["action"] == "rollback" and event["rollback_to"] == 25 and event["skip_batches"] == 3
-    w_after = comps.model.weight.detach().clone()  # restored to the state captured at step 25
+    # The snapshot at step 25 was taken before that step's update: 25 updates, not the 30 applied since.
+    torch.testing.assert_close(comps.model.weight.detach(), w0 + 25.0)
     assert guard.skip_batches == 3
     dropped = [guard.on_batch(st, {}) for _ in range(4)]
     assert dropped[:3] == [None, None, None] and dropped[3] == {}
     assert guard.counts == {"spikes": 1, "rollbacks": 1, "lr_reductions": 0, "batches_skipped": 3}
-    assert event["replica_drift"] == 0.0 and torch.equal(w_after, comps.model.weight)
+    assert event["replica_drift"] == 0.0 and guard.current_lr_factor(31) == 1.0
+
+
+def test_a_spike_that_returns_after_a_rollback_cuts_the_lr_for_good():
+    comps = FakeComps()
+    spec = SpikeSpec(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=0,
+                     cut_lr_after=2, lr_factor=0.5)
+    guard = SpikeGuard(spec, comps)
+    st = run_guard(guard, comps, CALM + [50.0])
+    assert guard.current_lr_factor(st.step + 1) == 1.0  # one rollback cured it: the LR is left alone
+    st = run_guard(guard, comps, CALM + [50.0])  # it comes back within the window
+    assert guard.current_lr_factor(st.step + 100) == 0.5 and st.events[-1]["lr_factor"] == 0.5
+    assert guard.counts["rollbacks"] == 2 and guard.counts["lr_reductions"] == 1
 
 
 def test_reduce_lr_cuts_then_rewarms():
