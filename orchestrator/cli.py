@@ -109,7 +109,17 @@ def cmd_results(args, console: Console) -> int:
     if saved.exists():
         sweep = SweepSpec.model_validate(yaml.safe_load(saved.read_text()))
         metric, mode = metric or sweep.metric, mode or sweep.mode
-    return print_results(summarize(exp, metric or "val_accuracy", mode or "max"), metric or "val_accuracy", console)
+    outcome = summarize(exp, metric or "val_accuracy", mode or "max")
+    if args.json:  # for scripts: every trial, the best, and the best config as a job
+        import json
+        from dataclasses import asdict
+
+        print(json.dumps({"exp_dir": str(outcome.exp_dir), "metric": metric or "val_accuracy", "mode": mode or "max",
+                          "trials": [asdict(r) for r in outcome.rows],
+                          "best": asdict(outcome.best) if outcome.best else None,
+                          "best_job": str(outcome.best_job) if outcome.best_job else None}, indent=1, default=str))
+        return 0 if outcome.best is not None else 1
+    return print_results(outcome, metric or "val_accuracy", console)
 
 
 def cmd_report(args, console: Console) -> int:
@@ -188,31 +198,47 @@ def cmd_data_make(args, console: Console) -> int:
 def cmd_submit(args, console: Console) -> int:
     from orchestrator.cluster import jobs
 
-    client, sid = jobs.submit(args.job, args.overrides, args.address)
-    console.print(f"submitted {sid}", highlight=False)
+    say = lambda text: console.print(text, highlight=False, soft_wrap=True)
+    client, sid = jobs.submit(args.job, args.overrides, args.address, args.working_dir,
+                              runtime_env_json=args.runtime_env_json, submission_id=args.submission_id,
+                              entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus,
+                              say=say)
+    say(f"submitted {sid}")
+    where = f" --address {args.address}" if args.address else ""
+    commands = (f"follow: keel jobs logs {sid} --follow{where}    status: keel jobs status {sid}{where}    "
+                f"stop: keel jobs stop {sid}{where}")
     if args.no_wait:
-        console.print(f"follow: keel jobs logs {sid} --follow    status: keel jobs status {sid}    stop: keel jobs stop {sid}",
-                      highlight=False, soft_wrap=True)
+        say(commands)
         return 0
-    status = jobs.follow(client, sid, write=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
-    console.print(f"job {sid}: {status}", highlight=False)
+    try:
+        status = jobs.follow(client, sid, write=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+    except KeyboardInterrupt:  # the job belongs to the cluster now: leave it running, say how to reach it
+        say(f"\nstopped following; job {sid} keeps running on the cluster\n{commands}")
+        return 130
+    say(f"job {sid}: {status}")
     if status != "SUCCEEDED":
         raise RunFailed(f"job {sid} ended {status}")
     return 0
 
 
 def cmd_jobs(args, console: Console) -> int:
+    import json
+
     from rich.table import Table
 
     from orchestrator.cluster import jobs
 
     client = jobs.connect(args.address)
     if args.jobs_command == "list":
+        infos = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+        if args.json:
+            print(json.dumps([jobs.job_record(i) for i in infos], indent=1))
+            return 0
         table = Table()
         for header in ("submission id", "status", "run", "user"):
             table.add_column(header, no_wrap=True)  # ids must stay copyable
         table.add_column("entrypoint", overflow="fold")
-        for info in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
+        for info in infos:
             meta = info.metadata or {}
             table.add_row(info.submission_id or info.job_id or "-", str(info.status.value), meta.get("keel_run", "-"),
                           meta.get("user", "-"), info.entrypoint)
@@ -221,7 +247,10 @@ def cmd_jobs(args, console: Console) -> int:
     try:
         if args.jobs_command == "status":
             info = client.get_job_info(args.id)
-            console.print(f"{args.id}: {info.status.value}" + (f" ({info.message})" if info.message else ""), highlight=False)
+            if args.json:
+                print(json.dumps(jobs.job_record(info), indent=1))
+            else:
+                console.print(f"{args.id}: {info.status.value}" + (f" ({info.message})" if info.message else ""), highlight=False)
         elif args.jobs_command == "logs":
             if args.follow:
                 jobs.follow(client, args.id, write=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
@@ -322,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("exp_dir")
     results.add_argument("--metric")
     results.add_argument("--mode", choices=["min", "max"])
+    results.add_argument("--json", action="store_true", help="machine-readable output")
     results.set_defaults(func=cmd_results)
 
     report = sub.add_parser("report", help="HTML report and PNG plots for a run directory or a sweep directory")
@@ -339,8 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="run a job on a Ray cluster through Ray Jobs")
     submit.add_argument("job")
     submit.add_argument("overrides", nargs="*")
-    submit.add_argument("--address", help=f"the cluster's dashboard URL (default $RAY_ADDRESS or http://127.0.0.1:8265)")
+    submit.add_argument("--address", help="the cluster's dashboard URL (default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS or http://127.0.0.1:8265)")
     submit.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+    submit.add_argument("--working-dir", default=".", help="directory uploaded as the job's working directory (default: .)")
+    submit.add_argument("--runtime-env-json", help='extra runtime env as JSON, e.g. \'{"env_vars": {"NCCL_DEBUG": "INFO"}}\'')
+    submit.add_argument("--submission-id", help="the job's id (default keel-RUN-TIMESTAMP)")
+    submit.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver (keel run) on the cluster")
+    submit.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the driver on the cluster")
     submit.set_defaults(func=cmd_submit)
 
     jobs_parser = sub.add_parser("jobs", help="list, inspect and stop submitted jobs")
@@ -351,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("id", help="submission id")
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="stream until the job ends")
+        if name in ("list", "status"):
+            p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--address")
         p.set_defaults(func=cmd_jobs)
 

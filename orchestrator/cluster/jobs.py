@@ -2,15 +2,17 @@
 
 The spec is validated locally first, so nothing is uploaded for a typo. The
 working directory travels as the job's runtime env, minus version control,
-virtual envs, run outputs and anything that looks like a secret (Ray also
-honours .gitignore). On the cluster the entrypoint is the same `keel run`,
-with `scaling.address=auto` so it joins the cluster instead of starting one.
+every virtualenv, caches, run outputs and anything that looks like a secret
+(Ray also honours .gitignore); it is measured before it leaves (upload.py).
+On the cluster the entrypoint is the same `keel run`, with
+`scaling.address=auto` so it joins the cluster instead of starting one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import getpass
+import json
 import logging
 import os
 import shlex
@@ -22,8 +24,11 @@ from orchestrator.errors import BadInput, RunFailed
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 AGENT_WAIT_S = 60.0
-UPLOAD_EXCLUDES = [".git", ".venv", "venv", "env", "runs", "**/__pycache__", "*.pyc", ".pytest_cache",
-                   ".env", ".env.*", "*.pem", "*.key", "id_rsa*", ".ray", "*.token", "auth_token", ".netrc"]
+
+
+def dashboard_address(address: Optional[str]) -> str:
+    """--address, else $RAY_API_SERVER_ADDRESS (what `ray job` reads first), else $RAY_ADDRESS, else local."""
+    return address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
 
 
 def token_available() -> bool:
@@ -34,7 +39,7 @@ def connect(address: Optional[str]):
     """A JobSubmissionClient, sending Ray's token when one is available; one-line errors otherwise."""
     from ray.job_submission import JobSubmissionClient
 
-    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    address = dashboard_address(address)
     if "RAY_AUTH_MODE" not in os.environ and token_available():
         os.environ["RAY_AUTH_MODE"] = "token"  # the SDK sends the token only in token mode
     try:
@@ -75,20 +80,45 @@ def submission_kind(path: Path, overrides: list[str]) -> tuple[str, str]:
     return "run", load_spec(path, overrides).run.name
 
 
-def submit(job_path: str, overrides: list[str], address: Optional[str], workdir: str = ".") -> tuple[object, str]:
-    """Validate locally, then submit. Returns (client, submission id)."""
+def runtime_env_from(json_text: Optional[str]) -> dict:
+    """--runtime-env-json: a JSON object (env_vars for WANDB_API_KEY, NCCL_*, AWS_*; pip; ...)."""
+    if not json_text:
+        return {}
+    try:
+        env = json.loads(json_text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"--runtime-env-json: not JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(env, dict):
+        raise BadInput("--runtime-env-json: expected a JSON object, e.g. '{\"env_vars\": {\"NCCL_DEBUG\": \"INFO\"}}'")
+    if "working_dir" in env:
+        raise BadInput("--runtime-env-json: working_dir: use --working-dir (Keel measures and filters the upload)")
+    return env
+
+
+def submit(job_path: str, overrides: list[str], address: Optional[str], workdir: str = ".", *,
+           runtime_env_json: Optional[str] = None, submission_id: Optional[str] = None,
+           entrypoint_num_cpus: Optional[float] = None, entrypoint_num_gpus: Optional[float] = None,
+           say=print) -> tuple[object, str]:
+    """Validate locally, measure the upload, then submit. Returns (client, submission id)."""
+    from orchestrator.cluster.upload import plan_upload
+
     path = Path(job_path)
     kind, name = submission_kind(path, overrides)  # BadInput before anything is uploaded
     command = entrypoint(kind, path, list(overrides), Path(workdir))
+    extra_env = runtime_env_from(runtime_env_json)
+    plan = plan_upload(workdir)  # BadInput before anything is uploaded when it is over Ray's limit
     client = connect(address)
+    say(plan.summary())
     logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
-    submission_id = f"keel-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    submission_id = submission_id or f"keel-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    resources = {k: v for k, v in (("entrypoint_num_cpus", entrypoint_num_cpus),
+                                   ("entrypoint_num_gpus", entrypoint_num_gpus)) if v is not None}
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
             client.submit_job(
-                entrypoint=command, submission_id=submission_id,
-                runtime_env={"working_dir": str(Path(workdir).resolve()), "excludes": UPLOAD_EXCLUDES},
+                entrypoint=command, submission_id=submission_id, **resources,
+                runtime_env={**extra_env, "working_dir": str(plan.workdir), "excludes": plan.excludes},
                 metadata={"keel_job": str(path), "keel_run": name, "kind": kind, "user": getpass.getuser()})
             return client, submission_id
         except RuntimeError as exc:
@@ -96,7 +126,15 @@ def submit(job_path: str, overrides: list[str], address: Optional[str], workdir:
             if "No available agent" in str(exc) and time.monotonic() < deadline:
                 time.sleep(1.0)
                 continue
-            raise RunFailed(f"submit to {address or DEFAULT_ADDRESS}: {_first_line(exc)}") from None
+            raise RunFailed(f"submit to {dashboard_address(address)}: {_first_line(exc)}") from None
+
+
+def job_record(info) -> dict:
+    """One job as plain JSON for scripts (`--json`)."""
+    meta = info.metadata or {}
+    return {"submission_id": info.submission_id or info.job_id, "status": str(info.status.value),
+            "message": info.message, "run": meta.get("keel_run"), "kind": meta.get("kind"), "user": meta.get("user"),
+            "entrypoint": info.entrypoint, "start_time": info.start_time, "end_time": info.end_time}
 
 
 def follow(client, submission_id: str, write=print) -> str:

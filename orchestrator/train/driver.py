@@ -148,12 +148,22 @@ def free_dashboard_port(preferred: int = 8265) -> int:
     return preferred
 
 
+def cluster_address(address: Optional[str]) -> Optional[str]:
+    """The cluster to join: `scaling.address`, else $RAY_ADDRESS (inside a Ray Job, its cluster), else None
+    (start an embedded local Ray). An http(s):// RAY_ADDRESS is a dashboard / Jobs API address, set for
+    `keel submit`; a local `keel run` must not try to join it."""
+    env = os.environ.get("RAY_ADDRESS") or None
+    if env and env.startswith(("http://", "https://")):
+        env = None
+    return address or env
+
+
 def ensure_ray(address: Optional[str], verbose: bool = False, dashboard: bool = True) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None  # inside a Ray Job: join its cluster
+    address = cluster_address(address)
     if address is None:
         for key, value in FAST_LOCAL_ENV.items():
             os.environ.setdefault(key, value)

@@ -1,7 +1,9 @@
 """`keel submit` / `keel jobs` against a real head started with `ray start --head` on 127.0.0.1."""
 
+import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -67,16 +69,19 @@ def head():
 @pytest.mark.timeout(600)
 def test_submit_digits_job_follows_logs_and_succeeds(head, tmp_path):
     address, env, _ = head
+    sid = f"keel-digits-resnet-{secrets.token_hex(3)}"
     proc = keel("submit", "jobs/digits-resnet.yaml", "run.epochs=2", f"run.storage_path={tmp_path}",
-                "scaling.cpus_per_worker=0.5", "--address", address, env=env)
+                "scaling.cpus_per_worker=0.5", "--address", address, "--submission-id", sid,
+                "--runtime-env-json", '{"env_vars": {"KEEL_TEST_MARKER": "1"}}', env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "submitted keel-digits-resnet-" in proc.stdout and "SUCCEEDED" in proc.stdout
+    assert f"submitted {sid}" in proc.stdout and "SUCCEEDED" in proc.stdout
+    assert "uploading " in proc.stdout and "largest:" in proc.stdout  # measured before it left
     assert "best val accuracy" in proc.stdout  # the job's own summary came through the log stream
     run_dir = tmp_path / "digits-resnet"
     assert (run_dir / "metrics.jsonl").exists() and (run_dir / "config.yaml").exists()
-    sid = next(w for w in proc.stdout.split() if w.startswith("keel-digits-resnet-"))
-    status = keel("jobs", "status", sid, "--address", address, env=env)
-    assert status.returncode == 0 and "SUCCEEDED" in status.stdout
+    status = keel("jobs", "status", sid, "--address", address, "--json", env=env)
+    record = json.loads(status.stdout)
+    assert status.returncode == 0 and record["status"] == "SUCCEEDED" and record["run"] == "digits-resnet"
     listing = keel("jobs", "list", "--address", address, env=env)
     assert sid in listing.stdout and "digits-resnet" in listing.stdout
 
@@ -98,6 +103,29 @@ def test_no_wait_then_stop(head, tmp_path):
     assert "STOPPED" in status.stdout
     missing = keel("jobs", "status", "keel-no-such-job", "--address", address, env=env)
     assert missing.returncode == 2 and "keel-no-such-job" in missing.stderr
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_while_following_leaves_the_job_running_and_says_how_to_reach_it(head, tmp_path):
+    address, env, _ = head
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "submit", "jobs/digits-resnet.yaml", "run.name=ctrlc",
+                             "run.epochs=50", f"run.storage_path={tmp_path}", "scaling.cpus_per_worker=0.5", "--address", address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    lines = []
+    for line in proc.stdout:  # wait until it is following the job's logs
+        lines.append(line)
+        if line.startswith("submitted "):
+            break
+    sid = lines[-1].split()[1]
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"job {sid} keeps running" in out and f"keel jobs stop {sid} --address {address}" in out and "Traceback" not in err
+    status = keel("jobs", "status", sid, "--address", address, "--json", env=env)
+    assert json.loads(status.stdout)["status"] in ("PENDING", "RUNNING")
+    assert keel("jobs", "stop", sid, "--address", address, env=env).returncode == 0
 
 
 @pytest.mark.parametrize("client_env", [{"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}])
