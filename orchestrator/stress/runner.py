@@ -116,7 +116,7 @@ def summarize(chosen, results: list[RunResult], bars: dict) -> dict:
         cell = {}
         for profile_name in ("plain", "keel"):
             runs = [r for r in results if r.scenario == scenario.name and r.profile == profile_name]
-            accs = [r.accuracy if r.accuracy is not None else 0.0 for r in runs]
+            accs = [r.accuracy if (r.accuracy is not None and not r.diverged) else 0.0 for r in runs]  # as in the mean
             mean = mean_accuracy(runs)
             bar = bars.get(scenario.reference)
             diverged = sum(r.diverged for r in runs)

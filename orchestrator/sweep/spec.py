@@ -101,7 +101,7 @@ def check_field_path(path: str) -> None:
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepSpec, dict]:
     """(sweep spec, resolved base job tree). The base job must itself be valid."""
     path = Path(path)
-    sweep = parse_spec(apply_overrides(read_yaml(path), list(overrides)), str(path), SweepSpec)
+    sweep = parse_spec(apply_overrides(read_yaml(path), list(overrides), SweepSpec), str(path), SweepSpec)
     if isinstance(sweep.base, str):
         base_path = (path.parent / sweep.base) if not Path(sweep.base).is_absolute() else Path(sweep.base)
         if not base_path.is_file():

@@ -1,5 +1,6 @@
 """Bad input: one line naming the field or file, exit code 2, no Ray started, no run directory written."""
 
+import json
 import os
 import subprocess
 import sys
@@ -40,9 +41,27 @@ CASES = {  # file in tests/bad_inputs -> what the one-line error must name
     "data_string_features.yaml": "column 'image' is string, expected numbers",
     "data_empty.yaml": "empty.parquet: no rows",
     "data_ragged.yaml": "ragged.parquet: rows of 'image' have different lengths",
+    "binary_file.yaml": "binary_file.yaml: not UTF-8 text",
+    "latin1_text.yaml": "latin1_text.yaml: not UTF-8 text (byte 16)",
+    "truncated.yaml": "truncated.yaml: line 4 malformed YAML",
 }
-PROBE = ("import sys; from orchestrator.cli import main; rc = main(sys.argv[1:]); "
-         "sys.stdout.write('RAY IMPORTED' if 'ray' in sys.modules else ''); sys.exit(rc)")
+# Every case of one command in ONE fresh interpreter (a launch per case cost ~2 minutes of suite time):
+# each case's stderr and exit code, and at the end whether anything imported Ray.
+PROBE = """
+import contextlib, io, json, sys, traceback
+from orchestrator.cli import main
+results = {}
+for case, argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except BaseException:  # a traceback is what a user would see: the case fails, the others still run
+            traceback.print_exc()
+            rc = "traceback"
+    results[case] = {"rc": rc, "stderr": err.getvalue()}
+print(json.dumps({"results": results, "ray_imported": "ray" in sys.modules}))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +69,7 @@ def corpus(tmp_path_factory, digits_dir) -> Path:
     """The bad specs with DATA pointing at a real digits set, plus a file that is not Parquet."""
     out = tmp_path_factory.mktemp("bad")
     for name in CASES:
-        (out / name).write_text((ROOT / "tests/bad_inputs" / name).read_text().replace("DATA", str(digits_dir)))
+        (out / name).write_bytes((ROOT / "tests/bad_inputs" / name).read_bytes().replace(b"DATA", str(digits_dir).encode()))
     (digits_dir / "notparquet.parquet").write_text("this is not parquet")
     write_bad_datasets(digits_dir)
     return out
@@ -61,19 +80,28 @@ def test_every_corpus_file_has_a_case():
     assert len([c for c in CASES if c.startswith("data_")]) + 3 >= 8  # + shape mismatch, missing column, unreadable
 
 
+@pytest.fixture(scope="module", params=["run", "validate"])
+def outcomes(request, corpus, tmp_path_factory):
+    command, work = request.param, tmp_path_factory.mktemp(f"bad-{request.param}")
+    argvs = [(case, [command, str(corpus / case)] + ([] if case == "missing_run.yaml" else [f"run.storage_path={work}/runs-{case}"]))
+             for case in sorted(CASES)]
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argvs)], capture_output=True, text=True, cwd=work,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    return found, work
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("command", ["run", "validate"])
-def test_bad_spec_exits_2_with_one_line_naming_the_field(case, command, corpus, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", PROBE, command, str(corpus / case), f"run.storage_path={tmp_path}/runs"]
-                          if case not in ("missing_run.yaml",) else [sys.executable, "-c", PROBE, command, str(corpus / case)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+def test_bad_spec_exits_2_with_one_line_naming_the_field(case, outcomes):
+    found, work = outcomes
+    result = found["results"][case]
+    assert result["rc"] == 2, result["stderr"]
+    lines = result["stderr"].strip().splitlines()
+    assert len(lines) == 1, result["stderr"]
     assert lines[0].startswith("keel: error: ") and CASES[case] in lines[0], lines[0]
-    assert "RAY IMPORTED" not in proc.stdout  # nothing started a Ray cluster
-    assert not (tmp_path / "runs").exists()  # no run directory half-written
+    assert not found["ray_imported"]  # nothing started a Ray cluster, for any case
+    assert not list(work.glob("runs-*"))  # no run directory half-written
 
 
 def test_malformed_override_is_bad_input(tmp_path):

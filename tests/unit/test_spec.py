@@ -29,6 +29,33 @@ def test_overrides_are_parsed_as_yaml_values(tmp_path):
     assert spec.model.channels == [8, 16] and spec.stability.early_stopping.enabled is True
 
 
+def test_overrides_are_typed_by_the_field_they_set(tmp_path):
+    """YAML 1.1 turns off/yes/2024-01-01 into bool/date; a string field keeps what was typed."""
+    path = tmp_path / "j.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    assert load_spec(path, ["run.name=off"]).run.name == "off"
+    assert load_spec(path, ["run.name=2024-01-01"]).run.name == "2024-01-01"
+    assert load_spec(path, ["run.storage_path=yes"]).run.storage_path == "yes"
+    assert load_spec(path, ["data.label=no"]).data.label == "no"
+    assert load_spec(path, ["data.features=[a, b]"]).data.features == ["a", "b"]  # str or list: a list stays a list
+    assert load_spec(path, ["data.features=on"]).data.features == "on"
+    assert load_spec(path, ["scaling.address=null"]).scaling.address is None
+    assert load_spec(path, ["model.batch_norm=off"]).model.batch_norm is False  # a bool field still reads YAML
+
+
+def test_overrides_index_and_append_lists(tmp_path):
+    path = tmp_path / "j.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "model": {"hidden": [128, 128]}, "faults": [{"kind": "nan_batch", "at_step": 1}]}))
+    spec = load_spec(path, ["faults.0.at_step=3", "faults.1={kind: lr_spike, at_step: 9}", "faults.1.factor=5",
+                            "model.hidden.0=7"])
+    assert [(f.kind, f.at_step) for f in spec.faults] == [("nan_batch", 3), ("lr_spike", 9)] and spec.faults[1].factor == 5
+    assert spec.model.hidden == [7, 128]
+    with pytest.raises(BadInput, match=r"faults has 1 item\(s\); use an index from 0 to 1"):
+        load_spec(path, ["faults.5.at_step=3"])
+    with pytest.raises(BadInput, match=r"faults\.0\.colour: unknown key"):
+        load_spec(path, ["faults.0.colour=red"])
+
+
 def test_override_of_unknown_field_is_rejected_with_its_path(tmp_path):
     path = tmp_path / "j.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))

@@ -70,7 +70,13 @@ def test_rollback_restores_a_snapshot_old_enough_and_skips_batches():
     w0 = comps.model.weight.detach().clone()
     spec = SpikeSpec(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=3, cut_lr_after=0)
     guard = SpikeGuard(spec, comps)
-    st = run_guard(guard, comps, CALM + [50.0])  # steps 0..29 each add 1.0 to the weight; step 30 spikes
+    run_guard(guard, comps, CALM + [50.0])  # a lone loss spike: that step is dropped, nothing rolled back
+    assert guard.counts["rollbacks"] == 0 and comps.state.events[-1]["action"] == "skip"
+    comps.model.weight.data.copy_(w0)
+    comps.state.events.clear()
+    # steps 0..29 each add 1.0 to the weight; step 30 spikes again within 5 steps of the last: confirmed
+    guard.suspect_step = 27
+    st = run_guard(guard, comps, CALM + [50.0])
     event = st.events[-1]
     assert event["action"] == "rollback" and event["rollback_to"] == 25 and event["skip_batches"] == 3
     # The snapshot at step 25 was taken before that step's update: 25 updates, not the 30 applied since.
@@ -78,7 +84,7 @@ def test_rollback_restores_a_snapshot_old_enough_and_skips_batches():
     assert guard.skip_batches == 3
     dropped = [guard.on_batch(st, {}) for _ in range(4)]
     assert dropped[:3] == [None, None, None] and dropped[3] == {}
-    assert guard.counts == {"spikes": 1, "rollbacks": 1, "lr_reductions": 0, "batches_skipped": 3}
+    assert guard.counts == {"spikes": 2, "rollbacks": 1, "lr_reductions": 0, "batches_skipped": 3}
     assert event["replica_drift"] == 0.0 and guard.current_lr_factor(31) == 1.0
 
 
@@ -87,11 +93,28 @@ def test_a_spike_that_returns_after_a_rollback_cuts_the_lr_for_good():
     spec = SpikeSpec(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=0,
                      cut_lr_after=2, lr_factor=0.5)
     guard = SpikeGuard(spec, comps)
+    guard.suspect_step = 27  # confirmed spikes (see the test below): each one rolls back
     st = run_guard(guard, comps, CALM + [50.0])
     assert guard.current_lr_factor(st.step + 1) == 1.0  # one rollback cured it: the LR is left alone
+    guard.suspect_step = 27
     st = run_guard(guard, comps, CALM + [50.0])  # it comes back within the window
     assert guard.current_lr_factor(st.step + 100) == 0.5 and st.events[-1]["lr_factor"] == 0.5
     assert guard.counts["rollbacks"] == 2 and guard.counts["lr_reductions"] == 1
+
+
+def test_a_lone_loss_spike_is_only_skipped_a_confirmed_one_rolls_back():
+    comps = FakeComps()
+    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=0), comps)
+    st = run_guard(guard, comps, CALM + [50.0] + CALM[:8] + [50.0])  # two lone spikes 9 steps apart
+    assert [e["action"] for e in st.events] == ["skip", "skip"] and guard.counts["rollbacks"] == 0
+    st = run_guard(guard, comps, CALM + [50.0, 1.0, 1.0, 50.0])  # the second within 5 steps: confirmed
+    assert [e["action"] for e in st.events[-2:]] == ["skip", "rollback"] and guard.counts["rollbacks"] == 1
+    comps.state.events.clear()
+    st = comps.state
+    st.begin_step()
+    st.step, st.global_loss, st.grad_norm_value = 200, 1.0, 50.0  # a gradient-norm spike needs no confirmation
+    guard.before_step(st)
+    assert st.events[-1]["trigger"] == "grad_norm_spike" and st.events[-1]["action"] == "rollback"
 
 
 def test_reduce_lr_cuts_then_rewarms():
