@@ -56,6 +56,7 @@ def test_retry_budget_stops_a_hopeless_run_with_exit_1(ray_session, digits_dir, 
     assert "diverged: 3" in err and "exceeded stability.spike.max_recoveries=2" in err
     history = read_metrics(tmp_path / "hopeless")
     events = [e for h in history for e in h["events"] if e["trigger"] != "fault"]
-    assert [e["action"] for e in events] == ["rollback", "rollback", "stop"]
-    assert all(e["replica_drift"] == 0.0 for e in events[:2]) and history[-1]["diverged"] == 1
+    actions = [e["action"] for e in events]  # lone loss spikes are skipped until confirmed, then rolled back
+    assert actions[-1] == "stop" and actions.count("rollback") == 2 and set(actions) <= {"skip", "rollback", "stop"}
+    assert all(e["replica_drift"] == 0.0 for e in events if e["action"] == "rollback") and history[-1]["diverged"] == 1
     assert len(history) < 10  # stopped early, not run to the end
