@@ -1,7 +1,7 @@
 """The job spec: a typed tree loaded from YAML, with `a.b=c` overrides.
 
 Every field has one line of documentation (its `description`), shown by
-`keel validate --explain` and in the README reference. Unknown keys are
+`keel spec` and in the README reference. Unknown keys are
 rejected everywhere (`extra="forbid"`), and combinations that cannot work are
 rejected at load time with a message naming the field, never mid-run.
 """

@@ -67,7 +67,7 @@ def build_schedule(optimizer: torch.optim.Optimizer, spec, steps_per_epoch: int,
 
 
 def lr_curve(spec, base_lr: float = 1.0, steps_per_epoch: int = 10, epochs: int = 10) -> list[float]:
-    """The LR at every step of a run, for tests, plots and `keel validate --explain`."""
+    """The LR at every step of a run, for tests and plots."""
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=base_lr)
     schedule = build_schedule(opt, spec, steps_per_epoch, epochs)
