@@ -87,6 +87,8 @@ class GradClipper:
         elif mode == "zscore":
             if self.mean is None:
                 self.mean, self.var = torch.zeros((), device=norm.device), torch.zeros((), device=norm.device)
+            elif self.mean.device != norm.device:  # restored from a checkpoint (plain floats)
+                self.mean, self.var = self.mean.to(norm.device), self.var.to(norm.device)
             fallback = s.max_norm if self.seen < s.zscore_warmup else None
             zscore_clip_(params, norm, self.mean, self.var, z=s.zscore_z, beta=s.zscore_beta, fallback_max_norm=fallback)
             self.seen += 1
@@ -96,7 +98,10 @@ class GradClipper:
             state.post_clip_norm = grad_norms(params)[1]
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean, "var": self.var, "seen": self.seen}
+        """Plain numbers (guard state in checkpoints is JSON-serialisable); a host sync, at save time only."""
+        as_float = lambda t: None if t is None else float(t)
+        return {"mean": as_float(self.mean), "var": as_float(self.var), "seen": self.seen}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.mean, self.var, self.seen = sd["mean"], sd["var"], sd["seen"]
+        as_tensor = lambda v: None if v is None else torch.tensor(float(v))
+        self.mean, self.var, self.seen = as_tensor(sd["mean"]), as_tensor(sd["var"]), sd["seen"]

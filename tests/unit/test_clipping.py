@@ -123,3 +123,23 @@ def test_auto_clip_mode_is_agc_for_normaliser_free_feed_forward_nets_else_zscore
     assert [resolve_clip_mode("auto", m) for m in (with_bn, with_ln, recurrent)] == ["zscore"] * 3
     assert resolve_clip_mode("norm", plain_mlp) == "norm"  # an explicit choice is kept
     assert GradClipper(ClipSpec(), model=with_bn).mode == "zscore"
+
+
+def test_zscore_clipper_state_is_json_and_resumes_where_it_left_off():
+    import json
+
+    def fresh_state():
+        model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.5)
+        return type("S", (), {"model": model, "optimizer": None, "scaler": None, "device": "cpu"})()
+
+    clipper = GradClipper(ClipSpec(), model=fresh_state().model)
+    for _ in range(3):
+        clipper.after_backward(fresh_state())
+    saved = json.loads(json.dumps(clipper.state_dict()))  # checkpoints keep guard state as plain numbers
+    resumed = GradClipper(ClipSpec(), model=fresh_state().model)
+    resumed.load_state_dict(saved)
+    clipper.after_backward(fresh_state())
+    resumed.after_backward(fresh_state())
+    assert resumed.state_dict() == clipper.state_dict() and resumed.seen == 4
