@@ -15,14 +15,19 @@ from torch import nn
 _GAIN_NAME = {"relu": "relu", "leaky_relu": "leaky_relu", "elu": "relu", "silu": "relu", "swish": "relu", "gelu": "relu"}
 
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def has_normalisation(model: nn.Module) -> bool:
+    """Whether any layer normalises activations (what `auto` init and `auto` clipping decide by)."""
+    return any(isinstance(m, NORM_LAYERS) for m in model.modules())
 
 
 def resolve_init(model: nn.Module, scheme: str) -> str:
     """`auto` -> 'default' when the model normalises its activations, else 'kaiming_normal'."""
     if scheme != "auto":
         return scheme
-    return "default" if any(isinstance(m, _NORMS) for m in model.modules()) else "kaiming_normal"
+    return "default" if has_normalisation(model) else "kaiming_normal"
 
 
 def init_weights(model: nn.Module, scheme: str, activation: str = "relu", leaky_slope: float = 0.01) -> nn.Module:

@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 from torch.nn.utils import clip_grad_value_, clip_grads_with_norm_
 
+from orchestrator.models.init import has_normalisation
 from orchestrator.stability.adaptive_clipping import agc_clip_, zscore_clip_
 
 
@@ -21,9 +22,6 @@ def grad_norms(params: list[torch.nn.Parameter]) -> tuple[list[torch.Tensor], to
     """(per-tensor L2 norms, global L2 norm) of the gradients; tensors, no host sync."""
     per = list(torch._foreach_norm([p.grad for p in params], 2.0))
     return per, torch.linalg.vector_norm(torch.stack(per).float(), 2.0)
-
-
-_NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
 
 
 def resolve_clip_mode(mode: str, model: torch.nn.Module) -> str:
@@ -38,7 +36,7 @@ def resolve_clip_mode(mode: str, model: torch.nn.Module) -> str:
     Recurrent nets keep the global-norm rule (AGC: 0.782 on the LSTM)."""
     if mode != "auto":
         return mode
-    normalised = any(isinstance(m, _NORMS) for m in model.modules())
+    normalised = has_normalisation(model)
     recurrent = any(isinstance(m, torch.nn.RNNBase) for m in model.modules())
     return "zscore" if normalised or recurrent else "agc"
 

@@ -4,7 +4,8 @@ Detection reads only the step's all-reduced loss and the global gradient norm
 (identical on every rank), so every rank reaches the same verdict with no
 extra communication. Statistics are an EMA of mean and variance with a warm-up;
 spikes and non-finite steps do not update them. Defaults follow published
-practice: z > 6 over a ~128-step window.
+practice: z > 6; the window is 32 steps (a longer one kept a short run's early, falling loss
+in its statistics and hid a 150x loss spike at z 4.9).
 
 Recoveries (stability.spike.action):
   skip      drop this step's update

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+from orchestrator.models.init import NORM_LAYERS as _NORM_TYPES
 
 
 def split_decay_parameters(model: nn.Module, exclude_norm_and_bias: bool = True) -> tuple[list, list]:
