@@ -34,14 +34,16 @@ def doc(default: Any = ..., text: str = "", **limits: Any) -> Any:
 
 
 class ModelSpec(Section):
-    kind: Literal["mlp", "cnn", "resnet", "lstm", "gcn"] = doc("resnet", "Architecture family: mlp, cnn (plain conv stack), resnet (residual blocks), lstm (data.shape [time, features]) or gcn (data.shape [nodes, nodes + node features]: adjacency then features).")
+    kind: Literal["mlp", "cnn", "resnet", "lstm", "gcn", "custom"] = doc("resnet", "Architecture family: mlp, cnn (plain conv stack), resnet (residual blocks), lstm (data.shape [time, features]), gcn (data.shape [nodes, nodes + node features]: adjacency then features), or custom (your own nn.Module from model.factory).")
+    factory: Optional[str] = doc(None, "kind custom: 'package.module:function', imported from the current directory; called as function(shape=data.shape, num_classes=data.num_classes, **model.args), it returns an nn.Module giving num_classes logits.")
+    args: dict[str, Any] = Field(default_factory=dict, description="kind custom: keyword arguments for model.factory.")
     hidden: list[int] = doc([128, 128], "Hidden widths: MLP layers, stacked LSTM layers, or GCN layers.")
     channels: list[int] = doc([32, 64], "CNN/ResNet channels per stage; each stage after the first halves the resolution.")
     blocks_per_stage: int = doc(2, "ResNet residual blocks per stage.", ge=1)
     batch_norm: bool = doc(True, "Use batch norm after each conv/linear layer.")
     activation: Literal[ACTIVATIONS] = doc("relu", "Hidden activation: relu, leaky_relu, elu, silu/swish or gelu.")
     leaky_slope: float = doc(0.01, "Negative slope of leaky_relu (also used for its init gain).", ge=0, lt=1)
-    init: Literal[INITS] = doc("auto", "Weight init of conv/linear layers; 'default' keeps torch's; 'auto': kaiming_normal for nets without normalisation layers, torch's default for nets with them (measured: see orchestrator/models/init.py).")
+    init: Literal[INITS] = doc("auto", "Weight init of conv/linear layers; 'default' keeps torch's; 'auto': kaiming_normal for nets without normalisation layers, torch's default for nets with them (measured: see orchestrator/models/init.py); a custom model keeps its own init unless a scheme is named.")
     dropout: float = doc(0.0, "Dropout probability before the classifier (and between MLP/LSTM/GCN layers).", ge=0, lt=1)
     zero_init_residual: bool = doc(False, "Start each residual branch's last BN at zero so blocks begin as identities (off by default: with weights x10 it cost 15 points in the stress suite).")
 
@@ -205,11 +207,11 @@ class StabilitySpec(Section):
 class ScalingSpec(Section):
     num_workers: int = doc(2, "Data-parallel worker processes (one per GPU with use_gpu).", ge=1)
     use_gpu: bool = doc(False, "Train on GPUs with nccl; otherwise CPUs with gloo.")
-    cpus_per_worker: Optional[float] = doc(None, "CPUs reserved per worker; default leaves one CPU free for Ray Data locally, 1 on a cluster.", gt=0)
+    cpus_per_worker: Optional[float] = doc(None, "CPUs reserved per worker. Default 1, shared out on a smaller machine or cluster so that one CPU always stays free for Ray Data's tasks; an explicit value that leaves less is refused (locally at once, on a cluster after scaling.resource_wait_s).", gt=0)
     amp: Literal["none", "bf16", "fp16"] = doc("none", "Mixed precision (fp16 uses a GradScaler; clipping happens after unscale).")
     address: Optional[str] = doc(None, "Ray cluster address ('auto' inside a cluster); empty = start an embedded local Ray.")
     collective_timeout_s: int = doc(300, "gloo/nccl timeout: a dead peer fails the run after this many seconds, not 30 minutes.", ge=10)
-    resource_wait_s: float = doc(120.0, "How long to wait for the cluster to offer the workers' CPUs/GPUs before failing with a clear message.", ge=0)
+    resource_wait_s: float = doc(120.0, "How long to wait for the cluster to offer the workers' CPUs/GPUs (Keel asks the autoscaler for them) before failing with a clear message.", ge=0)
 
 
 class RunSpec(Section):
@@ -249,6 +251,11 @@ class JobSpec(Section):
     def _combinations(self) -> "JobSpec":
         if self.scaling.amp == "fp16" and not self.scaling.use_gpu:
             raise ValueError("scaling.amp: fp16 needs scaling.use_gpu: true (use bf16 or none on CPU)")
+        if self.model.kind == "custom" and not self.model.factory:
+            raise ValueError("model.factory: model.kind custom needs 'package.module:function'")
+        if self.model.kind != "custom" and (self.model.factory or self.model.args):
+            raise ValueError(f"model.{'factory' if self.model.factory else 'args'}: only used with model.kind: custom "
+                             f"(model.kind is {self.model.kind})")
         if self.model.kind in ("cnn", "resnet") and len(self.data.shape) != 3:
             raise ValueError(f"data.shape: model.kind {self.model.kind} needs [channels, height, width], got {self.data.shape}")
         if self.model.kind == "lstm" and len(self.data.shape) != 2:

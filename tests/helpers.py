@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _gloo_entry(rank: int, fn: Callable[[int], dict], init_file: str, out_dir: str, world: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -26,3 +28,22 @@ def on_gloo_ranks(fn: Callable[[int], dict], world: int, tmp: Path) -> list[dict
     group; return each rank's dict, rank order."""
     mp.start_processes(_gloo_entry, args=(fn, str(tmp / "init"), str(tmp), world), nprocs=world, start_method="spawn")
     return [torch.load(tmp / f"{r}.pt", weights_only=False) for r in range(world)]
+
+
+def job_tree(digits_dir: Path, storage: Path, name: str, **sections) -> dict:
+    """A small digits job as a dict; `sections` replace or extend the defaults per section."""
+    tree = {
+        "model": {"kind": "resnet", "channels": [16, 32], "blocks_per_stage": 1, "dropout": 0.0},
+        "data": {"train": str(digits_dir / "train.parquet"), "val": str(digits_dir / "val.parquet"),
+                 "shape": [1, 8, 8], "num_classes": 10, "batch_size": 32},
+        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+        "schedule": {"kind": "cosine", "warmup_epochs": 1},
+        "scaling": {"num_workers": 2},
+        "run": {"name": name, "storage_path": str(storage), "epochs": 2},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            tree[key] = {**tree[key], **value}
+        else:
+            tree[key] = value
+    return tree

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,11 @@ def preflight(spec: JobSpec, generate: bool = True) -> Plan:
     """Every check that needs no cluster: data present and well-formed, resources possible.
     With generate=False (keel validate) a missing dataset that `data.generate` would write is fine."""
     data, scaling = spec.data, spec.scaling
+    if spec.model.kind == "custom":  # the user's module: imported, built and run once here, before Ray starts
+        from orchestrator.models import build_model
+        from orchestrator.models.custom import check_custom_model
+
+        check_custom_model(build_model(spec.model, data), spec.model.factory, data.shape, data.num_classes)
     missing = data.generate and not Path(data.train).exists() and not Path(data.val).exists()
     if missing and generate:
         GENERATORS[data.generate](Path(data.train).parent)
@@ -100,7 +106,11 @@ def preflight(spec: JobSpec, generate: bool = True) -> Plan:
         if torch.cuda.device_count() < scaling.num_workers:
             raise BadInput(f"scaling.use_gpu: {scaling.num_workers} GPU workers but this machine has "
                            f"{torch.cuda.device_count()} GPUs")
-    cpus_per_worker = scaling.cpus_per_worker or (min(1.0, (cpus - 1) / scaling.num_workers) if local and cpus > 1 else 1.0)
+    cpus_per_worker = fit_cpus_per_worker(spec, cpus) if local else (scaling.cpus_per_worker or 1.0)  # a cluster: fitted later
+    if cpus_per_worker is None:
+        raise BadInput(f"scaling.cpus_per_worker: {scaling.num_workers} workers x {scaling.cpus_per_worker or MIN_CPUS_PER_WORKER:g} "
+                       f"CPUs leave less than {DATA_RESERVE_CPUS:g} of this machine's {cpus} CPUs for Ray Data's tasks "
+                       "(the run would wait for data forever); lower it or the workers")
     if missing and not generate:
         return Plan(-1, -1, [0] * spec.run.epochs, cpus_per_worker)
     cur = data.curriculum
@@ -222,31 +232,62 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: 
 
 def failure_reason(exc: Exception, spec: JobSpec) -> str:
     text = str(exc)
-    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+    # gloo says "Timed out waiting ..." or "Application timeout caused pair closure"; nccl "Watchdog caught collective operation timeout"
+    if re.search(r"timed out|timeout", text, re.IGNORECASE):
         return (f"a peer stopped responding: a collective timed out after {spec.scaling.collective_timeout_s} s "
                 "(scaling.collective_timeout_s); see the worker logs for the rank that hung")
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return (lines[-1] if lines else type(exc).__name__)[:500]
 
 
+# Ray Data's read/augment tasks (0.5 CPU each) need CPUs that the workers do not hold: measured, a 2-CPU
+# head whose 2 workers took 1 CPU each ran no data task and the job showed nothing for 14 minutes.
+DATA_RESERVE_CPUS = 1.0
+MIN_CPUS_PER_WORKER = 0.25
+
+
+def fit_cpus_per_worker(spec: JobSpec, total_cpus: float) -> Optional[float]:
+    """CPUs per worker that leave DATA_RESERVE_CPUS free for the data pipeline, or None if none fit.
+    An explicit scaling.cpus_per_worker is kept or refused; the default is 1, shared out when the
+    cluster is smaller (N workers on a 2-CPU machine get (2 - 1) / N each)."""
+    workers, wanted = spec.scaling.num_workers, spec.scaling.cpus_per_worker
+    if wanted is not None:
+        return wanted if workers * wanted + DATA_RESERVE_CPUS <= total_cpus + 1e-9 else None
+    share = min(1.0, (total_cpus - DATA_RESERVE_CPUS) / workers)
+    return share if share >= MIN_CPUS_PER_WORKER else None
+
+
 def wait_for_resources(spec: JobSpec, plan: Plan) -> None:
-    """A bounded wait for the cluster to offer what the run needs (an autoscaler may add nodes);
-    then a clear error instead of a run pending forever."""
+    """Fit the workers to the cluster, leaving CPUs for Ray Data, and set plan.cpus_per_worker. On a
+    cluster, ask the autoscaler for what is missing and wait (bounded: scaling.resource_wait_s); on the
+    embedded local Ray nothing can be added, so a misfit fails at once. Never a run pending forever."""
     import time
 
     import ray
 
-    need_cpu = spec.scaling.num_workers * plan.cpus_per_worker
     need_gpu = spec.scaling.num_workers if spec.scaling.use_gpu else 0
-    deadline = time.monotonic() + spec.scaling.resource_wait_s
+    local = spec.scaling.address is None
+    deadline = time.monotonic() + (0 if local else spec.scaling.resource_wait_s)
+    requested = False
     while True:
         have = ray.cluster_resources()
-        if have.get("CPU", 0) >= need_cpu and have.get("GPU", 0) >= need_gpu:
+        cpus = fit_cpus_per_worker(spec, have.get("CPU", 0))
+        if cpus is not None and have.get("GPU", 0) >= need_gpu:
+            plan.cpus_per_worker = cpus
             return
+        if not requested and not local:  # an autoscaler adds nodes for pending demand, and nothing is pending yet
+            from ray.autoscaler.sdk import request_resources
+
+            per_worker = {"CPU": spec.scaling.cpus_per_worker or 1.0, **({"GPU": 1} if need_gpu else {})}
+            request_resources(bundles=[per_worker] * spec.scaling.num_workers + [{"CPU": DATA_RESERVE_CPUS}])
+            requested = True
         if time.monotonic() >= deadline:
-            raise BadInput(f"scaling: {spec.scaling.num_workers} workers need {need_cpu:g} CPUs and {need_gpu} GPUs but the "
-                           f"cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs "
-                           f"(waited {spec.scaling.resource_wait_s:g} s, scaling.resource_wait_s)")
+            per = spec.scaling.cpus_per_worker or MIN_CPUS_PER_WORKER
+            need_cpu = spec.scaling.num_workers * per + DATA_RESERVE_CPUS
+            raise BadInput(f"scaling: {spec.scaling.num_workers} workers need {need_cpu:g} CPUs ({per:g} each"
+                           f"{'' if spec.scaling.cpus_per_worker else ' at least'} + {DATA_RESERVE_CPUS:g} for Ray Data's tasks) "
+                           f"and {need_gpu} GPUs but the cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs "
+                           + ("(the local machine)" if local else f"(waited {spec.scaling.resource_wait_s:g} s, scaling.resource_wait_s)"))
         time.sleep(1.0)
 
 

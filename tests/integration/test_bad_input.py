@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.bad_inputs.bad_datasets import write_bad_datasets
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 CASES = {  # file in tests/bad_inputs -> what the one-line error must name
     "malformed_yaml.yaml": "malformed YAML",
@@ -44,6 +44,15 @@ CASES = {  # file in tests/bad_inputs -> what the one-line error must name
     "binary_file.yaml": "binary_file.yaml: not UTF-8 text",
     "latin1_text.yaml": "latin1_text.yaml: not UTF-8 text (byte 16)",
     "truncated.yaml": "truncated.yaml: line 4 malformed YAML",
+    "custom_no_factory.yaml": "model.factory: model.kind custom needs 'package.module:function'",
+    "custom_malformed_factory.yaml": "model.factory: expected 'package.module:function', got 'bad_models.wrong_classes'",
+    "custom_import_error.yaml": "model.factory: cannot import 'no_such_user_module'",
+    "custom_not_callable.yaml": "model.factory: bad_models.NOT_CALLABLE is not a function (int)",
+    "custom_not_a_module.yaml": "model.factory: bad_models:returns_a_dict returned a dict, not a torch.nn.Module",
+    "custom_wrong_output.yaml": "model.factory: bad_models:wrong_classes returned (2, 11) for a batch of shape (2, 1, 8, 8); expected logits of shape (2, 10)",
+    "custom_forward_fails.yaml": "model.factory: bad_models:wrong_input's forward failed on a batch of shape (2, 1, 8, 8)",
+    "custom_factory_raises.yaml": "raised TypeError: needs_depth() got an unexpected keyword argument 'width'",
+    "factory_without_custom.yaml": "model.factory: only used with model.kind: custom (model.kind is resnet)",
 }
 # Every case of one command in ONE fresh interpreter (a launch per case cost ~2 minutes of suite time):
 # each case's stderr and exit code, and at the end whether anything imported Ray.
@@ -80,9 +89,10 @@ def test_every_corpus_file_has_a_case():
     assert len([c for c in CASES if c.startswith("data_")]) + 3 >= 8  # + shape mismatch, missing column, unreadable
 
 
-@pytest.fixture(scope="module", params=["run", "validate"])
+@pytest.fixture(scope="module", params=["run", "validate", "check"])
 def outcomes(request, corpus, tmp_path_factory):
     command, work = request.param, tmp_path_factory.mktemp(f"bad-{request.param}")
+    (work / "bad_models.py").write_bytes((ROOT / "tests/bad_inputs/bad_models.py").read_bytes())  # factories import from here
     argvs = [(case, [command, str(corpus / case)] + ([] if case == "missing_run.yaml" else [f"run.storage_path={work}/runs-{case}"]))
              for case in sorted(CASES)]
     proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argvs)], capture_output=True, text=True, cwd=work,

@@ -2,13 +2,13 @@
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def bench_env(tmp_path, monkeypatch, ray_session):
+def bench_env(tmp_path, monkeypatch, keel_ray):
     monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
     monkeypatch.chdir(ROOT)
     return tmp_path

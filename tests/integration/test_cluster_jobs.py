@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -67,30 +67,42 @@ def head():
 
 
 @pytest.mark.timeout(600)
-def test_submit_digits_job_follows_logs_and_succeeds(head, tmp_path):
+def test_submit_a_custom_model_job_follows_logs_and_succeeds(head, tmp_path):
+    """The user's own module travels in the uploaded working directory and is imported on the cluster."""
     address, env, _ = head
-    sid = f"keel-digits-resnet-{secrets.token_hex(3)}"
-    proc = keel("submit", "jobs/digits-resnet.yaml", "run.epochs=2", f"run.storage_path={tmp_path}",
-                "scaling.cpus_per_worker=0.5", "--address", address, "--submission-id", sid,
+    sid = f"keel-custom-{secrets.token_hex(3)}"
+    proc = keel("submit", "examples/custom_model/job.yaml", "run.epochs=2", f"run.storage_path={tmp_path}",
+                "--address", address, "--submission-id", sid,
                 "--runtime-env-json", '{"env_vars": {"KEEL_TEST_MARKER": "1"}}', env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"submitted {sid}" in proc.stdout and "SUCCEEDED" in proc.stdout
     assert "uploading " in proc.stdout and "largest:" in proc.stdout  # measured before it left
     assert "best val accuracy" in proc.stdout  # the job's own summary came through the log stream
-    run_dir = tmp_path / "digits-resnet"
+    run_dir = tmp_path / "custom-tiny-convnet"
     assert (run_dir / "metrics.jsonl").exists() and (run_dir / "config.yaml").exists()
     status = keel("jobs", "status", sid, "--address", address, "--json", env=env)
     record = json.loads(status.stdout)
-    assert status.returncode == 0 and record["status"] == "SUCCEEDED" and record["run"] == "digits-resnet"
+    assert status.returncode == 0 and record["status"] == "SUCCEEDED" and record["run"] == "custom-tiny-convnet"
     listing = keel("jobs", "list", "--address", address, env=env)
-    assert sid in listing.stdout and "digits-resnet" in listing.stdout
+    assert sid in listing.stdout and "custom-tiny-convnet" in listing.stdout
+
+
+@pytest.mark.timeout(300)
+def test_workers_that_would_starve_the_data_pipeline_fail_with_the_reason_instead_of_hanging(head, tmp_path):
+    """2 workers x 1 CPU on the 2-CPU head leave nothing for Ray Data's tasks: once that hung silently."""
+    address, env, _ = head
+    proc = keel("submit", "jobs/digits-resnet.yaml", "run.name=starved", f"run.storage_path={tmp_path}",
+                "scaling.cpus_per_worker=1", "scaling.resource_wait_s=3", "--address", address, env=env, timeout=240)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "3 CPUs (1 each + 1 for Ray Data's tasks)" in proc.stdout and "the cluster has 2 CPUs" in proc.stdout
+    assert "FAILED" in proc.stdout
 
 
 @pytest.mark.timeout(300)
 def test_no_wait_then_stop(head, tmp_path):
     address, env, _ = head
     proc = keel("submit", "jobs/digits-resnet.yaml", "run.name=to-stop", "run.epochs=50", f"run.storage_path={tmp_path}",
-                "scaling.cpus_per_worker=0.5", "--address", address, "--no-wait", env=env)
+                "--address", address, "--no-wait", env=env)
     assert proc.returncode == 0, proc.stderr
     sid = next(w for w in proc.stdout.split() if w.startswith("keel-to-stop-"))
     assert f"keel jobs stop {sid}" in proc.stdout
@@ -109,7 +121,7 @@ def test_no_wait_then_stop(head, tmp_path):
 def test_ctrl_c_while_following_leaves_the_job_running_and_says_how_to_reach_it(head, tmp_path):
     address, env, _ = head
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "submit", "jobs/digits-resnet.yaml", "run.name=ctrlc",
-                             "run.epochs=50", f"run.storage_path={tmp_path}", "scaling.cpus_per_worker=0.5", "--address", address],
+                             "run.epochs=50", f"run.storage_path={tmp_path}", "--address", address],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **env})
     lines = []

@@ -11,7 +11,7 @@ from orchestrator.data.pipeline import build_datasets, make_epoch_clock
 from orchestrator.data.preprocess import FEATURES, LABEL
 from orchestrator.spec import parse_spec
 from orchestrator.train.driver import preflight
-from tests.conftest import job_tree
+from tests.helpers import job_tree
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def pipeline(spec, clock=None):
 
 
 @pytest.mark.timeout(300)
-def test_augmentation_changes_every_epoch_is_reproducible_and_never_touches_validation(ray_session, digits_dir, tmp_path):
+def test_augmentation_changes_every_epoch_is_reproducible_and_never_touches_validation(keel_ray, digits_dir, tmp_path):
     tree = job_tree(digits_dir, tmp_path, "aug", data={**job_tree(digits_dir, tmp_path, "x")["data"],
                     "preprocess": {"standardize": "per_channel"},
                     "augment": {"random_crop_padding": 1, "cutout": 2, "noise_std": 0.1}})
@@ -50,7 +50,7 @@ def test_augmentation_changes_every_epoch_is_reproducible_and_never_touches_vali
 
 
 @pytest.mark.timeout(300)
-def test_standardisation_statistics_come_from_the_training_split_only(ray_session, tmp_path):
+def test_standardisation_statistics_come_from_the_training_split_only(keel_ray, tmp_path):
     def write(path, x):
         pq.write_table(pa.table({"f": pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), 2),
                                  "label": np.arange(len(x)) % 2}), path)
@@ -70,7 +70,7 @@ def test_standardisation_statistics_come_from_the_training_split_only(ray_sessio
 
 
 @pytest.mark.timeout(300)
-def test_curriculum_widens_the_pool_as_scheduled_and_bad_rows_are_dropped_and_counted(ray_session, tmp_path):
+def test_curriculum_widens_the_pool_as_scheduled_and_bad_rows_are_dropped_and_counted(keel_ray, tmp_path):
     make_tabular(tmp_path, rows=2000, features=4, missing=0.0)
     table = pq.read_table(tmp_path / "train.parquet")
     x = table.column("features").combine_chunks().flatten().to_numpy().reshape(-1, 4).copy()
@@ -96,7 +96,7 @@ def test_curriculum_widens_the_pool_as_scheduled_and_bad_rows_are_dropped_and_co
 
 
 @pytest.mark.timeout(300)
-def test_curriculum_by_the_loss_of_an_earlier_checkpoint(ray_session, tmp_path):
+def test_curriculum_by_the_loss_of_an_earlier_checkpoint(keel_ray, tmp_path):
     from orchestrator.train.checkpointing import list_checkpoints
     from orchestrator.train.driver import run_job
 

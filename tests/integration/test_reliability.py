@@ -15,7 +15,7 @@ from orchestrator.report.metrics import read_metrics
 from orchestrator.spec import load_spec, parse_spec
 from orchestrator.train.checkpointing import list_checkpoints
 from orchestrator.train.driver import run_job
-from tests.conftest import ROOT, job_tree
+from tests.helpers import ROOT, job_tree
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ def worker_pids():
 
 
 @pytest.mark.timeout(600)
-def test_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoint(ray_session, digits_dir, tmp_path):
+def test_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoint(keel_ray, digits_dir, tmp_path):
     # The main job's model, which converges tightly (0.989-0.994 in every run seen): with a smaller net, Ray Data's
     # dynamic shard assignment alone moved the final accuracy by 1.1-1.4 points between runs (measured).
     def spec(name):
@@ -56,7 +56,7 @@ def test_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoint(ray_sessi
 
 
 @pytest.mark.timeout(420)
-def test_corrupted_latest_checkpoint_is_detected_and_the_previous_one_used(ray_session, digits_dir, tmp_path):
+def test_corrupted_latest_checkpoint_is_detected_and_the_previous_one_used(keel_ray, digits_dir, tmp_path):
     tree = job_tree(digits_dir, tmp_path, "corrupt", run={"name": "corrupt", "storage_path": str(tmp_path), "epochs": 2})
     run_job(parse_spec(tree))
     latest = list_checkpoints(tmp_path / "corrupt")[-1]
@@ -96,7 +96,7 @@ def test_ctrl_c_on_keel_run_stops_cleanly_and_leaves_a_resumable_run(digits_dir,
 
 
 @pytest.mark.timeout(300)
-def test_a_hung_peer_fails_the_run_fast_with_a_clear_message(ray_session, digits_dir, tmp_path):
+def test_a_hung_peer_fails_the_run_fast_with_a_clear_message(keel_ray, digits_dir, tmp_path):
     tree = job_tree(digits_dir, tmp_path, "hang", faults=[{"kind": "hang", "at_step": 3, "rank": 1}],
                     scaling={"num_workers": 2, "collective_timeout_s": 10})
     start = time.monotonic()
@@ -106,7 +106,7 @@ def test_a_hung_peer_fails_the_run_fast_with_a_clear_message(ray_session, digits
 
 
 @pytest.mark.timeout(300)
-def test_early_stop_is_agreed_by_every_rank_without_a_hang(ray_session, digits_dir, tmp_path):
+def test_early_stop_is_agreed_by_every_rank_without_a_hang(keel_ray, digits_dir, tmp_path):
     tree = job_tree(digits_dir, tmp_path, "early", run={"name": "early", "storage_path": str(tmp_path), "epochs": 10},
                     stability={"early_stopping": {"enabled": True, "metric": "val_loss", "patience": 1, "min_delta": 100.0}})
     outcome = run_job(parse_spec(tree))
@@ -115,10 +115,11 @@ def test_early_stop_is_agreed_by_every_rank_without_a_hang(ray_session, digits_d
 
 
 @pytest.mark.timeout(120)
-def test_more_resources_than_the_cluster_has_fail_with_a_clear_message(ray_session, digits_dir, tmp_path):
+def test_more_resources_than_the_cluster_has_fail_with_a_clear_message(keel_ray, digits_dir, tmp_path):
     tree = job_tree(digits_dir, tmp_path, "huge", scaling={"num_workers": 2, "cpus_per_worker": 64, "address": "auto",
                                                             "resource_wait_s": 2})
     start = time.monotonic()
-    with pytest.raises(BadInput, match=r"2 workers need 128 CPUs and 0 GPUs but the cluster has \d+ CPUs.*waited 2 s"):
+    with pytest.raises(BadInput, match=r"2 workers need 129 CPUs \(64 each \+ 1 for Ray Data's tasks\) and 0 GPUs but "
+                                       r"the cluster has \d+ CPUs.*waited 2 s"):
         run_job(parse_spec(tree))
     assert time.monotonic() - start < 30

@@ -15,7 +15,7 @@ import yaml
 from orchestrator import cli
 from orchestrator.sweep.driver import run_sweep, summarize
 from orchestrator.sweep.spec import load_sweep
-from tests.conftest import ROOT, job_tree
+from tests.helpers import ROOT, job_tree
 
 pytestmark = pytest.mark.integration
 BAD_SWEEPS = {
@@ -56,7 +56,7 @@ def sweep_file(tmp_path, digits_dir, name, lrs, **extra) -> Path:
 
 
 @pytest.mark.timeout(600)
-def test_absurd_learning_rates_are_stopped_at_once_and_the_best_trial_is_healthy(ray_session, digits_dir, tmp_path):
+def test_absurd_learning_rates_are_stopped_at_once_and_the_best_trial_is_healthy(keel_ray, digits_dir, tmp_path):
     path = sweep_file(tmp_path, digits_dir, "lrs", [0.05, 1e4, 1e8])
     sweep, base = load_sweep(path)
     seen = []
@@ -82,7 +82,7 @@ def test_absurd_learning_rates_are_stopped_at_once_and_the_best_trial_is_healthy
 
 
 @pytest.mark.timeout(600)
-def test_non_finite_metric_stops_the_trial_at_that_report(ray_session, digits_dir, tmp_path):
+def test_non_finite_metric_stops_the_trial_at_that_report(keel_ray, digits_dir, tmp_path):
     path = sweep_file(tmp_path, digits_dir, "nan", [0.05], overrides=[
         "faults=[{kind: nan_batch, at_step: 25, repeat: 100000}]", "stability.nonfinite.max_consecutive_skips=100000"])
     # every step from 25 on is NaN: the guard skips them, epoch 2's train loss is NaN (no finite step)
@@ -94,7 +94,7 @@ def test_non_finite_metric_stops_the_trial_at_that_report(ray_session, digits_di
 
 
 @pytest.mark.timeout(600)
-def test_interrupted_sweep_resumes_and_keel_results_rereads_it(ray_session, digits_dir, tmp_path, capsys):
+def test_interrupted_sweep_resumes_and_keel_results_rereads_it(keel_ray, digits_dir, tmp_path, capsys):
     path = sweep_file(tmp_path, digits_dir, "resume", [0.02, 0.05, 0.1])
     exp = tmp_path / "sweeps" / "resume"
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(path), "--quiet"], cwd=tmp_path,
@@ -120,7 +120,7 @@ def test_interrupted_sweep_resumes_and_keel_results_rereads_it(ray_session, digi
 
 
 @pytest.mark.timeout(900)
-def test_pbt_replaces_a_diverged_trial_with_a_clone_of_a_good_one(ray_session, digits_dir, tmp_path):
+def test_pbt_replaces_a_diverged_trial_with_a_clone_of_a_good_one(keel_ray, digits_dir, tmp_path):
     # Two trials side by side: lr 0.05 trains, lr 1e4 diverges in its first epoch (Keel's guard ends its
     # run). Stock PBT ignores NaN scores; Keel's trial reports the worst score instead, so PBT's exploit
     # clones the good trial over it. The clone keeps training from the good trial's checkpoint.

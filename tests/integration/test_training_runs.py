@@ -11,13 +11,13 @@ from orchestrator.report.metrics import read_metrics
 from orchestrator.spec import parse_spec
 from orchestrator.train.checkpointing import list_checkpoints
 from orchestrator.train.driver import run_job
-from tests.conftest import ROOT, job_tree
+from tests.helpers import ROOT, job_tree
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.mark.timeout(420)
-def test_main_job_reaches_95_percent_on_digits(ray_session, tmp_path, monkeypatch, capsys):
+def test_main_job_reaches_95_percent_on_digits(keel_ray, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the job writes its data and runs relative to the working directory
     rc = cli.main(["run", str(ROOT / "jobs/digits-resnet.yaml"), "--quiet"])
     assert rc == 0, capsys.readouterr()
@@ -54,7 +54,7 @@ def test_main_job_reaches_95_percent_on_digits(ray_session, tmp_path, monkeypatc
 
 
 @pytest.mark.timeout(300)
-def test_an_outlier_batch_on_rank_1_only_skips_then_stops_both_ranks(ray_session, digits_dir, tmp_path):
+def test_an_outlier_batch_on_rank_1_only_skips_then_stops_both_ranks(keel_ray, digits_dir, tmp_path):
     """A 1e4x batch on rank 1 only: every loss and gradient stays finite (the trigger recorded below is
     'batch_outlier', which is only chosen when no rank saw a non-finite value), so only the agreed flag
     can tell rank 0. Reports carry rank 0's view: it skipped rank 1's steps and stopped with it."""
@@ -72,7 +72,7 @@ def test_an_outlier_batch_on_rank_1_only_skips_then_stops_both_ranks(ray_session
 
 
 @pytest.mark.timeout(300)
-def test_endless_nan_stops_as_diverged_with_exit_1(ray_session, digits_dir, tmp_path, capsys):
+def test_endless_nan_stops_as_diverged_with_exit_1(keel_ray, digits_dir, tmp_path, capsys):
     tree = job_tree(digits_dir, tmp_path, "diverge", faults=[{"kind": "nan_batch", "at_step": 3, "repeat": 1000}],
                     stability={"nonfinite": {"max_consecutive_skips": 4}})
     job = tmp_path / "diverge.yaml"
@@ -85,7 +85,7 @@ def test_endless_nan_stops_as_diverged_with_exit_1(ray_session, digits_dir, tmp_
 
 
 @pytest.mark.timeout(420)
-def test_rerun_with_same_name_resumes_from_next_epoch(ray_session, digits_dir, tmp_path):
+def test_rerun_with_same_name_resumes_from_next_epoch(keel_ray, digits_dir, tmp_path):
     tree = job_tree(digits_dir, tmp_path, "resume", run={"name": "resume", "storage_path": str(tmp_path), "epochs": 2})
     first = run_job(parse_spec(tree))
     assert [h["epoch"] for h in first.history] == [0, 1]

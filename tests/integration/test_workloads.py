@@ -1,13 +1,15 @@
-"""The LSTM and GCN workload jobs converge as shipped, and the stress suite runs end to end."""
+"""The LSTM, GCN and custom-model jobs converge as shipped, and the stress suite runs end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from orchestrator import cli
 from orchestrator.spec import load_spec
 from orchestrator.train.driver import run_job
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +22,7 @@ def run_shipped_job(name: str, tmp_path, *overrides: str):
 
 
 @pytest.mark.timeout(600)
-def test_sequence_lstm_job_learns_the_sign_of_the_sum(ray_session, tmp_path):
+def test_sequence_lstm_job_learns_the_sign_of_the_sum(keel_ray, tmp_path):
     # The label is the sign of the sum of 32 N(0,1) steps: a deterministic function of the input, so an
     # LSTM that integrates can approach 100%. Chance is 50%; the shipped job reaches ~0.98 in 6 epochs.
     outcome = run_shipped_job("sequence-lstm", tmp_path, "run.epochs=4")
@@ -28,7 +30,7 @@ def test_sequence_lstm_job_learns_the_sign_of_the_sum(ray_session, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_graph_gcn_job_tells_community_structure_apart(ray_session, tmp_path):
+def test_graph_gcn_job_tells_community_structure_apart(keel_ray, tmp_path):
     # Three classes of SBM graph (assortative, disassortative, random); chance is 33%. A node's own feature
     # is a noisy community hint, so the class is only visible through message passing (~0.89 in 8 epochs).
     outcome = run_shipped_job("graph-gcn", tmp_path, "run.epochs=6")
@@ -36,7 +38,21 @@ def test_graph_gcn_job_tells_community_structure_apart(ray_session, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_keel_stress_poisoned_batches_kill_the_plain_loop_not_keel(ray_session, tmp_path, capsys):
+def test_the_custom_model_example_trains_with_keels_guards_and_checkpoints(keel_run, digits_dir, monkeypatch):
+    """The README's own-model example, through Keel's pytest plugin, as a user would test theirs."""
+    monkeypatch.chdir(ROOT)  # the factory path is relative to where keel runs
+    outcome = keel_run(ROOT / "examples/custom_model/job.yaml", f"data.train={digits_dir / 'train.parquet'}",
+                       f"data.val={digits_dir / 'val.parquet'}", run__epochs=4)
+    assert outcome.ok and outcome.final["val_accuracy"] >= 0.9, (outcome.status, outcome.reason, outcome.final)
+    assert all(h["replica_drift"] == 0.0 for h in outcome.history)
+    state = torch.load(Path(outcome.checkpoint) / "state.pt", weights_only=False)["model"]
+    from examples.custom_model.tiny_convnet import build
+    build(shape=(1, 8, 8), num_classes=10).load_state_dict(state)  # the user's own class reloads Keel's checkpoint
+    assert outcome.stability["first_trouble"] is None and (outcome.run_dir / "stability_report.json").exists()
+
+
+@pytest.mark.timeout(600)
+def test_keel_stress_poisoned_batches_kill_the_plain_loop_not_keel(keel_ray, tmp_path, capsys):
     out = tmp_path / "stress"
     # 4 epochs (88 steps): the NaN batch at step 30 is skipped, the 1e4x batch at 60 is caught as a spike
     # one seed: this is the suite's smoke test; the measured table (2 seeds, all scenarios) is in the README

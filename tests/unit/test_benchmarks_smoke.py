@@ -2,7 +2,7 @@
 
 import json
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_guards_overhead_runs(tmp_path, monkeypatch):

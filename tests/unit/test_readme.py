@@ -4,7 +4,7 @@ import sys
 
 from orchestrator.cli import spec_reference_markdown
 from orchestrator.spec import field_reference
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_readme_spec_reference_matches_the_code():

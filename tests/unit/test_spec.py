@@ -3,7 +3,7 @@ import yaml
 
 from orchestrator.errors import BadInput
 from orchestrator.spec import JobSpec, apply_overrides, field_reference, load_spec, parse_spec
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 MINIMAL = {"data": {"train": "t", "val": "v", "shape": [1, 8, 8], "num_classes": 10}, "run": {"name": "x"}}
 

@@ -78,7 +78,7 @@ def test_entrypoint_runs_keel_on_the_cluster_with_quoted_overrides(tmp_path):
 
 def test_sweep_files_are_submitted_as_keel_sweep():
     from orchestrator.cluster.jobs import submission_kind
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     assert submission_kind(ROOT / "jobs/digits-sweep.yaml", []) == ("sweep", "digits-sweep")
     assert submission_kind(ROOT / "jobs/digits-resnet.yaml", ["run.name=x"]) == ("run", "x")

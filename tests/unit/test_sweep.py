@@ -6,7 +6,7 @@ from orchestrator.errors import BadInput
 from orchestrator.spec import parse_spec
 from orchestrator.sweep.spec import DivergenceSpec, SweepSpec, check_field_path
 from orchestrator.sweep.stopping import DivergenceStopper, divergence_reason
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 KW = dict(metric="val_accuracy", loss_metric="train_loss", loss_factor=10.0, loss_threshold=None)
 

@@ -1,0 +1,43 @@
+"""`keel check` on real 1- and 2-worker Ray Train runs: the main job passes; per-rank batch norm and a
+layer seeded by the rank are each caught, named, with the fix. Uses Keel's own pytest plugin fixtures."""
+
+import pytest
+
+from orchestrator import cli
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def data(digits_dir):
+    return [f"data.train={digits_dir / 'train.parquet'}", f"data.val={digits_dir / 'val.parquet'}"]
+
+
+@pytest.mark.timeout(400)
+def test_the_main_job_is_distributed_correct(keel_check, digits_dir):
+    report = keel_check(ROOT / "jobs/digits-resnet.yaml", *data(digits_dir))
+    assert report.ok, [(line.name, line.detail) for line in report.lines if not line.ok]
+    names = [line.name for line in report.lines]
+    assert names == ["data pipeline deterministic", "forward, step 0 (every layer)", "loss, every step",
+                     "global grad norm, every step", "parameters and buffers after k steps",
+                     "replicas identical, every step", "determinism (the same run twice)",
+                     "resume at k/2 from a Keel checkpoint"]
+    assert "20 steps" in report.lines[2].detail and report.notes  # the job's dropout was switched off, and said so
+
+
+@pytest.mark.timeout(300)
+def test_batch_norm_without_synchronization_is_named_with_the_fix(keel_check, digits_dir):
+    report = keel_check(ROOT / "jobs/digits-resnet.yaml", *data(digits_dir), "stability.sync_batchnorm=false", steps=4)
+    failure = report.first_failure
+    assert failure.name == "forward, step 0 (every layer)" and "(BatchNorm2d)" in failure.detail, failure
+    assert "stability.sync_batchnorm: true" in failure.cause
+
+
+@pytest.mark.timeout(300)
+def test_a_custom_layer_seeded_by_rank_is_named_and_keel_check_exits_1(keel_ray, digits_dir, capsys):
+    rc = cli.main(["check", str(ROOT / "examples/custom_model/job.yaml"), *data(digits_dir),
+                   "model.factory=tests.integration.check_models:rank_noise_net", "model.args={}", "--steps", "4"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "MISMATCH in forward, step 0 (every layer): first differs at 2 (RankNoise)" in " ".join(out.split())
+    assert "random numbers drawn per rank" in " ".join(out.split())

@@ -1,0 +1,109 @@
+"""`keel check`'s comparisons on hand-made run results: each kind of break is found, at its first
+step and layer, with the cause that usually makes it."""
+
+import copy
+
+import torch
+
+from orchestrator.check.compare import compare
+
+MODULES = {"conv": "Conv2d", "bn": "BatchNorm2d", "noise": "RankNoise", "fc": "Linear"}
+
+
+def result(batch=4, steps=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    state = {"conv.weight": torch.randn(4, 1, 3, 3, generator=g), "bn.running_mean": torch.randn(4, generator=g),
+             "bn.num_batches_tracked": torch.tensor(3), "fc.weight": torch.randn(10, 4, generator=g)}
+    forward = {name: torch.randn(batch, 4, generator=g) for name in ("conv", "bn", "noise", "fc")}
+    return {"steps": [{"loss": 2.0 - 0.1 * t, "grad_norm": 1.0 + t, "drift": 0.0, "skipped": False} for t in range(steps)],
+            "state": state, "fingerprint": {k: [v.double().sum().item()] for k, v in state.items() if v.is_floating_point()},
+            "first_forward": forward, "modules": MODULES, "dropout_layers": 0}
+
+
+def two_ranks(one):
+    """What a correct 2-worker run saves: each rank's half of every step-0 output; the same state."""
+    ranks = []
+    for r in range(2):
+        rank = copy.deepcopy(one)
+        rank["first_forward"] = {k: v[r * 2:(r + 1) * 2].clone() for k, v in one["first_forward"].items()}
+        ranks.append(rank)
+    return {"run": ranks, "repeat": [copy.deepcopy(one)], "resume": [copy.deepcopy(one)]}
+
+
+def failures(report):
+    return [line.name for line in report.lines if not line.ok]
+
+
+def test_a_correct_run_matches_everywhere():
+    one = result()
+    report = compare(one, two_ranks(one), data_deterministic=True)
+    assert report.ok and len(report.lines) == 8
+
+
+def test_per_rank_batch_norm_is_named_at_step_0_with_the_fix():
+    one = result()
+    many = two_ranks(one)
+    many["run"][1]["first_forward"]["bn"] += 0.5  # rank 1 normalised with its own statistics
+    many["run"][1]["first_forward"]["noise"] += 0.5
+    report = compare(one, many, True)
+    line = report.first_failure
+    assert line.name.startswith("forward, step 0") and "first differs at bn (BatchNorm2d)" in line.detail
+    assert "stability.sync_batchnorm: true" in line.cause
+
+
+def test_a_rank_dependent_layer_is_named():
+    one = result()
+    many = two_ranks(one)
+    many["run"][1]["first_forward"]["noise"] += 1e-2
+    line = compare(one, many, True).first_failure
+    assert "first differs at noise (RankNoise)" in line.detail and "random numbers drawn per rank" in line.cause
+
+
+def test_a_loss_that_differs_later_names_the_step():
+    one = result()
+    many = two_ranks(one)
+    many["run"][0]["steps"][2]["loss"] = 1.9
+    report = compare(one, many, True)
+    assert failures(report) == ["loss, every step"] and "step 2" in report.first_failure.detail
+    many["run"][0]["steps"][2]["loss"] = float("nan")
+    assert failures(compare(one, many, True)) == ["loss, every step"]
+
+
+def test_replica_drift_and_per_rank_buffers_are_caught():
+    one = result()
+    many = two_ranks(one)
+    many["run"][0]["steps"][1]["drift"] = 1e-3
+    assert "from step 1" in compare(one, many, True).first_failure.detail
+    many = two_ranks(one)
+    many["run"][1]["fingerprint"]["bn.running_mean"] = [9.0]
+    line = compare(one, many, True).first_failure
+    assert "bn.running_mean differs between rank 0 and rank 1" in line.detail and "sync_batchnorm" in line.cause
+
+
+def test_determinism_and_resume_name_the_first_tensor_that_differs():
+    one = result()
+    many = two_ranks(one)
+    many["resume"][0]["state"]["fc.weight"] = many["resume"][0]["state"]["fc.weight"] * (1 + 1e-4)
+    report = compare(one, many, True)
+    assert failures(report) == ["resume at k/2 from a Keel checkpoint"]
+    assert "fc.weight (Linear)" in report.first_failure.detail and "checkpoint does not carry" in report.first_failure.cause
+    many = two_ranks(one)
+    many["repeat"][0]["state"]["conv.weight"] = many["repeat"][0]["state"]["conv.weight"] + 1e-3
+    assert failures(compare(one, many, True)) == ["determinism (the same run twice)"]
+
+
+def test_parameters_within_fp32_reordering_noise_match_but_a_real_difference_does_not():
+    one = result()
+    many = two_ranks(one)
+    drifted = {k: v * (1 + 5e-4) if v.is_floating_point() else v for k, v in one["state"].items()}
+    for trajectory in ("run", "repeat", "resume"):  # the N-worker runs agree with each other exactly
+        many[trajectory][0]["state"] = drifted
+    assert compare(one, many, True).ok  # 4e-4 measured after 20 steps of the main job
+    drifted["conv.weight"] = one["state"]["conv.weight"] * 1.05
+    assert failures(compare(one, many, True)) == ["parameters and buffers after k steps"]
+
+
+def test_a_nondeterministic_pipeline_fails_first():
+    one = result()
+    report = compare(one, two_ranks(one), data_deterministic=False)
+    assert report.first_failure.name == "data pipeline deterministic" and "seeded" in report.first_failure.cause

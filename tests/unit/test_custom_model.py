@@ -1,0 +1,101 @@
+"""The user's own nn.Module (`model.kind: custom`): imported from the current directory, built with
+model.args, keeping its own init unless one is named, and given Keel's synchronized BN and guards."""
+
+import sys
+
+import pytest
+import torch
+
+from orchestrator.errors import BadInput
+from orchestrator.models import build_model
+from orchestrator.models.custom import build_custom, check_custom_model, load_factory
+from orchestrator.spec import parse_spec
+from tests.helpers import ROOT
+from tests.helpers import on_gloo_ranks
+
+FACTORY = "examples.custom_model.tiny_convnet:build"
+
+
+def custom_spec(**model):
+    return parse_spec({"model": {"kind": "custom", "factory": FACTORY, **model},
+                       "data": {"train": "t.parquet", "val": "v.parquet", "shape": [1, 8, 8], "num_classes": 10},
+                       "run": {"name": "custom"}, "scaling": {"num_workers": 2}})
+
+
+@pytest.fixture(autouse=True)
+def from_the_repository_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # where a user runs keel from; the factory path is relative to it
+
+
+def test_the_factory_gets_shape_num_classes_and_model_args():
+    spec = custom_spec(args={"width": 8, "dropout": 0.3})
+    net = build_model(spec.model, spec.data)
+    assert type(net).__name__ == "TinyConvNet"
+    assert net.features[0].out_channels == 8 and net.classifier[0].p == 0.3 and net.classifier[1].out_features == 10
+
+
+def test_auto_init_keeps_the_users_own_and_a_named_scheme_replaces_it(tmp_path, monkeypatch):
+    # a net without normalisation: the one where Keel's own `auto` would pick Kaiming for a zoo model
+    (tmp_path / "keel_plain_net_xyz.py").write_text(
+        "import torch\ndef make(shape, num_classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, num_classes))\n")
+    monkeypatch.chdir(tmp_path)
+    spec = custom_spec(factory="keel_plain_net_xyz:make")
+    make = load_factory("keel_plain_net_xyz:make")
+
+    torch.manual_seed(0)
+    own = make(shape=(1, 8, 8), num_classes=10).state_dict()
+    torch.manual_seed(0)
+    auto = build_model(spec.model, spec.data).state_dict()
+    torch.manual_seed(0)
+    named = build_model(custom_spec(factory="keel_plain_net_xyz:make", init="kaiming_normal").model, spec.data).state_dict()
+    assert all(torch.equal(own[k], auto[k]) for k in own)
+    assert not torch.equal(own["1.weight"], named["1.weight"]) and torch.equal(named["1.bias"], torch.zeros(32))
+
+
+def test_a_module_in_the_current_directory_is_found_without_being_installed(tmp_path, monkeypatch):
+    (tmp_path / "keel_user_net_xyz.py").write_text(
+        "import torch\ndef make(shape, num_classes, hidden=5):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(shape[0], hidden), torch.nn.Linear(hidden, num_classes))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    net = build_custom("keel_user_net_xyz:make", [4], 3, {"hidden": 7})
+    check_custom_model(net, "keel_user_net_xyz:make", [4], 3)
+    assert net[1].out_features == 7
+
+
+@pytest.mark.parametrize("num_classes, shape, message", [
+    (7, [1, 8, 8], None),                                   # sized by the data spec: fine
+    (10, [3, 8, 8], "forward failed on a batch of shape (2, 3, 8, 8)"),
+])
+def test_the_dry_forward_checks_input_and_output_shapes(num_classes, shape, message):
+    net = build_custom(FACTORY, [1, 8, 8], num_classes, {})
+    if message is None:
+        check_custom_model(net, FACTORY, shape, num_classes)
+    else:
+        with pytest.raises(BadInput, match=r"^model\.factory: .*" + message.replace("(", r"\(").replace(")", r"\)")):
+            check_custom_model(net, FACTORY, shape, num_classes)
+    net = build_custom(FACTORY, [1, 8, 8], 10, {})
+    with pytest.raises(BadInput, match=r"expected logits of shape \(2, 5\) \(data.num_classes\)"):
+        check_custom_model(net, FACTORY, [1, 8, 8], 5)
+
+
+def _components_on_rank(rank):
+    from orchestrator.stability.clipping import GradClipper
+    from orchestrator.stability.sync_batchnorm import KeelSyncBatchNorm
+    from orchestrator.train.components import build_components
+
+    import os
+    os.chdir(ROOT)
+    comps = build_components(custom_spec(), steps_per_epoch=4, device=torch.device("cpu"))
+    norms = [type(m).__name__ for m in comps.state.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    clipper = comps.safeguards.find(GradClipper)
+    return {"norms": norms, "synced": all(isinstance(m, KeelSyncBatchNorm) for m in comps.state.model.modules()
+                                          if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)),
+            "clip_mode": clipper.mode if clipper else None}
+
+
+def test_on_two_ranks_the_custom_models_batch_norms_are_synchronized_and_clipping_applies(tmp_path):
+    for result in on_gloo_ranks(_components_on_rank, 2, tmp_path):
+        assert len(result["norms"]) == 2 and result["synced"], result
+        assert result["clip_mode"] == "zscore"  # auto: the model normalises, so z-score rather than AGC

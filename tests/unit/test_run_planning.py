@@ -1,0 +1,45 @@
+"""Planning a run without a cluster: CPUs per worker that never starve the data pipeline, and what a
+failed run says (every backend's way of reporting a hung peer becomes the same clear line)."""
+
+import pytest
+
+from orchestrator.spec import parse_spec
+from orchestrator.train.driver import DATA_RESERVE_CPUS, failure_reason, fit_cpus_per_worker
+
+SPEC = parse_spec({"model": {"kind": "mlp"}, "data": {"train": "t.parquet", "val": "v.parquet", "shape": [4], "num_classes": 2},
+                   "scaling": {"num_workers": 2, "collective_timeout_s": 10}, "run": {"name": "r"}})
+
+
+@pytest.mark.parametrize("text", [
+    "RuntimeError: [../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 10000ms for recv operation to complete",
+    "RuntimeError: Application timeout caused pair closure",  # gloo, seen in CI on a loaded 2-core machine
+    "[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, OpType=ALLREDUCE)",
+])
+def test_a_hung_peer_is_named_with_the_setting_that_bounds_the_wait(text):
+    reason = failure_reason(RuntimeError(f"worker failed\n{text}"), SPEC)
+    assert "collective timed out after 10 s" in reason and "scaling.collective_timeout_s" in reason
+
+
+def test_any_other_failure_keeps_its_own_last_line():
+    assert failure_reason(ValueError("Traceback ...\n  File x\nValueError: bad shape [3, 4]\n"), SPEC) == "ValueError: bad shape [3, 4]"
+
+
+def workers(n, cpus=None):
+    return parse_spec({"model": {"kind": "mlp"}, "data": {"train": "t", "val": "v", "shape": [4], "num_classes": 2},
+                       "scaling": {"num_workers": n, "cpus_per_worker": cpus}, "run": {"name": "r"}})
+
+
+@pytest.mark.parametrize("n, cpus, total, expected", [
+    (2, None, 2, 0.5),     # this machine, or a 2-CPU head: one CPU stays free for Ray Data
+    (2, None, 64, 1.0),    # a big node: one CPU each
+    (4, None, 3, 0.5),
+    (8, None, 2, None),    # 0.125 each is no use: refused
+    (2, 1.0, 2, None),     # asked for 1 each on 2 CPUs: Ray Data would never run (the 14-minute hang)
+    (2, 0.5, 2, 0.5),
+    (2, None, 0, None),    # a CPU-less head before the autoscaler adds workers: wait
+])
+def test_workers_always_leave_cpus_for_the_data_pipeline(n, cpus, total, expected):
+    got = fit_cpus_per_worker(workers(n, cpus), total)
+    assert got == expected
+    if got is not None:
+        assert n * got + DATA_RESERVE_CPUS <= total
