@@ -7,11 +7,25 @@ FROM rayproject/ray:2.60.0-py311-gpu
 USER ray
 WORKDIR /home/ray/keel
 
-# Dependencies first (cached layer): CUDA torch from PyPI, Ray extras already matching the base image.
+# Ray and every package it depends on stay at the image's versions: installing torch and Keel cannot move
+# them (docker/ray_constraints.py writes the pins).
+COPY --chown=ray:users docker/ray_constraints.py /home/ray/
+RUN python /home/ray/ray_constraints.py > /home/ray/ray-constraints.txt
+
+# torch first, pinned, in its own layer: the CUDA build from PyPI (several GB) is downloaded once, not on
+# every code change.
+RUN pip install --no-cache-dir -c /home/ray/ray-constraints.txt "torch==2.13.0"
+
+# Keel's dependencies next, from pyproject.toml alone (a placeholder package): cached until it changes.
 COPY --chown=ray:users pyproject.toml README.md ./
+RUN mkdir orchestrator && touch orchestrator/__init__.py \
+    && pip install --no-cache-dir -c /home/ray/ray-constraints.txt -e . \
+    && rm -r orchestrator
+
+# The code last: an edit rebuilds only these layers (the editable install points here).
 COPY --chown=ray:users orchestrator ./orchestrator
 COPY --chown=ray:users jobs ./jobs
-RUN pip install --no-cache-dir "torch>=2.6,<3" && pip install --no-cache-dir -e .
+COPY --chown=ray:users examples ./examples
 
 # Smoke check: the CLI imports and runs.
 RUN keel --help > /dev/null

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import ROOT
 
@@ -165,6 +166,12 @@ def test_invalid_spec_is_rejected_before_anything_is_uploaded():
 def test_shipped_cluster_yaml_passes_ray_schema():
     proc = keel("cluster", "validate", "cluster.yaml")
     assert proc.returncode == 0 and "ok" in proc.stdout
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    assert not any("--shm-size" in option for option in config["docker"]["run_options"])  # Ray sizes /dev/shm itself
+    nodes = config["available_node_types"]
+    for name, node in nodes.items():  # every node may write s3:// storage and has room for the image
+        assert node["node_config"]["IamInstanceProfile"] and node["node_config"]["BlockDeviceMappings"], name
+    assert any(n["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for n in nodes.values())
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -186,3 +193,16 @@ def test_dockerfile_pins_ray_and_python_and_stays_user_ray():
     users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
     assert users and users[-1] == "ray"
     assert "keel --help" in text
+    lines = text.splitlines()
+    torch_line = next(i for i, line in enumerate(lines) if '"torch==' in line)
+    code_line = next(i for i, line in enumerate(lines) if line.startswith("COPY") and " orchestrator " in line)
+    assert torch_line < code_line  # an edit to the code does not reinstall torch
+    installs = [line for line in lines if "pip install" in line]
+    assert installs and all("-c /home/ray/ray-constraints.txt" in line for line in installs)
+
+
+def test_ray_constraints_pin_ray_and_its_dependencies_but_not_torch():
+    proc = subprocess.run([sys.executable, str(ROOT / "docker/ray_constraints.py")], capture_output=True, text=True)
+    pins = dict(line.split("==") for line in proc.stdout.split())
+    assert proc.returncode == 0 and pins["ray"] == "2.60.0"
+    assert {"pyarrow", "numpy", "pydantic", "aiohttp", "grpcio"} <= pins.keys() and "torch" not in pins
