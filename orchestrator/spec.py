@@ -209,6 +209,7 @@ class ScalingSpec(Section):
     use_gpu: bool = doc(False, "Train on GPUs with nccl; otherwise CPUs with gloo.")
     cpus_per_worker: Optional[float] = doc(None, "CPUs reserved per worker. Default 1, shared out on a smaller machine or cluster so that one CPU always stays free for Ray Data's tasks; an explicit value that leaves less is refused (locally at once, on a cluster after scaling.resource_wait_s).", gt=0)
     amp: Literal["none", "bf16", "fp16"] = doc("none", "Mixed precision (fp16 uses a GradScaler; clipping happens after unscale).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = doc("PACK", "How Ray places the workers on nodes: PACK (fewest nodes, Ray's default), SPREAD (across nodes where possible), STRICT_SPREAD (one worker per node), STRICT_PACK (one node).")
     address: Optional[str] = doc(None, "Ray cluster address ('auto' inside a cluster); empty = start an embedded local Ray.")
     collective_timeout_s: int = doc(300, "gloo/nccl timeout: a dead peer fails the run after this many seconds, not 30 minutes.", ge=10)
     resource_wait_s: float = doc(120.0, "How long to wait for the cluster to offer the workers' CPUs/GPUs (Keel asks the autoscaler for them) before failing with a clear message.", ge=0)

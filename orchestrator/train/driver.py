@@ -52,6 +52,7 @@ class RunOutcome:
     reason: str = ""
     stability: Optional[dict] = None  # the run's stability report, when diagnostics are on
     warnings: list[str] = field(default_factory=list)
+    placement: list[dict] = field(default_factory=list)  # per rank: node id, host, pid (placement.json)
 
     @property
     def ok(self) -> bool:
@@ -219,7 +220,7 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: 
                            "progress": progress_queue, "clock": clock, "preprocess": plan.preprocess.to_dict(),
                            "initial_checkpoint": initial_checkpoint},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=spec.scaling.placement_strategy),
         run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path,
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
@@ -322,6 +323,9 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
                 log.append(event["metrics"])
             elif event["type"] == "step":
                 log.step(event)
+            elif event["type"] == "ready":  # where each rank runs: node, host, pid
+                outcome.placement = event["placement"]
+                (run_dir / "placement.json").write_text(json.dumps(event["placement"], indent=1))
             elif event["type"] == "warning":
                 outcome.warnings.append(event["message"])
             elif event["type"] == "stability_report":

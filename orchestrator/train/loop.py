@@ -48,6 +48,22 @@ def agree_step(st, n: int) -> None:
     st.global_outlier = outliers
 
 
+def worker_placement() -> list[dict]:
+    """Where every rank runs (Ray node, host, pid): one all_gather_object at start-up, for placement.json."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    me = {"rank": ray.train.get_context().get_world_rank(), "node": ray.get_runtime_context().get_node_id(),
+          "host": socket.gethostname(), "pid": os.getpid()}
+    if world_size() == 1:
+        return [me]
+    everyone: list = [None] * world_size()
+    dist.all_gather_object(everyone, me)
+    return everyone
+
+
 def train_step(comps: Components, batch: dict, spec: JobSpec) -> None:
     st, guards, reg = comps.state, comps.safeguards, spec.regularization
     st.begin_step()
@@ -155,7 +171,8 @@ def train_loop_per_worker(config: dict) -> None:
     comps = build_components(spec, max(steps_per_epoch), ray.train.torch.get_device(), ray.train.torch.prepare_model)
     st, guards = comps.state, comps.safeguards
     progress = ProgressSender(config.get("progress"), st.rank)
-    progress.send("ready", world_size=world)
+    placement = worker_placement()  # a collective: every rank takes part, rank 0 sends it
+    progress.send("ready", world_size=world, placement=placement)
     start_epoch = resume(comps, spec, progress, config.get("initial_checkpoint"))
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     all_events: list[dict] = []

@@ -44,18 +44,25 @@ def keel(*args, env=None, timeout=600):
 
 @pytest.fixture(scope="module")
 def head():
-    """A token-authenticated head in its own temp dir; stopped by killing only the processes it started."""
+    """A token-authenticated 2-node cluster on this machine: a head with 1 CPU and a second node with 2
+    (`ray start --address`), in their own temp dir; stopped by killing only the processes they started."""
     temp_dir = tempfile.mkdtemp(prefix="kh", dir="/tmp")  # short: Ray's socket paths have a length limit
     token = secrets.token_hex(32)
-    dash = free_port()
+    dash, gcs = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+    # every agent on its own port: the suite's local Ray already holds the defaults
+    agents = lambda: [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                             "metrics-export-port", "runtime-env-agent-port")]
+    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
-                    "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
-                    # every agent on its own port: the suite's local Ray already holds the defaults
-                    *[f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                             "metrics-export-port", "runtime-env-agent-port",
-                                                             "ray-client-server-port")]],
+                    "--num-cpus=1", "--include-dashboard=true", "--disable-usage-stats",
+                    f"--ray-client-server-port={free_port()}", *agents()],
+                   check=True, env=env, capture_output=True, timeout=120)
+    # its own temp dir, as on a real second machine: sharing the head's, its runtime-env agent unpacked the job's
+    # working directory over the head's copy and deleted the data the driver had just generated there (seen)
+    node_dir = tempfile.mkdtemp(prefix="kn", dir="/tmp")
+    subprocess.run(["ray", "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                    f"--temp-dir={node_dir}", "--disable-usage-stats", *agents()],
                    check=True, env=env, capture_output=True, timeout=120)
     address = f"http://127.0.0.1:{dash}"
     client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": ""}
@@ -69,11 +76,12 @@ def head():
 
 @pytest.mark.timeout(600)
 def test_submit_a_custom_model_job_follows_logs_and_succeeds(head, tmp_path):
-    """The user's own module travels in the uploaded working directory and is imported on the cluster."""
+    """The user's own module travels in the uploaded working directory and is imported on the cluster; its two
+    workers run on the two Ray nodes (STRICT_SPREAD), each fitted with 1 CPU while one stays free for Ray Data."""
     address, env, _ = head
     sid = f"keel-custom-{secrets.token_hex(3)}"
     proc = keel("submit", "examples/custom_model/job.yaml", "run.epochs=2", f"run.storage_path={tmp_path}",
-                "--address", address, "--submission-id", sid,
+                "scaling.placement_strategy=STRICT_SPREAD", "--address", address, "--submission-id", sid,
                 "--runtime-env-json", '{"env_vars": {"KEEL_TEST_MARKER": "1"}}', env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"submitted {sid}" in proc.stdout and "SUCCEEDED" in proc.stdout
@@ -81,6 +89,10 @@ def test_submit_a_custom_model_job_follows_logs_and_succeeds(head, tmp_path):
     assert "best val accuracy" in proc.stdout  # the job's own summary came through the log stream
     run_dir = tmp_path / "custom-tiny-convnet"
     assert (run_dir / "metrics.jsonl").exists() and (run_dir / "config.yaml").exists()
+    placement = json.loads((run_dir / "placement.json").read_text())
+    assert sorted(p["rank"] for p in placement) == [0, 1] and len({p["node"] for p in placement}) == 2  # two Ray nodes
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and all(h["replica_drift"] == 0.0 for h in history)  # DDP across nodes kept them equal
     status = keel("jobs", "status", sid, "--address", address, "--json", env=env)
     record = json.loads(status.stdout)
     assert status.returncode == 0 and record["status"] == "SUCCEEDED" and record["run"] == "custom-tiny-convnet"
@@ -90,12 +102,12 @@ def test_submit_a_custom_model_job_follows_logs_and_succeeds(head, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_workers_that_would_starve_the_data_pipeline_fail_with_the_reason_instead_of_hanging(head, tmp_path):
-    """2 workers x 1 CPU on the 2-CPU head leave nothing for Ray Data's tasks: once that hung silently."""
+    """2 workers x 1.5 CPUs on the 3-CPU cluster leave nothing for Ray Data's tasks: once that hung silently."""
     address, env, _ = head
     proc = keel("submit", "jobs/digits-resnet.yaml", "run.name=starved", f"run.storage_path={tmp_path}",
-                "scaling.cpus_per_worker=1", "scaling.resource_wait_s=3", "--address", address, env=env, timeout=240)
+                "scaling.cpus_per_worker=1.5", "scaling.resource_wait_s=3", "--address", address, env=env, timeout=240)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "3 CPUs (1 each + 1 for Ray Data's tasks)" in proc.stdout and "the cluster has 2 CPUs" in proc.stdout
+    assert "4 CPUs (1.5 each + 1 for Ray Data's tasks)" in proc.stdout and "the cluster has 3 CPUs" in proc.stdout
     assert "FAILED" in proc.stdout
 
 
