@@ -26,7 +26,8 @@ from orchestrator.data.pipeline import build_datasets, make_epoch_clock
 from orchestrator.data.preprocess import apply_preprocess
 from orchestrator.data.scan import feature_matrix
 from orchestrator.spec import AugmentSpec, load_spec
-from orchestrator.train.driver import ensure_ray, preflight
+from orchestrator.ray_session import ensure_ray
+from orchestrator.train.driver import preflight
 
 AUGMENT = AugmentSpec(random_crop_padding=4, hflip=0.5)
 

@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     workdir = tempfile.mkdtemp(prefix="keel-overhead-")
     make_synthetic(workdir, rows=args.rows, shape=(1, 8, 8))
-    from orchestrator.train.driver import ensure_ray
+    from orchestrator.ray_session import ensure_ray
 
     ensure_ray(None)
     rates = {}

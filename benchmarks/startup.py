@@ -30,7 +30,8 @@ PHASES = [("ray_start", "imported", "ray_started"), ("worker_group", "ray_starte
 def child(workdir: str, dashboard: bool) -> None:
     marks = {"imported": 0.0}
     from orchestrator.spec import load_spec
-    from orchestrator.train.driver import ensure_ray, run_job
+    from orchestrator.ray_session import ensure_ray
+    from orchestrator.train.driver import run_job
     marks["imported"] = time.time()
     spec = load_spec("jobs/digits-resnet.yaml", [f"data.train={workdir}/train.parquet", f"data.val={workdir}/val.parquet",
                                                  f"run.storage_path={workdir}/runs", f"run.name=startup-{time.time_ns()}", *SMALLEST])

@@ -53,7 +53,7 @@ def load_job(job: Any, overrides: list[str]):
 @pytest.fixture(scope="session")
 def keel_ray():
     """One embedded local Ray for the session, shut down at its end."""
-    from orchestrator.train.driver import ensure_ray
+    from orchestrator.ray_session import ensure_ray
 
     ensure_ray(None)
     import ray

@@ -79,7 +79,8 @@ def fit(spec: JobSpec, workers: int, cpus: float, config: dict, out: Path) -> di
 
 
 def run_check(spec: JobSpec, steps: int = 20, say: Callable[[str], None] = lambda message: None) -> CheckReport:
-    from orchestrator.train.driver import ensure_ray, preflight, resolved
+    from orchestrator.ray_session import ensure_ray
+    from orchestrator.train.driver import preflight, resolved
 
     if steps < 2 or steps % 2:
         raise BadInput(f"--steps: {steps}; needs an even number >= 2 (the resume check stops half-way)")

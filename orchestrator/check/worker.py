@@ -25,7 +25,8 @@ from orchestrator.data.preprocess import FEATURES, LABEL
 from orchestrator.spec import JobSpec
 from orchestrator.stability.distributed import rank, world_size
 from orchestrator.stability.replica_check import replica_drift
-from orchestrator.train.checkpointing import load_checkpoint, save_checkpoint, unwrap
+from orchestrator.models import unwrap
+from orchestrator.train.checkpointing import load_checkpoint, save_checkpoint
 from orchestrator.train.components import build_components, seed_everything
 from orchestrator.train.loop import train_step
 

@@ -6,7 +6,12 @@ from orchestrator.models.activations import make_activation
 from orchestrator.models.init import init_weights
 from orchestrator.models.zoo import CNN, MLP, ResNet, build_network
 
-__all__ = ["build_model", "make_activation", "init_weights", "MLP", "CNN", "ResNet"]
+__all__ = ["build_model", "unwrap", "make_activation", "init_weights", "MLP", "CNN", "ResNet"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a DDP (or any `.module`) wrapper."""
+    return model.module if hasattr(model, "module") else model
 
 
 def build_model(model_spec, data_spec) -> nn.Module:

@@ -15,7 +15,7 @@ from collections import deque
 import torch
 from torch import nn
 
-from orchestrator.train.checkpointing import unwrap
+from orchestrator.models import unwrap
 
 RELU_FAMILY = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU)
 

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from orchestrator.train.checkpointing import unwrap
+from orchestrator.models import unwrap
 
 
 def poison_batch(x: torch.Tensor, kind: str = "nan_batch", factor: float = 1e6) -> torch.Tensor:

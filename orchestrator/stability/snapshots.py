@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from orchestrator.train.checkpointing import unwrap
+from orchestrator.models import unwrap
 
 
 def _to_cpu(obj):

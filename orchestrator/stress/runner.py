@@ -58,7 +58,7 @@ def run_stress(out: Path, names: list[str], epochs: dict[str, int], seeds: int =
     """Every chosen scenario x {plain, keel} x seeds, plus each reference workload x seeds, on one Ray."""
     import shutil
 
-    from orchestrator.train.driver import ensure_ray
+    from orchestrator.ray_session import ensure_ray
 
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "runs", ignore_errors=True)  # fresh runs: a run name that exists would resume instead

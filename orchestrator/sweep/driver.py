@@ -98,7 +98,7 @@ def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[Trial
     from ray import tune
 
     from orchestrator.sweep.stopping import DivergenceStopper
-    from orchestrator.train.driver import ensure_ray
+    from orchestrator.ray_session import ensure_ray
 
     ensure_ray(base_tree.get("scaling", {}).get("address"))
     exp_dir = experiment_dir(sweep)

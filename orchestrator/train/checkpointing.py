@@ -18,13 +18,11 @@ from pathlib import Path
 
 import torch
 
+from orchestrator.models import unwrap
+
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 MANIFEST_FILE = "manifest.json"
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 def save_checkpoint(directory: str | os.PathLike, comps, *, epoch: int, spec_yaml: str, extra: dict | None = None) -> Path:

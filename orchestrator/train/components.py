@@ -20,7 +20,7 @@ from orchestrator.stability.nonfinite import NonFiniteGuard
 from orchestrator.stability.replica_check import ReplicaCheck
 from orchestrator.stability.spikes import SpikeGuard
 from orchestrator.stability.sync_batchnorm import convert_sync_batchnorm
-from orchestrator.train.checkpointing import unwrap
+from orchestrator.models import unwrap
 from orchestrator.train.hooks import Safeguards, StepState
 from orchestrator.train.optim import build_optimizer, split_decay_parameters
 from orchestrator.train.schedules import Schedule, build_schedule

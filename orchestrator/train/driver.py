@@ -23,13 +23,12 @@ from orchestrator.data.preprocess import PreprocessState, fit_preprocess
 from orchestrator.data.scan import scan_split
 from orchestrator.data.sources import resolve
 from orchestrator.errors import BadInput
+from orchestrator.ray_session import ensure_ray
 from orchestrator.spec import JobSpec
 
 # Ray settings that cut start-up and shutdown of an embedded local cluster (see benchmarks/startup.py):
 # the controller polls its workers every 0.1 s instead of 2 s (a tiny fit 18 s -> 10 s), and local runs
 # skip what only a cloud cluster needs: the spot-preemption watcher and usage-stats reporting.
-FAST_LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                  "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @dataclass
@@ -144,54 +143,6 @@ def preflight(spec: JobSpec, generate: bool = True) -> Plan:
         raise BadInput(f"data.curriculum.start_fraction: the first epochs' pool is smaller than one global batch "
                        f"({data.batch_size} x {scaling.num_workers})")
     return Plan(scans["train"].rows, scans["val"].rows, steps, cpus_per_worker, preprocess, limits, dropped)
-
-
-def free_dashboard_port(preferred: int = 8265) -> int:
-    import socket
-
-    for port in (preferred, 0):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-                return sock.getsockname()[1]
-            except OSError:
-                continue
-    return preferred
-
-
-def cluster_address(address: Optional[str]) -> Optional[str]:
-    """The cluster to join: `scaling.address`, else $RAY_ADDRESS (inside a Ray Job, its cluster), else None
-    (start an embedded local Ray). An http(s):// RAY_ADDRESS is a dashboard / Jobs API address, set for
-    `keel submit`; a local `keel run` must not try to join it."""
-    env = os.environ.get("RAY_ADDRESS") or None
-    if env and env.startswith(("http://", "https://")):
-        env = None
-    return address or env
-
-
-def ensure_ray(address: Optional[str], verbose: bool = False, dashboard: bool = True) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cluster_address(address)
-    if address is None:
-        for key, value in FAST_LOCAL_ENV.items():
-            os.environ.setdefault(key, value)
-        # Embedded local cluster; dashboard/job API stay on 127.0.0.1 (Ray's default). Sweeps need the
-        # dashboard: its State API is how Ray frees a Tune-stopped trial's workers (measured: with port 8265
-        # taken by another Ray, no dashboard started, and the next trial waited forever for CPUs). A single
-        # `keel run` does not need it (`keel run --dashboard` to watch it); start-up is the same either way.
-        ray.init(log_to_driver=verbose, configure_logging=verbose, logging_level="WARNING",
-                 include_dashboard=dashboard, dashboard_port=free_dashboard_port() if dashboard else None)
-    else:
-        ray.init(address=address, log_to_driver=verbose, logging_level="WARNING")
-    import logging
-
-    import ray.data
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    if not verbose:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def resolved(spec: JobSpec) -> JobSpec:

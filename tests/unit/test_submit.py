@@ -87,7 +87,7 @@ def test_sweep_files_are_submitted_as_keel_sweep():
 
 
 def test_a_local_run_ignores_a_jobs_api_ray_address(monkeypatch):
-    from orchestrator.train.driver import cluster_address
+    from orchestrator.ray_session import cluster_address
 
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # set for `keel submit`
     assert cluster_address(None) is None  # start an embedded local Ray
