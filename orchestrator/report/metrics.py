@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 from typing import Optional
+from orchestrator.numbers import finite
 
 EPOCH_SCALARS = ("train_loss", "val_loss", "val_accuracy", "lr", "grad_norm_mean", "grad_norm_max", "skipped_steps",
                  "spikes", "rollbacks", "lr_reductions", "samples_per_s", "data_wait_frac", "replica_drift")
@@ -50,7 +51,7 @@ class MetricsLog:
             step = metrics.get("step", metrics.get("epoch", 0))
             for key in EPOCH_SCALARS:
                 value = metrics.get(key)
-                if isinstance(value, (int, float)) and math.isfinite(value):
+                if finite(value):
                     self.writer.add_scalar(f"epoch/{key}", value, step)
             for event in metrics.get("events") or []:
                 self.writer.add_scalar(f"events/{event['trigger']}", 1.0, event["step"])

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from orchestrator.numbers import finite
 
 STYLE = {"figure.figsize": (8, 4.2), "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
          "axes.spines.right": False, "font.size": 10}
@@ -23,7 +24,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def _finite(xs, ys):
-    pairs = [(x, y) for x, y in zip(xs, ys) if isinstance(y, (int, float)) and y is not None and math.isfinite(y)]
+    pairs = [(x, y) for x, y in zip(xs, ys) if finite(y)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -126,7 +127,7 @@ def sweep_scatter(rows, param: str, metric: str, log_x: bool, path: Path) -> Pat
         fig, ax = plt.subplots()
         for status, colour in colours.items():
             pts = [(r.config.get(param), r.metric) for r in rows if r.status == status and r.config.get(param) is not None]
-            finite = [(x, y) for x, y in pts if isinstance(y, (int, float)) and math.isfinite(y)]
+            finite = [(x, y) for x, y in pts if finite(y)]
             if finite:
                 ax.scatter(*zip(*finite), color=colour, label=status.lower() if status != "TERMINATED" else "finished", s=40)
             no_metric = [x for x, y in pts if (x, y) not in finite]

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from orchestrator.numbers import finite
 from orchestrator.stress.scenarios import SCENARIOS, reference_job, prepare_data, scenario_job
 
 TOLERANCE = 0.02  # "within 2 points of the tuned run"
@@ -30,10 +31,6 @@ class RunResult:
     converged: bool = False
     seconds: float = 0.0
     run_dir: str = ""
-
-
-def finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def run_one(tree: dict, scenario: str, profile: str) -> RunResult:

@@ -14,6 +14,7 @@ import yaml
 from ray.tune import Callback
 
 from orchestrator.data.sources import resolve
+from orchestrator.numbers import finite
 from orchestrator.sweep.spec import SweepSpec
 from orchestrator.sweep.trial import loss_threshold, run_trial, set_dotted
 
@@ -180,7 +181,7 @@ def summarize(exp_dir: Path, metric: str, mode: str, base_tree: Optional[dict] =
         status, reason = trial_status(reasons.get(trial.trial_id), trial.status)
         outcome.rows.append(TrialRow(trial.trial_id, status, dict(trial.config), m.get(metric),
                                      m.get("training_iteration", 0), reason, len(m.get("events") or [])))
-    healthy = [r for r in outcome.rows if r.status == "TERMINATED" and isinstance(r.metric, (int, float)) and math.isfinite(r.metric)]
+    healthy = [r for r in outcome.rows if r.status == "TERMINATED" and finite(r.metric)]
     if healthy:
         outcome.best = (max if mode == "max" else min)(healthy, key=lambda r: r.metric)
         if base_tree is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ray import tune
+from orchestrator.numbers import finite
 
 
 def divergence_reason(result: dict, first_loss: Optional[float], *, metric: str, loss_metric: str,
@@ -52,7 +53,7 @@ class DivergenceStopper(tune.Stopper):
                                    loss_metric=self.spec.loss_metric, loss_factor=self.spec.loss_factor,
                                    loss_threshold=self.spec.loss_threshold)
         loss = result.get(self.spec.loss_metric)
-        if trial_id not in self.first_loss and isinstance(loss, (int, float)) and math.isfinite(loss):
+        if trial_id not in self.first_loss and finite(loss):
             self.first_loss[trial_id] = loss
         if reason is None or (previous and not previous.get("cloned_from")):
             return False  # healthy, or (PBT) already recorded and waiting to be replaced

@@ -19,6 +19,7 @@ from typing import Optional
 
 from ray.train.v2.api.callback import UserCallback
 
+from orchestrator.numbers import finite
 from orchestrator.sweep.spec import SweepSpec
 from orchestrator.sweep.stopping import divergence_reason
 
@@ -130,7 +131,7 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str) 
             if reason:
                 metrics.update({sweep.metric: WORST[sweep.mode], "diverged": 1, "stop_reason": reason})
         loss = metrics.get(sweep.divergence.loss_metric)
-        if first_loss is None and isinstance(loss, (int, float)) and math.isfinite(loss):
+        if first_loss is None and finite(loss):
             first_loss = loss
         checkpoint = tune.Checkpoint.from_directory(item["checkpoint"]) if item["checkpoint"] else None
         tune.report(metrics, checkpoint=checkpoint)

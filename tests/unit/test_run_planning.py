@@ -43,3 +43,72 @@ def test_workers_always_leave_cpus_for_the_data_pipeline(n, cpus, total, expecte
     assert got == expected
     if got is not None:
         assert n * got + DATA_RESERVE_CPUS <= total
+
+
+class FakeCluster:
+    """A cluster whose CPUs/GPUs appear when an autoscaler acts on a resource request."""
+
+    def __init__(self, now: dict, after_request: dict):
+        self.now, self.after_request, self.requests = now, after_request, []
+
+    def cluster_resources(self):
+        return dict(self.now)
+
+    def request_resources(self, bundles):
+        self.requests.append(bundles)
+        self.now = dict(self.after_request)
+
+
+def on_fake_cluster(monkeypatch, cluster):
+    import ray
+    import ray.autoscaler.sdk
+
+    monkeypatch.setattr(ray, "cluster_resources", cluster.cluster_resources)
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", cluster.request_resources)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+
+
+def plan_for(spec):
+    from orchestrator.train.driver import Plan
+
+    return Plan(100, 10, [3], spec.scaling.cpus_per_worker or 1.0)
+
+
+def test_a_cpu_less_head_asks_the_autoscaler_for_the_workers_and_the_data_cpu(monkeypatch):
+    from orchestrator.train.driver import wait_for_resources
+
+    spec = parse_spec({"model": {"kind": "mlp"}, "data": {"train": "t", "val": "v", "shape": [4], "num_classes": 2},
+                       "scaling": {"num_workers": 4, "use_gpu": True, "address": "auto"}, "run": {"name": "r"}})
+    cluster = FakeCluster(now={"CPU": 0}, after_request={"CPU": 16, "GPU": 4})
+    on_fake_cluster(monkeypatch, cluster)
+    plan = plan_for(spec)
+    wait_for_resources(spec, plan)
+    assert cluster.requests == [[{"CPU": 1.0, "GPU": 1}] * 4 + [{"CPU": DATA_RESERVE_CPUS}]]  # asked once, for all
+    assert plan.cpus_per_worker == 1.0
+
+
+def test_a_cluster_that_never_grows_fails_in_one_line_naming_the_field(monkeypatch):
+    from orchestrator.errors import BadInput
+    from orchestrator.train.driver import wait_for_resources
+
+    spec = parse_spec({"model": {"kind": "mlp"}, "data": {"train": "t", "val": "v", "shape": [4], "num_classes": 2},
+                       "scaling": {"num_workers": 2, "use_gpu": True, "address": "auto", "resource_wait_s": 0},
+                       "run": {"name": "r"}})
+    cluster = FakeCluster(now={"CPU": 8}, after_request={"CPU": 8})  # no GPUs ever come
+    on_fake_cluster(monkeypatch, cluster)
+    with pytest.raises(BadInput, match=r"^scaling: 2 workers need .* and 2 GPUs but the cluster has 8 CPUs and 0 GPUs "
+                                       r"\(waited 0 s, scaling.resource_wait_s\)$"):
+        wait_for_resources(spec, plan_for(spec))
+    assert len(cluster.requests) == 1
+
+
+def test_the_embedded_local_ray_never_asks_an_autoscaler(monkeypatch):
+    from orchestrator.errors import BadInput
+    from orchestrator.train.driver import wait_for_resources
+
+    spec = workers(2, 1.5)
+    cluster = FakeCluster(now={"CPU": 2}, after_request={"CPU": 64})
+    on_fake_cluster(monkeypatch, cluster)
+    with pytest.raises(BadInput, match=r"\(the local machine\)$"):
+        wait_for_resources(spec, plan_for(spec))
+    assert cluster.requests == []
