@@ -89,9 +89,11 @@ def compare_forward(one: dict, ranks: list[dict], modules: dict[str, str]) -> Ch
         parts = [r["first_forward"].get(name) for r in ranks]
         if all(p is not None for p in parts):
             try:
-                joined[name] = torch.cat(parts, 0)
+                whole = torch.cat(parts, 0)
             except RuntimeError:  # not batch-first: nothing to compare by slices
                 continue
+            if whole.shape == one["first_forward"][name].shape:  # (T, B, H) joined on dim 0 is not the batch
+                joined[name] = whole
     first, worst = first_differing(one["first_forward"], joined, EQUIVALENCE_RTOL)
     if first is None:
         return CheckLine("forward, step 0 (every layer)", True, f"max rel. error {worst:.1e} over {len(joined)} layers")

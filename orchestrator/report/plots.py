@@ -127,10 +127,10 @@ def sweep_scatter(rows, param: str, metric: str, log_x: bool, path: Path) -> Pat
         fig, ax = plt.subplots()
         for status, colour in colours.items():
             pts = [(r.config.get(param), r.metric) for r in rows if r.status == status and r.config.get(param) is not None]
-            finite = [(x, y) for x, y in pts if finite(y)]
-            if finite:
-                ax.scatter(*zip(*finite), color=colour, label=status.lower() if status != "TERMINATED" else "finished", s=40)
-            no_metric = [x for x, y in pts if (x, y) not in finite]
+            measured = [(x, y) for x, y in pts if finite(y)]
+            if measured:
+                ax.scatter(*zip(*measured), color=colour, label=status.lower() if status != "TERMINATED" else "finished", s=40)
+            no_metric = [x for x, y in pts if (x, y) not in measured]
             if no_metric:  # e.g. a diverged trial whose metric is NaN: mark it on the bottom edge
                 ax.scatter(no_metric, [ax.get_ylim()[0]] * len(no_metric), color=colour, marker="x", s=60,
                            label=f"{status.lower()} (no finite {metric})")

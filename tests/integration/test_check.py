@@ -1,5 +1,6 @@
-"""`keel check` on real 1- and 2-worker Ray Train runs: the main job passes; per-rank batch norm and a
-layer seeded by the rank are each caught, named, with the fix. Uses Keel's own pytest plugin fixtures."""
+"""`keel check` on real 1- and 2-worker Ray Train runs: the main job passes; per-rank batch norm, a layer
+seeded by the rank and an unseeded augmentation are each caught, named, with the fix. Uses Keel's own
+pytest plugin fixtures."""
 
 import pytest
 
@@ -41,3 +42,26 @@ def test_a_custom_layer_seeded_by_rank_is_named_and_keel_check_exits_1(keel_ray,
     assert rc == 1, out
     assert "MISMATCH in forward, step 0 (every layer): first differs at 2 (RankNoise)" in " ".join(out.split())
     assert "random numbers drawn per rank" in " ".join(out.split())
+
+
+def unseeded_augmentation(batch, **kwargs):
+    """Keel's per-epoch stage, then noise from an unseeded generator: augmentation that depends on where and
+    when it runs (seeded by rank, process or clock) rather than on run.seed, epoch and the block's content."""
+    import numpy as np
+
+    from orchestrator.data.pipeline import epoch_stage
+    from orchestrator.data.preprocess import FEATURES
+
+    out = epoch_stage(batch, **kwargs)
+    noise = np.random.default_rng().normal(0, 0.1, out[FEATURES].shape)
+    return {**out, FEATURES: (out[FEATURES] + noise).astype(out[FEATURES].dtype)}
+
+
+@pytest.mark.timeout(300)
+def test_unseeded_augmentation_fails_the_pipeline_line(keel_check, digits_dir, monkeypatch):
+    import orchestrator.data.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "epoch_stage", unseeded_augmentation)  # Ray Data's tasks import it from this module
+    report = keel_check(ROOT / "jobs/digits-resnet.yaml", *data(digits_dir), steps=2)
+    failure = report.first_failure
+    assert failure.name == "data pipeline deterministic" and "seeded by (run.seed, epoch)" in failure.cause, failure

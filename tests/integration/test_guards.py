@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import yaml
 
 from orchestrator import cli
 from orchestrator.report.metrics import read_metrics

@@ -107,3 +107,12 @@ def test_a_nondeterministic_pipeline_fails_first():
     one = result()
     report = compare(one, two_ranks(one), data_deterministic=False)
     assert report.first_failure.name == "data pipeline deterministic" and "seeded" in report.first_failure.cause
+
+
+def test_a_time_major_output_is_not_mistaken_for_a_batch():
+    one = result()
+    one["first_forward"]["lstm"] = torch.randn(3, 4, 5)  # (time, batch, hidden): dim 0 is not the batch
+    many = two_ranks(one)
+    for r, rank in enumerate(many["run"]):
+        rank["first_forward"]["lstm"] = one["first_forward"]["lstm"][:, r * 2:(r + 1) * 2].clone()
+    assert compare(one, many, True).ok
