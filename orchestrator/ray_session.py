@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+# Ray settings that cut start-up and shutdown of an embedded local cluster (see benchmarks/startup.py):
+# the controller polls its workers every 0.1 s instead of 2 s (a tiny fit 18 s -> 10 s), and local runs
+# skip what only a cloud cluster needs: the spot-preemption watcher and usage-stats reporting.
 FAST_LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
                   "RAY_USAGE_STATS_ENABLED": "0"}
 

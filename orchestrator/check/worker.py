@@ -31,11 +31,13 @@ from orchestrator.train.components import build_components, seed_everything
 from orchestrator.train.loop import train_step
 
 
-def dropout_off(model: torch.nn.Module) -> int:
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
-    for m in layers:
+def dropout_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+
+
+def dropout_off(model: torch.nn.Module) -> None:
+    for m in dropout_layers(model):
         m.p = 0.0
-    return len(layers)
 
 
 class FirstForward:
@@ -106,7 +108,7 @@ def check_loop(config: dict) -> None:
     steps(comps, 1, k, record)
     state = final(comps)
     save("run", {"steps": record, "state": state, "fingerprint": fingerprint(state), "first_forward": first_forward,
-                 "dropout_layers": dropout_off(comps.state.model),
+                 "dropout_layers": len(dropout_layers(comps.state.model)),
                  "modules": {n: type(m).__name__ for n, m in unwrap(comps.state.model).named_modules() if n}})
     if world > 1:
         comps = fresh()

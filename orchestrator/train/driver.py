@@ -26,9 +26,6 @@ from orchestrator.errors import BadInput
 from orchestrator.ray_session import ensure_ray
 from orchestrator.spec import JobSpec
 
-# Ray settings that cut start-up and shutdown of an embedded local cluster (see benchmarks/startup.py):
-# the controller polls its workers every 0.1 s instead of 2 s (a tiny fit 18 s -> 10 s), and local runs
-# skip what only a cloud cluster needs: the spot-preemption watcher and usage-stats reporting.
 
 
 @dataclass
@@ -182,10 +179,14 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: 
     )
 
 
+# How each backend reports a peer that stopped answering: gloo "Timed out waiting 10000ms for recv" or
+# "Application timeout caused pair closure" (seen in CI), nccl "Watchdog caught collective operation timeout".
+HUNG_PEER = re.compile(r"timed out|timeout caused pair closure|collective operation timeout", re.IGNORECASE)
+
+
 def failure_reason(exc: Exception, spec: JobSpec) -> str:
     text = str(exc)
-    # gloo says "Timed out waiting ..." or "Application timeout caused pair closure"; nccl "Watchdog caught collective operation timeout"
-    if re.search(r"timed out|timeout", text, re.IGNORECASE):
+    if HUNG_PEER.search(text):
         return (f"a peer stopped responding: a collective timed out after {spec.scaling.collective_timeout_s} s "
                 "(scaling.collective_timeout_s); see the worker logs for the rank that hung")
     lines = [line for line in text.strip().splitlines() if line.strip()]
