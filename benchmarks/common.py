@@ -7,8 +7,9 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,3 +50,25 @@ def save(name: str, payload: dict) -> Path:
     path = results / f"{name}.json"
     path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(), **payload}, indent=1))
     return path
+
+
+@contextmanager
+def gloo_group(rank: int = -1, world: int = -1, init_method: str = "env://") -> Iterator[None]:
+    """A gloo process group for the `with` body, ended cleanly.
+
+    Ended with a barrier (no rank tears down its pairs while a peer still talks) and a collection
+    before destroy_process_group, so a DDP wrapper made in the body (run the body in a function so its
+    locals are gone) does not keep the group alive into interpreter shutdown: gloo's threads destroyed
+    there abort the process ("terminate called without an active exception", SIGABRT in CI).
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        gc.collect()
+        dist.destroy_process_group()

@@ -16,10 +16,9 @@ import os
 import tempfile
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.common import interleaved, machine, median, save, table
+from benchmarks.common import gloo_group, interleaved, machine, median, save, table
 
 GUARDS_OFF = ["stability.clip.mode=none", "stability.spike.enabled=false", "stability.diagnostics.enabled=false"]
 GUARDS_ON: list[str] = []  # Keel's defaults
@@ -49,15 +48,18 @@ def stepper(job: str, overrides: list[str], rank: int):
 
 def _worker(rank: int, init_file: str, out: str, job: str, rounds: int, steps: int) -> None:
     torch.set_num_threads(1)  # 2 processes on 2 cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    with gloo_group(rank, WORLD, f"file://{init_file}"):
+        times = measure(job, rounds, steps, rank)
+    if rank == 0:
+        torch.save(times, out)
+
+
+def measure(job: str, rounds: int, steps: int, rank: int) -> dict[str, list[float]]:
     variants = {"guards on": stepper(job, GUARDS_ON, rank), "guards off": stepper(job, GUARDS_OFF, rank)}
     for fn in variants.values():  # warm-up: allocator, first snapshot
         for _ in range(5):
             fn()
-    times = interleaved(variants, rounds, steps)
-    if rank == 0:
-        torch.save(times, out)
-    dist.destroy_process_group()
+    return interleaved(variants, rounds, steps)
 
 
 def main(argv=None) -> dict:

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import gloo_group
 from orchestrator.models import build_model
 from orchestrator.spec import ModelSpec, DataSpec
 
@@ -28,8 +29,7 @@ def train(workdir: str, epochs: int, batch: int, distributed: bool) -> list[floa
     world = 1
     torch.manual_seed(0)
     model = build_model(ModelSpec(channels=[32, 64], blocks_per_stage=1), DataSpec(train="-", val="-", shape=[1, 8, 8], num_classes=10))
-    if distributed:
-        torch.distributed.init_process_group("gloo")
+    if distributed:  # inside benchmarks.common.gloo_group
         world = torch.distributed.get_world_size()
         model = torch.nn.parallel.DistributedDataParallel(model)
         sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=True)
@@ -49,14 +49,13 @@ def train(workdir: str, epochs: int, batch: int, distributed: bool) -> list[floa
             optimizer.step()
             samples += len(xb) * world
         rates.append(samples / (time.perf_counter() - start))
-    if distributed:
-        torch.distributed.destroy_process_group()
     return rates
 
 
 if __name__ == "__main__":
     workdir, epochs, batch, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    rates = train(workdir, epochs, batch, distributed=True)
+    with gloo_group():  # torchrun's env:// rendezvous
+        rates = train(workdir, epochs, batch, distributed=True)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(out, "w") as f:
             json.dump(rates, f)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from benchmarks.common import machine, median, save, table
+from benchmarks.common import gloo_group, machine, median, save, table
 from orchestrator.models import build_model
 from orchestrator.spec import load_spec
 
@@ -56,7 +56,13 @@ def step_times(model, batch: int, steps: int, shape, ddp: bool) -> list[float]:
 
 def worker(rank: int, world: int, init_file: str, batch: int, steps: int, out) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    with gloo_group(rank, world, f"file://{init_file}"):
+        measured = measure_two_workers(batch, steps)
+    if rank == 0:
+        out.put(measured)
+
+
+def measure_two_workers(batch: int, steps: int) -> dict:
     torch.manual_seed(0)
     model, spec = main_job_model()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -68,9 +74,7 @@ def worker(rank: int, world: int, init_file: str, batch: int, steps: int, out) -
         dist.all_reduce(grads)
         if i >= 3:
             t_ar.append(time.perf_counter() - start)
-    if rank == 0:
-        out.put({"t_step2": median(t_ddp), "t_allreduce2": median(t_ar)})
-    dist.destroy_process_group()
+    return {"t_step2": median(t_ddp), "t_allreduce2": median(t_ar)}
 
 
 def project(t_compute: float, grad_bytes: float, batch: int, bandwidth: float, alpha: float, n: int) -> dict:
