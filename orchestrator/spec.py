@@ -203,6 +203,7 @@ class StabilitySpec(Section):
     early_stopping: EarlyStoppingSpec = doc(EarlyStoppingSpec(), "Early stopping agreed across ranks.")
     spike: SpikeSpec = doc(SpikeSpec(), "Spike detection and recovery, agreed across ranks.")
     diagnostics: DiagnosticsSpec = doc(DiagnosticsSpec(), "Per-layer diagnostics and the stability report.")
+    remember_bad_batches: bool = doc(True, "Remember the batches a guard rejected (epoch, index), write them to bad_batches.json in the run directory and drop them again after a resume.")
 
 
 class ScalingSpec(Section):

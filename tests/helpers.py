@@ -26,6 +26,7 @@ def _gloo_entry(rank: int, fn: Callable[[int], dict], init_file: str, out_dir: s
 def on_gloo_ranks(fn: Callable[[int], dict], world: int, tmp: Path) -> list[dict]:
     """Run `fn(rank)` (a module-level function) in `world` real processes joined by a gloo process
     group; return each rank's dict, rank order."""
+    tmp.mkdir(parents=True, exist_ok=True)
     mp.start_processes(_gloo_entry, args=(fn, str(tmp / "init"), str(tmp), world), nprocs=world, start_method="spawn")
     return [torch.load(tmp / f"{r}.pt", weights_only=False) for r in range(world)]
 

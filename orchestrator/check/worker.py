@@ -26,7 +26,8 @@ from orchestrator.spec import JobSpec
 from orchestrator.stability.distributed import rank, world_size
 from orchestrator.stability.replica_check import replica_drift
 from orchestrator.models import unwrap
-from orchestrator.train.checkpointing import load_checkpoint, save_checkpoint
+from orchestrator.train.checkpointing import save_checkpoint
+from orchestrator.train.resume import restore_agreed
 from orchestrator.train.components import build_components, seed_everything
 from orchestrator.train.loop import train_step
 
@@ -122,7 +123,7 @@ def check_loop(config: dict) -> None:
             save_checkpoint(shared, comps, epoch=0, spec_yaml=spec.to_yaml())
         dist.barrier()
         comps = fresh()
-        load_checkpoint(shared, comps, map_location=device)
+        restore_agreed([shared], comps, warn=print)  # the training loop's own resume: rank 0 decides
         steps(comps, half, k)
         save("resume", {"state": final(comps)})
     ray.train.report({"done": 1})

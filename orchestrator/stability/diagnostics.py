@@ -72,6 +72,8 @@ class Diagnostics:
         if not self.sampling:
             return
         stacked = torch.stack(norms).float()
+        if self.ema is not None and self.ema.device != stacked.device:
+            self.ema = self.ema.to(stacked.device)  # restored from a checkpoint, on the CPU
         finite = torch.isfinite(stacked)
         # the usual norm of each tensor, learned on sampled steps
         self.ema = torch.where(finite, stacked if self.ema is None else 0.7 * self.ema + 0.3 * stacked,
@@ -100,6 +102,19 @@ class Diagnostics:
                 layer, value = self.names[i], ratios[i]
             self.first_trouble = {"step": state.step, "epoch": state.epoch, "trigger": fired[0]["trigger"],
                                   "action": fired[0]["action"], "layer": layer, "grad_norm_vs_usual": value}
+
+    def state_dict(self) -> dict:
+        """What the report needs from before a resume: where trouble started, each tensor's usual norm, the
+        sampled norms and losses, the last per-layer sample (plain numbers, a few hundred kB at most)."""
+        return {"first_trouble": self.first_trouble, "ema": None if self.ema is None else self.ema.tolist(),
+                "losses": list(self.losses), "history": list(self.history), "layers": self.layers}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.first_trouble = sd.get("first_trouble")
+        self.ema = None if sd.get("ema") is None else torch.tensor(sd["ema"])
+        self.losses.extend(sd.get("losses", []))
+        self.history.extend(sd.get("history", []))
+        self.layers.update(sd.get("layers", {}))
 
     def report(self, events: list[dict], counters: dict) -> dict:
         worst = max(self.layers.items(), key=lambda kv: kv[1].get("update_ratio", 0.0), default=(None, {}))

@@ -38,6 +38,33 @@ def agree_any(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(t.item() > 0)
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` (picklable) on every rank; the others pass anything (None)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@torch.no_grad()
+def broadcast_module_state(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank `src`'s parameters and buffers, copied in place into every rank's module."""
+    if not is_distributed():
+        return
+    for tensor in module.state_dict().values():  # views of the live tensors: broadcast writes into them
+        dist.broadcast(tensor, src=src)
+
+
 class _DifferentiableAllReduceSum(torch.autograd.Function):
     """SUM all-reduce whose backward all-reduces the incoming gradient.
 

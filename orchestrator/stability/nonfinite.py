@@ -45,6 +45,8 @@ class NonFiniteGuard:
         if self.max_ratio and FEATURES in batch:
             power = batch[FEATURES].float().pow(2).mean()
             ignore = ~torch.isfinite(power)  # a NaN batch is the other check's business, and must not teach
+            if self.input_power is not None and self.input_power.device != power.device:
+                self.input_power = self.input_power.to(power.device)  # restored from a checkpoint, on the CPU
             if self.input_power is None:
                 self.input_power = torch.where(ignore, torch.ones_like(power), power)
             elif state.step >= OUTLIER_WARMUP_STEPS:
@@ -74,7 +76,12 @@ class NonFiniteGuard:
         metrics["skipped_steps"] = self.total
 
     def state_dict(self) -> dict:
-        return {"consecutive": self.consecutive, "total": self.total}
+        """With the running input scale: a resume that re-learned it from one batch judged every later batch
+        against that one (a NaN first batch made it 1.0 and flagged unstandardised data for good)."""
+        power = None if self.input_power is None else float(self.input_power)
+        return {"consecutive": self.consecutive, "total": self.total, "input_power": power}
 
     def load_state_dict(self, sd: dict) -> None:
         self.consecutive, self.total = sd["consecutive"], sd["total"]
+        power = sd.get("input_power")
+        self.input_power = None if power is None else torch.tensor(power)

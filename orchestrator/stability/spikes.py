@@ -160,7 +160,8 @@ class SpikeGuard:
 
     def state_dict(self) -> dict:
         return {"detector": self.detector.state_dict(), "lr_factor": self.lr_factor, "suspect_step": self.suspect_step,
-                "rewarm_start": self.rewarm_start, "counts": dict(self.counts), "recent": list(self.recent)}
+                "rewarm_start": self.rewarm_start, "counts": dict(self.counts), "recent": list(self.recent),
+                "skip_batches": self.skip_batches}  # a rollback's batches still to drop
 
     def load_state_dict(self, sd: dict) -> None:
         self.detector.load_state_dict(sd["detector"])
@@ -168,3 +169,4 @@ class SpikeGuard:
         self.counts.update(sd["counts"])
         self.recent = list(sd.get("recent", []))
         self.suspect_step = sd.get("suspect_step")
+        self.skip_batches = sd.get("skip_batches", 0)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -38,9 +39,10 @@ def save_checkpoint(directory: str | os.PathLike, comps, *, epoch: int, spec_yam
         "extra": extra or {},
     }
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     _atomic(directory / STATE_FILE, lambda tmp: torch.save(payload, tmp))
     _atomic(directory / CONFIG_FILE, lambda tmp: tmp.write_text(spec_yaml))
-    manifest = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+    manifest = {name: {"bytes": (directory / name).stat().st_size, **file_digest(directory / name)}
                 for name in (STATE_FILE, CONFIG_FILE)}
     _atomic(directory / MANIFEST_FILE, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     return directory
@@ -52,12 +54,51 @@ def _atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
+DIGEST_CHUNK = 64 << 20  # bytes per independently hashed piece of a file
+
+
+def file_digest(path: Path, workers: int | None = None, piece_bytes: int = DIGEST_CHUNK) -> dict:
+    """sha256 of each 64 MB piece of the file, the pieces hashed in parallel threads (hashlib releases the
+    GIL). On a 1 GB state one serial sha256 cost 70% of the save on 2 cores, the pieces 38%; it falls with
+    more cores (benchmarks/checkpoint_cost.py)."""
+    size = path.stat().st_size
+    offsets = list(range(0, size, piece_bytes)) or [0]
+    workers = workers or min(8, os.cpu_count() or 1, len(offsets))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def piece(offset: int) -> str:
+            digest = hashlib.sha256()
+            end = min(offset + piece_bytes, size)
+            while offset < end:
+                block = os.pread(fd, min(8 << 20, end - offset), offset)
+                if not block:
+                    break
+                digest.update(block)
+                offset += len(block)
+            return digest.hexdigest()
+
+        if workers == 1:
+            pieces = [piece(o) for o in offsets]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                pieces = list(pool.map(piece, offsets))
+    finally:
+        os.close(fd)
+    return {"sha256_pieces": pieces, "piece_bytes": piece_bytes}
+
+
+def _sha256(path: Path) -> str:  # the manifests of checkpoints written before file_digest
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _matches(path: Path, expected: dict) -> bool:
+    if "sha256_pieces" in expected:
+        return file_digest(path, piece_bytes=expected["piece_bytes"])["sha256_pieces"] == expected["sha256_pieces"]
+    return _sha256(path) == expected.get("sha256")
 
 
 class CorruptCheckpoint(Exception):
@@ -79,46 +120,66 @@ def verify_checkpoint(directory: str | os.PathLike) -> None:
             raise CorruptCheckpoint(f"{path}: missing")
         if path.stat().st_size != expected["bytes"]:
             raise CorruptCheckpoint(f"{path}: {path.stat().st_size} bytes, manifest says {expected['bytes']} (truncated?)")
-        if _sha256(path) != expected["sha256"]:
+        if not _matches(path, expected):
             raise CorruptCheckpoint(f"{path}: checksum does not match the manifest (corrupted)")
 
 
-def newest_good_checkpoint(candidates: list[Path], warn) -> Path | None:
-    """The first of `candidates` (newest first) that verifies; `warn(message)` for each one skipped."""
-    for directory in candidates:
-        try:
-            verify_checkpoint(directory)
-            return directory
-        except CorruptCheckpoint as exc:
-            warn(f"checkpoint {exc}; falling back to an older one")
-    return None
+def read_payload(directory: str | os.PathLike) -> dict:
+    """The checkpoint's state, on the CPU (loading copies it to the model's device)."""
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def load_checkpoint(directory: str | os.PathLike, comps, map_location="cpu", keep_hyperparameters: bool = False) -> dict:
-    """Restore `comps` in place; returns the payload (for epoch/step).
+PLATEAU_PROGRESS = ("best", "num_bad_epochs", "cooldown_counter", "last_epoch")  # not its factor or patience
+
+
+def apply_payload(payload: dict, comps, keep_hyperparameters: bool = False, replay_steps: int | None = None) -> None:
+    """Restore `comps` in place from a checkpoint's payload.
 
     keep_hyperparameters: take weights, optimizer moments and guard state from the checkpoint but keep
     this spec's LR, weight decay, momentum... (PBT's exploit: a clone continues a better trial's weights
-    under mutated hyper-parameters). The LR schedule is then replayed to the checkpoint's step."""
-    payload = torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=False)
+    under mutated hyper-parameters). The clone's own LR schedule is then replayed to `replay_steps`, the
+    steps its own plan takes to the end of the checkpoint's epoch (a mutated batch size changes steps per
+    epoch: replaying the donor's count put the LR at the wrong point, and ran one_cycle past its end)."""
     st = comps.state
     unwrap(st.model).load_state_dict(payload["model"])
     ours = [{k: v for k, v in g.items() if k != "params"} for g in st.optimizer.param_groups]
     st.optimizer.load_state_dict(payload["optimizer"])
+    st.step = payload["step"]
     if keep_hyperparameters:
         for group, hyper in zip(st.optimizer.param_groups, ours):
             group.update(hyper)
+        steps = payload["schedule"]["per_step"]["last_epoch"] if replay_steps is None else replay_steps
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": replaying on purpose
             warnings.simplefilter("ignore")
-            for _ in range(payload["schedule"]["per_step"]["last_epoch"]):  # steps taken, skipped ones not
+            for _ in range(steps):
                 comps.schedule.step()
+        if comps.schedule.plateau is not None and payload["schedule"].get("plateau"):
+            comps.schedule.plateau.__dict__.update({k: payload["schedule"]["plateau"][k] for k in PLATEAU_PROGRESS})
+        st.step = steps if replay_steps is not None else st.step
     else:
         comps.schedule.load_state_dict(payload["schedule"])
     if st.scaler is not None and payload["scaler"] is not None:
         st.scaler.load_state_dict(payload["scaler"])
     comps.safeguards.load_state_dict(payload["safeguards"])
-    st.step = payload["step"]
+
+
+def load_checkpoint(directory: str | os.PathLike, comps, keep_hyperparameters: bool = False,
+                    replay_steps: int | None = None) -> dict:
+    """Restore `comps` in place from one checkpoint directory (one process); returns the payload."""
+    payload = read_payload(directory)
+    apply_payload(payload, comps, keep_hyperparameters, replay_steps)
     return payload
+
+
+def state_fingerprint(state: dict) -> str:
+    """sha256 over a state dict's tensors (names, dtypes, shapes, bytes): equal on two ranks, or to a
+    checkpoint file's, only if the weights are bit for bit the same."""
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

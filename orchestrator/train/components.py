@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ import torch
 from orchestrator.data.preprocess import FEATURES
 from orchestrator.models import build_model
 from orchestrator.spec import JobSpec
+from orchestrator.stability.bad_batches import BadBatches
 from orchestrator.stability.clipping import GradClipper
 from orchestrator.stability.diagnostics import Diagnostics
 from orchestrator.stability.distributed import rank, world_size
@@ -54,8 +56,11 @@ def build_safeguards(spec: JobSpec, model: torch.nn.Module) -> Safeguards:
     """The safeguards in hook order: faults first (they simulate the world), then measurement,
     then the guards that decide, then the ones that only watch."""
     st = spec.stability
-    guards = [FaultInjector(spec.faults, FEATURES),
-              GradClipper(st.clip, classifier_params(model), model)]
+    guards = [FaultInjector(spec.faults, FEATURES)]
+    if st.remember_bad_batches:
+        local = "://" not in spec.run.storage_path  # a path every rank 0 can write; object storage: checkpoints only
+        guards.append(BadBatches(Path(spec.run.storage_path) / spec.run.name if local else None))
+    guards.append(GradClipper(st.clip, classifier_params(model), model))
     if st.diagnostics.enabled:
         guards.append(Diagnostics(model, st.diagnostics.every))
     if st.nonfinite.enabled:

@@ -3,7 +3,8 @@
     setup: model -> synchronized BN -> DDP, optimizer, schedule, safeguards, resume
     for epoch:
         for batch:
-            -- on_batch(state, batch) -> batch    FaultInjector; NonFiniteGuard: input-scale flag;
+            -- on_batch(state, batch) -> batch    FaultInjector; BadBatches drops the ones rejected before a resume;
+                                                  NonFiniteGuard: input-scale flag;
                                                   SpikeGuard drops batches after a rollback; then BN buffers saved
             forward, loss (+ L1/L2 penalty)
             -- after_loss(state)
@@ -15,7 +16,8 @@
                                                   reduce LR, or diverged; FaultInjector: LR spike
             (Safeguards.decide: a skipped step's BN running statistics are put back)
             optimizer step (at lr x state.lr_scale) and LR schedule step, or skip
-            -- after_step(state)                  Diagnostics: update ratios, where trouble started
+            -- after_step(state)                  BadBatches: remember a rejected batch;
+                                                  Diagnostics: update ratios, where trouble started
         validate (sums all-reduced, so every rank sees the same metrics)
         -- on_epoch_end(state, metrics)           EarlyStopping (agreed), ReplicaCheck
         -- on_report(metrics)                     counters into the epoch report

@@ -16,10 +16,11 @@ from orchestrator.data.preprocess import FEATURES, LABEL
 from orchestrator.spec import JobSpec
 from orchestrator.stability.diagnostics import Diagnostics
 from orchestrator.stability.distributed import all_reduce_, world_size
-from orchestrator.train.checkpointing import list_checkpoints, load_checkpoint, newest_good_checkpoint, save_checkpoint
+from orchestrator.train.checkpointing import save_checkpoint
 from orchestrator.train.components import Components, build_components, seed_everything
 from orchestrator.train.meters import EpochMeter, ProgressSender
 from orchestrator.train.losses import compute_loss
+from orchestrator.train.resume import resume
 from orchestrator.train.optim import weight_penalty
 
 
@@ -136,32 +137,6 @@ def stability_report(comps: Components, events: list[dict], metrics: dict) -> di
     return {"stop_reason": metrics["stop_reason"], **diagnostics.report(events[-1000:], counters)}
 
 
-def resume(comps: Components, spec: JobSpec, progress: ProgressSender, initial: dict | None = None) -> int:
-    """Load the newest checkpoint that matches its manifest; warn about (and skip) corrupted ones.
-    Every rank reads the same files, so every rank makes the same choice. Without one of this run's
-    own, `initial` = {path, keep_hyperparameters} starts from another run's (a sweep trial's restore)."""
-    latest = ray.train.get_checkpoint()
-    keep_hyperparameters = False
-    if latest is None and initial:
-        latest, keep_hyperparameters = ray.train.Checkpoint(initial["path"]), initial["keep_hyperparameters"]
-    if latest is None:
-        return 0
-    warn = lambda message: progress.send("warning", message=message)
-    with latest.as_directory() as directory:
-        candidates = [Path(directory)]  # Ray's latest, then this run's older ones (local storage), newest first
-        run_dir = Path(spec.run.storage_path) / spec.run.name
-        if "://" not in spec.run.storage_path and run_dir.is_dir():
-            candidates += sorted((c for c in list_checkpoints(run_dir) if c.name < Path(directory).name), reverse=True)
-        chosen = newest_good_checkpoint(candidates, warn)
-        if chosen is None:
-            warn("no intact checkpoint: starting from scratch")
-            return 0
-        epoch = load_checkpoint(chosen, comps, map_location=comps.state.device,
-                                keep_hyperparameters=keep_hyperparameters)["epoch"] + 1
-    progress.send("resumed", epoch=epoch, checkpoint=str(chosen))
-    return epoch
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: config = {spec, steps_per_epoch (per epoch), progress (a ray Queue or None),
     clock (the data pipeline's EpochClock or None), preprocess (statistics, saved with checkpoints),
@@ -173,7 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
     progress = ProgressSender(config.get("progress"), st.rank)
     placement = worker_placement()  # a collective: every rank takes part, rank 0 sends it
     progress.send("ready", world_size=world, placement=placement)
-    start_epoch = resume(comps, spec, progress, config.get("initial_checkpoint"))
+    start_epoch = resume(comps, spec, progress, config.get("initial_checkpoint"), steps_per_epoch)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     all_events: list[dict] = []
 

@@ -69,6 +69,11 @@ def test_an_outlier_batch_on_rank_1_only_skips_then_stops_both_ranks(keel_ray, d
                       (72, "batch_outlier", "skip")]
     assert all(h["replica_drift"] == 0.0 for h in outcome.history)  # no rank stepped alone
     assert outcome.history[0]["skipped_steps"] == 0 and outcome.history[-1]["skipped_steps"] == 4
+    # remembered in the run directory by (epoch, index in the epoch), for a resume to drop them again
+    remembered = json.loads((tmp_path / "outlier" / "bad_batches.json").read_text())
+    assert [(b["step"], b["trigger"]) for b in remembered] == [(s, "batch_outlier") for s in (55, 70, 71, 72)]
+    epoch_start = {h["epoch"] + 1: h["step"] for h in outcome.history} | {0: 0}
+    assert all(b["index"] == b["step"] - epoch_start[b["epoch"]] for b in remembered)
 
 
 @pytest.mark.timeout(300)

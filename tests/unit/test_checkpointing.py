@@ -5,6 +5,7 @@ import torch
 from orchestrator.spec import JobSpec
 from orchestrator.train.checkpointing import load_checkpoint, save_checkpoint
 from orchestrator.train.components import build_components
+from orchestrator.train.resume import restore_agreed
 from orchestrator.train.schedules import lr_curve
 
 STEPS = 5
@@ -54,3 +55,76 @@ def test_keep_hyperparameters_takes_weights_and_moments_but_keeps_this_trials_lr
     expected = lr_curve(clone_spec.schedule, base_lr=0.01, steps_per_epoch=STEPS, epochs=4)[7]
     assert abs(clone.state.optimizer.param_groups[0]["lr"] - expected) < 1e-12
     assert abs(donor.state.optimizer.param_groups[0]["lr"] - 10 * expected) < 1e-12
+
+
+def test_a_clone_with_a_mutated_batch_size_replays_its_own_one_cycle_schedule(tmp_path):
+    # The donor took 10 steps per epoch; the clone's bigger batch takes 4. Replaying the donor's 20 steps
+    # ran the clone's 16-step one_cycle past its end ("Tried to step 21 times").
+    def spec_for(lr, steps):
+        spec = JobSpec.model_validate({
+            "model": {"kind": "mlp", "hidden": [8]},
+            "data": {"train": "t.parquet", "val": "v.parquet", "shape": [4], "num_classes": 3, "batch_size": 4},
+            "optimizer": {"name": "sgd", "lr": lr, "momentum": 0.9}, "schedule": {"kind": "one_cycle"},
+            "run": {"name": "ckpt", "epochs": 4}})
+        return spec, build_components(spec, steps, torch.device("cpu"))
+
+    spec, donor = spec_for(0.1, 10)
+    train(donor, 20)  # two epochs
+    save_checkpoint(tmp_path / "checkpoint_000001", donor, epoch=1, spec_yaml=spec.to_yaml())
+    clone_spec, clone = spec_for(0.05, 4)
+    restored = restore_agreed([tmp_path / "checkpoint_000001"], clone, print, keep_hyperparameters=True,
+                              steps_per_epoch=[4] * 4)
+    assert restored.epoch == 1 and clone.state.step == 8
+    expected = lr_curve(clone_spec.schedule, base_lr=0.05, steps_per_epoch=4, epochs=4)[8]
+    assert abs(clone.state.optimizer.param_groups[0]["lr"] - expected) < 1e-12
+    train(clone, 8)  # the clone's remaining two epochs run to the schedule's end without error
+
+
+def test_a_clone_keeps_the_donors_plateau_progress_under_its_own_factor(tmp_path):
+    def spec_for(factor):
+        spec = JobSpec.model_validate({
+            "model": {"kind": "mlp", "hidden": [8]},
+            "data": {"train": "t.parquet", "val": "v.parquet", "shape": [4], "num_classes": 3, "batch_size": 4},
+            "optimizer": {"name": "sgd", "lr": 0.1}, "run": {"name": "ckpt", "epochs": 6},
+            "schedule": {"kind": "plateau", "warmup_epochs": 0, "plateau_factor": factor, "plateau_patience": 3}})
+        return spec, build_components(spec, STEPS, torch.device("cpu"))
+
+    spec, donor = spec_for(0.5)
+    for val_loss in (1.0, 0.8, 0.9, 0.95):  # best 0.8, then two bad epochs
+        donor.schedule.epoch_end(val_loss, warmup_done=True)
+    save_checkpoint(tmp_path / "c", donor, epoch=3, spec_yaml=spec.to_yaml())
+    _, clone = spec_for(0.2)
+    restore_agreed([tmp_path / "c"], clone, print, keep_hyperparameters=True, steps_per_epoch=[STEPS] * 6)
+    plateau = clone.schedule.plateau
+    assert (plateau.best, plateau.num_bad_epochs, plateau.factor) == (0.8, 2, 0.2)
+
+
+def test_the_manifest_catches_a_flipped_byte_in_any_piece_and_still_reads_old_manifests(tmp_path):
+    import hashlib
+    import json
+
+    import pytest
+
+    from orchestrator.train.checkpointing import CorruptCheckpoint, file_digest, verify_checkpoint
+
+    spec, comps = comps_for(0.1)
+    save_checkpoint(tmp_path, comps, epoch=0, spec_yaml=spec.to_yaml())
+    verify_checkpoint(tmp_path)
+    state, manifest_path = tmp_path / "state.pt", tmp_path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    good = state.read_bytes()
+    manifest["state.pt"].update(file_digest(state, piece_bytes=100))  # many small pieces, hashed in threads
+    assert len(manifest["state.pt"]["sha256_pieces"]) == -(-len(good) // 100)
+    manifest_path.write_text(json.dumps(manifest))
+    verify_checkpoint(tmp_path)
+    for at in (0, 99, len(good) // 2, len(good) - 1):  # first piece (both ends), middle, last
+        state.write_bytes(good[:at] + bytes([good[at] ^ 1]) + good[at + 1:])
+        with pytest.raises(CorruptCheckpoint, match="checksum"):
+            verify_checkpoint(tmp_path)
+    state.write_bytes(good)
+    manifest["state.pt"] = {"bytes": len(good), "sha256": hashlib.sha256(good).hexdigest()}  # written by older Keel
+    manifest_path.write_text(json.dumps(manifest))
+    verify_checkpoint(tmp_path)
+    state.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(CorruptCheckpoint, match="checksum"):
+        verify_checkpoint(tmp_path)
