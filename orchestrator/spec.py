@@ -35,7 +35,7 @@ def doc(default: Any = ..., text: str = "", **limits: Any) -> Any:
 
 
 class ModelSpec(Section):
-    kind: Literal["mlp", "cnn", "resnet", "lstm", "gcn", "custom"] = doc("resnet", "Architecture family: mlp, cnn (plain conv stack), resnet (residual blocks), lstm (data.shape [time, features]), gcn (data.shape [nodes, nodes + node features]: adjacency then features), or custom (your own nn.Module from model.factory).")
+    kind: Literal["mlp", "cnn", "resnet", "lstm", "gcn", "transformer", "custom"] = doc("resnet", "Architecture family: mlp, cnn (plain conv stack), resnet (residual blocks), lstm (data.shape [time, features]), gcn (data.shape [nodes, nodes + node features]: adjacency then features), transformer (pre-LN encoder, data.shape [time, features]), or custom (your own nn.Module from model.factory).")
     factory: Optional[str] = doc(None, "kind custom: 'package.module:function', imported from the current directory; called as function(shape=data.shape, num_classes=data.num_classes, **model.args), it returns an nn.Module giving num_classes logits.")
     args: dict[str, Any] = Field(default_factory=dict, description="kind custom: keyword arguments for model.factory.")
     hidden: list[int] = doc([128, 128], "Hidden widths: MLP layers, stacked LSTM layers, or GCN layers.")
@@ -46,6 +46,10 @@ class ModelSpec(Section):
     leaky_slope: float = doc(0.01, "Negative slope of leaky_relu (also used for its init gain).", ge=0, lt=1)
     init: Literal[INITS] = doc("auto", "Weight init of conv/linear layers; 'default' keeps torch's; 'auto': kaiming_normal for nets without normalisation layers, torch's default for nets with them (measured: see orchestrator/models/init.py); a custom model keeps its own init unless a scheme is named.")
     dropout: float = doc(0.0, "Dropout probability before the classifier (and between MLP/LSTM/GCN layers).", ge=0, lt=1)
+    width: int = doc(64, "transformer: model width (embedding and residual stream).", ge=1)
+    layers: int = doc(2, "transformer: encoder blocks.", ge=1)
+    heads: int = doc(4, "transformer: attention heads (model.width must divide by it).", ge=1)
+    qk_norm: bool = doc(False, "transformer: LayerNorm on each head's queries and keys (QK-layernorm), which bounds the attention logits.")
     zero_init_residual: bool = doc(False, "Start each residual branch's last BN at zero so blocks begin as identities (off by default: with weights x10 it cost 15 points in the stress suite).")
 
 
@@ -87,7 +91,7 @@ class CurriculumSpec(Section):
 class DataSpec(Section):
     train: str = doc(..., "Parquet file or directory with the training split.")
     val: str = doc(..., "Parquet file or directory with the validation split.")
-    generate: Optional[Literal["digits", "sequence", "graphs", "synthetic", "tabular"]] = doc(None, "If the Parquet files are missing, write this built-in dataset (keel data make) there first.")
+    generate: Optional[Literal["digits", "sequence", "tokens", "graphs", "synthetic", "tabular"]] = doc(None, "If the Parquet files are missing, write this built-in dataset (keel data make) there first.")
     features: Union[str, list[str]] = doc("image", "Feature column (a fixed-size list), or a list of scalar columns (tabular).")
     label: str = doc("label", "Column with integer class labels in [0, num_classes).")
     shape: list[int] = doc(..., "Shape of one sample, e.g. [1, 8, 8] for images or [64] for tabular rows.", min_length=1)
@@ -138,6 +142,7 @@ class LossSpec(Section):
     log_clamp: float = doc(-4.0, "symmetric_ce: log(0) in the reverse term is clamped to this.", lt=0)
     bootstrap_beta: float = doc(0.8, "bootstrap: weight of the given labels against the model's own prediction.", gt=0, le=1)
     huber_delta: float = doc(1.0, "huber: the Huber threshold on probability errors.", gt=0)
+    z_loss: float = doc(0.0, "Add this times the mean squared log-partition log(sum(exp(logits)))^2 (PaLM's z-loss; 1e-4 there): keeps logits from drifting to large values, a source of loss spikes. 0 = off.", ge=0)
 
 
 class RegularizationSpec(Section):
@@ -261,8 +266,10 @@ class JobSpec(Section):
                              f"(model.kind is {self.model.kind})")
         if self.model.kind in ("cnn", "resnet") and len(self.data.shape) != 3:
             raise ValueError(f"data.shape: model.kind {self.model.kind} needs [channels, height, width], got {self.data.shape}")
-        if self.model.kind == "lstm" and len(self.data.shape) != 2:
-            raise ValueError(f"data.shape: model.kind lstm needs [time, features], got {self.data.shape}")
+        if self.model.kind in ("lstm", "transformer") and len(self.data.shape) != 2:
+            raise ValueError(f"data.shape: model.kind {self.model.kind} needs [time, features], got {self.data.shape}")
+        if self.model.kind == "transformer" and self.model.width % self.model.heads:
+            raise ValueError(f"model.heads: model.width {self.model.width} does not divide into {self.model.heads} heads")
         if self.model.kind == "gcn" and (len(self.data.shape) != 2 or self.data.shape[1] <= self.data.shape[0]):
             raise ValueError(f"data.shape: model.kind gcn needs [nodes, nodes + node_features], got {self.data.shape}")
         aug = self.data.augment

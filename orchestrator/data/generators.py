@@ -85,6 +85,17 @@ def make_sequence(out, rows: int = 8_000, length: int = 32, classes: int = 2, se
     return _split(out, x, y, val_fraction, "sequence")
 
 
+def make_tokens(out, rows: int = 16_000, length: int = 12, vocab: int = 16, seed: int = 0, val_fraction: float = 0.2):
+    """Uniform random token sequences (one-hot); the label says whether the FIRST token appears again
+    later (about half the rows at these sizes: 1 - (15/16)^11 = 0.51). No count of tokens answers it, and
+    no single position: the first token has to be compared with every other one, which is what attention
+    does. Column 'tokens' with shape [length, vocab]."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (rows, length))
+    y = (tokens[:, 1:] == tokens[:, :1]).any(axis=1).astype(np.int64)
+    return _split(out, np.eye(vocab, dtype=np.float32)[tokens], y, val_fraction, "tokens")
+
+
 GRAPH_KINDS = ("assortative", "disassortative", "random")
 
 
@@ -109,4 +120,5 @@ def make_graphs(out, rows: int = 6_000, nodes: int = 16, node_features: int = 4,
     return _split(out, np.concatenate([adjacency, features], axis=2), y, val_fraction, "graph")
 
 
-GENERATORS = {"digits": make_digits, "synthetic": make_synthetic, "tabular": make_tabular, "sequence": make_sequence, "graphs": make_graphs}
+GENERATORS = {"digits": make_digits, "synthetic": make_synthetic, "tabular": make_tabular, "sequence": make_sequence,
+              "tokens": make_tokens, "graphs": make_graphs}

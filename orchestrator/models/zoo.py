@@ -105,6 +105,12 @@ def build_network(kind: str, shape: list[int], num_classes: int, **options) -> n
             raise ValueError("gcn needs data.shape [nodes, nodes + node_features]")
         return GCN(shape[0], shape[1] - shape[0], options["hidden"], num_classes, activation=options["activation"],
                    leaky_slope=options["leaky_slope"], dropout=options["dropout"])
+    if kind == "transformer":
+        from orchestrator.models.transformer import TransformerClassifier
+        if len(shape) != 2:
+            raise ValueError("transformer needs data.shape [time, features]")
+        return TransformerClassifier(shape[0], shape[1], num_classes, width=options["width"], layers=options["layers"],
+                                     heads=options["heads"], dropout=options["dropout"], qk_norm=options["qk_norm"])
     if kind == "resnet":
         return ResNet(shape[0], options["channels"], options["blocks_per_stage"], num_classes,
                       zero_init_residual=options["zero_init_residual"], **common)

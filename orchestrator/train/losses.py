@@ -5,7 +5,8 @@
 - bootstrap: "soft" bootstrapping, targets = beta * labels + (1 - beta) * the model's own prediction
   (Reed et al. 2015);
 - huber: Huber loss between softmax probabilities and the target distribution (bounded per sample, so a
-  wrong label cannot dominate a batch).
+  wrong label cannot dominate a batch);
+- any of them plus PaLM's z-loss on the logits (`loss.z_loss`).
 
 Targets are class indices or probability rows (one-hot, mixup). Each loss is a plain function of
 (logits, targets, spec) so it can be tested against hand-computed values.
@@ -48,5 +49,12 @@ def huber(logits, targets, spec) -> torch.Tensor:
 LOSSES = {"cross_entropy": cross_entropy, "symmetric_ce": symmetric_ce, "bootstrap": bootstrap, "huber": huber}
 
 
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """PaLM's auxiliary loss (Chowdhery et al. 2022): the mean of log Z squared, Z the softmax normaliser.
+    Zero when log Z = 0; it pulls the logits' overall level back without changing their differences."""
+    return torch.logsumexp(logits, dim=1).pow(2).mean()
+
+
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor, spec) -> torch.Tensor:
-    return LOSSES[spec.kind](logits, targets, spec)
+    loss = LOSSES[spec.kind](logits, targets, spec)
+    return loss + spec.z_loss * z_loss(logits) if spec.z_loss else loss

@@ -47,3 +47,14 @@ def test_soft_targets_work_for_every_loss():
     soft = torch.tensor([[0.5, 0.5, 0.0]])
     for kind in ("cross_entropy", "symmetric_ce", "bootstrap", "huber"):
         assert torch.isfinite(compute_loss(LOGITS, soft, LossSpec(kind=kind)))
+
+
+def test_z_loss_adds_the_mean_squared_log_partition():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    targets = torch.tensor([0, 2])
+    plain = compute_loss(logits, targets, LossSpec())
+    with_z = compute_loss(logits, targets, LossSpec(z_loss=1e-2))
+    log_z = [math.log(math.exp(2) + 1 + math.exp(-1)), math.log(2 * math.exp(0.5) + math.exp(3))]
+    assert abs((with_z - plain).item() - 1e-2 * (log_z[0] ** 2 + log_z[1] ** 2) / 2) < 1e-6
+    shifted = compute_loss(logits + 5.0, targets, LossSpec(z_loss=1e-2))  # same softmax, larger logits: penalised
+    assert shifted > with_z and abs(compute_loss(logits + 5.0, targets, LossSpec()) - plain) < 1e-5

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from orchestrator.errors import BadInput
 from orchestrator.models import build_model, init_weights, make_activation
 from orchestrator.spec import parse_spec
 from tests.unit.test_spec import MINIMAL
@@ -102,3 +103,54 @@ def test_auto_init_is_kaiming_without_normalisation_and_torch_default_with_it():
     before = normed[0].weight.detach().clone()
     init_weights(normed, "auto")
     assert torch.equal(before, normed[0].weight) and resolve_init(normed, "auto") == "default"
+
+
+def test_transformer_attends_across_positions_and_qk_norm_bounds_the_logits():
+    from orchestrator.models.transformer import SelfAttention
+
+    spec = parse_spec({**MINIMAL, "model": {"kind": "transformer", "width": 16, "layers": 2, "heads": 4, "qk_norm": True},
+                       "data": {**MINIMAL["data"], "shape": [6, 5], "num_classes": 3}})
+    torch.manual_seed(0)
+    net = build_model(spec.model, spec.data).eval()
+    x = torch.randn(2, 6, 5)
+    assert net(x).shape == (2, 3)
+    x2 = x.clone()
+    x2[:, 5] += 3.0  # the last position changes every output: attention mixes positions
+    assert not torch.allclose(net(x2), net(x))
+    assert sum(isinstance(m, SelfAttention) for m in net.modules()) == 2
+    assert all(isinstance(m.q_norm, nn.LayerNorm) and isinstance(m.k_norm, nn.LayerNorm)
+               for m in net.modules() if isinstance(m, SelfAttention))
+
+    # QK-layernorm: queries and keys scaled up 100x leave the attention output unchanged (without it, the
+    # attention logits grow 10,000x and the softmax saturates)
+    for qk_norm, unchanged in ((True, True), (False, False)):
+        torch.manual_seed(0)
+        attention = SelfAttention(16, 4, 0.0, qk_norm).eval()
+        h = torch.randn(2, 6, 16)
+        before = attention(h)
+        with torch.no_grad():
+            attention.qkv.weight[:32] *= 100.0
+            attention.qkv.bias[:32] *= 100.0
+        assert torch.allclose(attention(h), before, atol=1e-4) == unchanged
+
+
+def test_transformer_spec_errors_name_the_field():
+    with pytest.raises(BadInput, match="model.heads"):
+        parse_spec({**MINIMAL, "model": {"kind": "transformer", "width": 30, "heads": 4}, "data": {**MINIMAL["data"], "shape": [6, 5]}})
+    with pytest.raises(BadInput, match="data.shape: model.kind transformer needs"):
+        parse_spec({**MINIMAL, "model": {"kind": "transformer"}})
+
+
+def test_tokens_dataset_labels_whether_the_first_token_comes_back(tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from orchestrator.data.generators import make_tokens
+
+    train, _ = make_tokens(tmp_path, rows=500, length=12, vocab=16)
+    table = pq.read_table(train)
+    x = np.stack(table["tokens"].to_numpy(zero_copy_only=False)).reshape(-1, 12, 16)
+    tokens, y = x.argmax(2), table["label"].to_numpy()
+    assert (x.sum(2) == 1).all()  # one-hot
+    assert ((tokens[:, 1:] == tokens[:, :1]).any(1) == y.astype(bool)).all()
+    assert 0.4 < y.mean() < 0.6
