@@ -128,7 +128,9 @@ def cmd_report(args, console: Console) -> int:
 
     from orchestrator.report.html import run_report, sweep_report
 
-    path = Path(args.path)
+    from orchestrator.storage import download_run, is_remote
+
+    path = download_run(args.path) if is_remote(args.path) else Path(args.path)  # a copy, without checkpoints
     if not path.is_dir():
         raise BadInput(f"{path}: no such directory")
     page, text = (sweep_report if (path / "keel_sweep.yaml").exists() else run_report)(path)

@@ -77,7 +77,7 @@ def summary_table(outcome) -> Table:
             ("skipped steps", fmt(final.get("skipped_steps"), "{}")),
             ("samples/s (last epoch)", fmt(final.get("samples_per_s"), "{:.0f}")),
             ("checkpoint", outcome.checkpoint or "-"),
-            ("run dir", str(outcome.run_dir))]
+            ("run dir", outcome.run_uri or str(outcome.run_dir))]
     for key, value in rows:
         table.add_row(key, value)
     return table

@@ -25,6 +25,7 @@ from orchestrator.data.sources import resolve
 from orchestrator.errors import BadInput
 from orchestrator.ray_session import ensure_ray
 from orchestrator.spec import JobSpec
+from orchestrator.storage import check_storage, download_run, filesystem, is_remote, join, upload_dir
 
 
 
@@ -42,13 +43,14 @@ class Plan:
 @dataclass
 class RunOutcome:
     status: str                      # finished | early_stopped | diverged | failed
-    run_dir: Path
+    run_dir: Path                    # on object storage: the local mirror of the run's small files
     history: list[dict] = field(default_factory=list)
     checkpoint: Optional[str] = None
     reason: str = ""
     stability: Optional[dict] = None  # the run's stability report, when diagnostics are on
     warnings: list[str] = field(default_factory=list)
     placement: list[dict] = field(default_factory=list)  # per rank: node id, host, pid (placement.json)
+    run_uri: Optional[str] = None    # the run directory on object storage, if it is there
 
     @property
     def ok(self) -> bool:
@@ -85,6 +87,8 @@ def preflight(spec: JobSpec, generate: bool = True) -> Plan:
     """Every check that needs no cluster: data present and well-formed, resources possible.
     With generate=False (keel validate) a missing dataset that `data.generate` would write is fine."""
     data, scaling = spec.data, spec.scaling
+    if is_remote(spec.run.storage_path):
+        check_storage(spec.run.storage_path)  # the URI, the endpoint, the bucket: before any worker starts
     if spec.model.kind == "custom":  # the user's module: imported, built and run once here, before Ray starts
         from orchestrator.models import build_model
         from orchestrator.models.custom import check_custom_model
@@ -159,6 +163,10 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: 
 
     from orchestrator.train.loop import train_loop_per_worker
 
+    storage_path, storage_fs, storage = spec.run.storage_path, None, None
+    if is_remote(storage_path):  # the resolved filesystem (endpoint included) travels to Ray Train and the workers
+        storage_fs, storage_path = filesystem(spec.run.storage_path)
+        storage = {"fs": storage_fs, "run_path": f"{storage_path.rstrip('/')}/{spec.run.name}"}
     resources = {"CPU": plan.cpus_per_worker}
     if spec.scaling.use_gpu:
         resources["GPU"] = 1
@@ -166,10 +174,10 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: 
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "steps_per_epoch": plan.steps_per_epoch,
                            "progress": progress_queue, "clock": clock, "preprocess": plan.preprocess.to_dict(),
-                           "initial_checkpoint": initial_checkpoint},
+                           "initial_checkpoint": initial_checkpoint, "storage": storage},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=resources, placement_strategy=spec.scaling.placement_strategy),
-        run_config=RunConfig(name=spec.run.name, storage_path=spec.run.storage_path,
+        run_config=RunConfig(name=spec.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
                              callbacks=list(callbacks)),
@@ -256,11 +264,16 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
     from orchestrator.data.pipeline import make_epoch_clock
     from orchestrator.report.metrics import MetricsLog
 
-    run_dir = Path(spec.run.storage_path) / spec.run.name
+    run_uri = join(spec.run.storage_path, spec.run.name) if is_remote(spec.run.storage_path) else None
+    run_dir = download_run(run_uri, missing_ok=True) if run_uri else Path(spec.run.storage_path) / spec.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(spec.to_yaml())
     log = MetricsLog(run_dir)
-    outcome = RunOutcome(status="finished", run_dir=run_dir)
+    outcome = RunOutcome(status="finished", run_dir=run_dir, run_uri=run_uri)
+
+    def publish() -> None:  # object storage: the mirror's small files up to the run directory there
+        if run_uri:
+            upload_dir(run_dir, run_uri)
     queue = Queue(actor_options={"num_cpus": 0})
     done = threading.Event()
 
@@ -273,6 +286,7 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
             if event["type"] == "epoch":
                 outcome.history.append(event["metrics"])
                 log.append(event["metrics"])
+                publish()
             elif event["type"] == "step":
                 log.step(event)
             elif event["type"] == "ready":  # where each rank runs: node, host, pid
@@ -288,7 +302,7 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
     pumper = threading.Thread(target=pump, daemon=True)
     pumper.start()
     try:
-        on_event({"type": "start", "plan": plan, "run_dir": str(run_dir)})
+        on_event({"type": "start", "plan": plan, "run_dir": run_uri or str(run_dir)})
         wait_for_resources(spec, plan)
         result = build_trainer(spec, plan, queue, make_epoch_clock()).fit()
         outcome.checkpoint = result.checkpoint.path if result.checkpoint else None
@@ -303,6 +317,7 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
         done.set()
         pumper.join(timeout=30)
         log.close()
+        publish()
         import ray
         ray.kill(queue.actor)
     reason = outcome.final.get("stop_reason", "")

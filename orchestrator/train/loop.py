@@ -148,7 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
     progress = ProgressSender(config.get("progress"), st.rank)
     placement = worker_placement()  # a collective: every rank takes part, rank 0 sends it
     progress.send("ready", world_size=world, placement=placement)
-    start_epoch = resume(comps, spec, progress, config.get("initial_checkpoint"), steps_per_epoch)
+    start_epoch = resume(comps, spec, progress, config.get("initial_checkpoint"), steps_per_epoch, config.get("storage"))
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     all_events: list[dict] = []
 

@@ -22,6 +22,7 @@ import ray.train
 
 from orchestrator.models import unwrap
 from orchestrator.stability.bad_batches import BadBatches
+from orchestrator.storage import remote_checkpoints
 from orchestrator.stability.distributed import all_gather_objects, broadcast_module_state, broadcast_object, rank
 from orchestrator.train.checkpointing import (CorruptCheckpoint, apply_payload, list_checkpoints, read_payload,
                                               state_fingerprint, verify_checkpoint)
@@ -96,10 +97,11 @@ def restore_agreed(candidates: list[Path], comps, warn: Callable[[str], None], k
     return Restored(candidates[index] if rank() == 0 else Path(name), epoch, fingerprints, problems)
 
 
-def resume(comps, spec, progress, initial: dict | None, steps_per_epoch: list[int]) -> int:
-    """The epoch to start at: after this run's newest intact checkpoint (Ray's latest, then its older ones
-    on local storage), or, without one of its own, after `initial` = {path, keep_hyperparameters} (a
-    sweep trial's restore: PBT's clone of a better trial). 0: from scratch."""
+def resume(comps, spec, progress, initial: dict | None, steps_per_epoch: list[int], storage: dict | None = None) -> int:
+    """The epoch to start at: after this run's newest intact checkpoint (Ray's latest, then its older ones),
+    or, without one of its own, after `initial` = {path, keep_hyperparameters} (a sweep trial's restore:
+    PBT's clone of a better trial). 0: from scratch. storage = {fs, run_path} when the run lives on object
+    storage (the older checkpoints are then listed there, and fetched only if looked at)."""
     if (bad_batches := comps.safeguards.find(BadBatches)) is not None:
         bad_batches.recall()  # a crash after the last checkpoint must not forget a rejected batch
     latest = ray.train.get_checkpoint()
@@ -108,19 +110,31 @@ def resume(comps, spec, progress, initial: dict | None, steps_per_epoch: list[in
         latest, keep_hyperparameters = ray.train.Checkpoint(initial["path"]), initial["keep_hyperparameters"]
     if latest is None:
         return 0
-    warn = lambda message: progress.send("warning", message=message)
-    with latest.as_directory() as directory:
-        candidates = [Path(directory)]
+    newest = Path(latest.path).name  # Ray's own name for it (a downloaded copy's directory is named otherwise)
+    if storage is not None:
+        older = [c for c in remote_checkpoints(storage["fs"], storage["run_path"]) if c.name < newest]
+    else:
         run_dir = Path(spec.run.storage_path) / spec.run.name
-        if "://" not in spec.run.storage_path and run_dir.is_dir():
-            candidates += sorted((c for c in list_checkpoints(run_dir) if c.name < Path(directory).name), reverse=True)
+        older = [c for c in list_checkpoints(run_dir) if c.name < newest] if run_dir.is_dir() else []
+    with latest.as_directory() as directory:
+        candidates = [Path(directory), *sorted(older, key=lambda c: c.name, reverse=True)]
+
+        def warn(message: str) -> None:  # name the checkpoint where it is stored, not the copy read here
+            message = message.replace(str(directory), str(latest.path))
+            for c in older:
+                if getattr(c, "_local", None):
+                    message = message.replace(c._local, c.path)
+            progress.send("warning", message=message)
+
         restored = restore_agreed(candidates, comps, warn, keep_hyperparameters, steps_per_epoch)
+        shown = str(latest.path) if restored and restored.checkpoint == candidates[0] else None
     if restored is None:
-        warn("no intact checkpoint: starting from scratch")
+        progress.send("warning", message="no intact checkpoint: starting from scratch")
         return 0
     if len(set(restored.fingerprints)) > 1:  # cannot happen after the broadcast; if it does, say so loudly
         raise RuntimeError(f"ranks resumed with different weights: {restored.fingerprints}")
-    progress.send("resumed", epoch=restored.epoch + 1, checkpoint=str(restored.checkpoint),
+    shown = shown or str(getattr(restored.checkpoint, "path", restored.checkpoint))
+    progress.send("resumed", epoch=restored.epoch + 1, checkpoint=shown,
                   fingerprint=restored.fingerprints[0], ranks=len(restored.fingerprints),
                   copied_from_rank0=restored.copied_from_rank0)
     return restored.epoch + 1

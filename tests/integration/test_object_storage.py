@@ -1,0 +1,119 @@
+"""Runs on object storage: a real S3-compatible server (moto's standalone server) on 127.0.0.1, reached the
+standard AWS way (AWS_ENDPOINT_URL and keys in the environment). No Python-level mocking."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pyarrow.fs
+import pytest
+import yaml
+
+from orchestrator import cli
+from tests.helpers import ROOT, job_tree
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("moto's S3 server did not start")
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch):
+    """A fresh bucket, and the environment a user sets for an S3-compatible store."""
+    for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    name = f"keel-{uuid.uuid4().hex[:8]}"
+    store().create_dir(name)
+    return name
+
+
+def store():
+    import os
+
+    return pyarrow.fs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], access_key="testing",
+                                   secret_key="testing", region="us-east-1", allow_bucket_creation=True)
+
+
+def listing(path: str, kind=None) -> list[str]:
+    entries = store().get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in entries if kind is None or i.type == kind)
+
+
+def keel_run(job, tmp_path) -> subprocess.CompletedProcess:
+    """`keel run` as a user runs it, in a shell whose environment names the store (so the Ray cluster it
+    starts, and every worker, sees it too)."""
+    import os
+
+    return subprocess.run([sys.executable, "-m", "orchestrator", "run", str(job), "--quiet"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=540)
+
+
+@pytest.mark.timeout(600)
+def test_a_run_checkpoints_to_s3_reports_from_it_and_resumes_past_a_corrupted_object(digits_dir, tmp_path, bucket, capsys):
+    run = f"{bucket}/runs/s3run"
+    tree = job_tree(digits_dir, tmp_path, "s3run", run={"name": "s3run", "storage_path": f"s3://{bucket}/runs", "epochs": 2})
+    job = tmp_path / "s3run.yaml"
+    job.write_text(yaml.safe_dump(tree))
+    first = keel_run(job, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"s3://{run}" in first.stdout
+    checkpoints = [n for n in listing(run, pyarrow.fs.FileType.Directory) if n.startswith("checkpoint_")]
+    assert len(checkpoints) == 2 and {"config.yaml", "metrics.jsonl", "placement.json", "stability_report.json"} <= set(listing(run))
+    assert {"state.pt", "manifest.json", "config.yaml"} <= set(listing(f"{run}/{checkpoints[-1]}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s3run.yaml"]  # nothing written locally
+
+    assert cli.main(["report", f"s3://{run}"]) == 0  # read from the bucket
+    page = capsys.readouterr().out.split("report: ")[-1].strip()
+    assert page.endswith(".html") and "val accuracy" in open(page).read().lower()
+
+    # the newest checkpoint's state.pt object is damaged in the bucket: resume falls back to the one before
+    damaged = f"{run}/{checkpoints[-1]}/state.pt"
+    with store().open_input_stream(damaged) as f:
+        data = f.read()
+    with store().open_output_stream(damaged) as f:
+        f.write(data[: len(data) // 2])
+    tree["run"]["epochs"] = 3
+    job.write_text(yaml.safe_dump(tree))
+    second = keel_run(job, tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    output = second.stdout + second.stderr
+    assert damaged in output and "truncated" in output, output[-3000:]
+    # resumed from epoch 0's checkpoint (epoch 1 again, then 2), and the bucket's metrics grew across the resume
+    with store().open_input_stream(f"{run}/metrics.jsonl") as f:
+        assert [json.loads(line)["epoch"] for line in f.read().decode().splitlines()] == [0, 1, 1, 2]
+
+
+def test_a_missing_bucket_or_a_bad_uri_is_one_line_exit_2_before_anything_starts(digits_dir, tmp_path, bucket, capsys):
+    for storage, expected in ((f"s3://no-such-{bucket}/runs", f"bucket 'no-such-{bucket}' does not exist"),
+                              ("nosuchscheme://x/runs", "not a storage URI pyarrow can open")):
+        job = tmp_path / "job.yaml"
+        job.write_text(yaml.safe_dump(job_tree(digits_dir, tmp_path, "bad", run={"name": "bad", "storage_path": storage})))
+        assert cli.main(["run", str(job), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.count("run.storage_path") == 1 and expected in err, err
+    assert listing(bucket) == []
