@@ -14,6 +14,8 @@ FAST_LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_
 
 
 def free_dashboard_port(preferred: int = 8265) -> int:
+    """Ray's default dashboard port if it is free, else any free port (preferred=0: any, at once).
+    Free now is not free at bind time: ensure_ray retries when another Ray took it meanwhile."""
     import socket
 
     for port in (preferred, 0):
@@ -49,8 +51,18 @@ def ensure_ray(address: Optional[str], verbose: bool = False, dashboard: bool = 
         # dashboard: its State API is how Ray frees a Tune-stopped trial's workers (measured: with port 8265
         # taken by another Ray, no dashboard started, and the next trial waited forever for CPUs). A single
         # `keel run` does not need it (`keel run --dashboard` to watch it); start-up is the same either way.
-        ray.init(log_to_driver=verbose, configure_logging=verbose, logging_level="WARNING",
-                 include_dashboard=dashboard, dashboard_port=free_dashboard_port() if dashboard else None)
+        port = free_dashboard_port() if dashboard else None
+        for attempt in range(3):
+            try:
+                ray.init(log_to_driver=verbose, configure_logging=verbose, logging_level="WARNING",
+                         include_dashboard=dashboard, dashboard_port=port)
+                break
+            except Exception as exc:  # another Ray starting beside this one took the port between check and bind
+                taken = "valid port for dashboard" in str(exc) or "already occupied" in str(exc)
+                if not taken or attempt == 2:
+                    raise
+                ray.shutdown()
+                port = free_dashboard_port(preferred=0)
     else:
         ray.init(address=address, log_to_driver=verbose, logging_level="WARNING")
     import logging

@@ -48,6 +48,7 @@ class DivergenceStopper(tune.Stopper):
         previous = self.reasons.get(trial_id)
         if previous and result.get("cloned_from") and not previous.get("cloned_from"):
             previous["cloned_from"] = result["cloned_from"]  # PBT replaced it with a clone of a good trial
+            previous["loaded_donor_weights"] = result.get("clone_loaded_donor_weights")  # bit for bit, or 0
             self._save()
         reason = divergence_reason(result, self.first_loss.get(trial_id), metric=self.metric,
                                    loss_metric=self.spec.loss_metric, loss_factor=self.spec.loss_factor,

@@ -86,6 +86,14 @@ def source_trial(checkpoint_dir: str) -> str:
     return name.split("-r")[0]
 
 
+def fingerprint_of(checkpoint) -> str:
+    """The weight fingerprint of a checkpoint's model, read from its own file (any storage)."""
+    from orchestrator.train.checkpointing import read_payload, state_fingerprint
+
+    with checkpoint.as_directory() as directory:
+        return state_fingerprint(read_payload(directory)["model"])
+
+
 def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str) -> None:
     from ray import tune
     from ray.util.queue import Empty, Queue
@@ -125,6 +133,8 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str) 
         last = metrics = item["metrics"]
         if cloned_from:
             metrics["cloned_from"] = cloned_from
+        if restored is not None and metrics.get("resumed_from"):  # what the workers loaded vs the donor's file
+            metrics["clone_loaded_donor_weights"] = int(metrics["resumed_from"]["fingerprint"] == fingerprint_of(restored))
         if pbt:  # keep a diverged trial alive at the worst score; the stopper only records it
             reason = divergence_reason(metrics, first_loss, metric=sweep.metric, loss_metric=sweep.divergence.loss_metric,
                                        loss_factor=sweep.divergence.loss_factor, loss_threshold=threshold)

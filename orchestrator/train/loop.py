@@ -148,7 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
     progress = ProgressSender(config.get("progress"), st.rank)
     placement = worker_placement()  # a collective: every rank takes part, rank 0 sends it
     progress.send("ready", world_size=world, placement=placement)
-    start_epoch = resume(comps, spec, progress, config.get("initial_checkpoint"), steps_per_epoch, config.get("storage"))
+    start_epoch, resumed = resume(comps, spec, progress, config.get("initial_checkpoint"), steps_per_epoch, config.get("storage"))
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     all_events: list[dict] = []
 
@@ -179,6 +179,8 @@ def train_loop_per_worker(config: dict) -> None:
 
         metrics = {"epoch": epoch, "step": st.step, **meter.summary(), **evaluate(comps, val_shard, spec),
                    "lr": st.optimizer.param_groups[0]["lr"]}
+        if resumed and epoch == start_epoch:
+            metrics["resumed_from"] = resumed  # {checkpoint, weight fingerprint, ranks}: also for sweep trials
         comps.schedule.epoch_end(metrics["val_loss"], warmup_done=epoch + 1 >= spec.schedule.warmup_epochs)
         guards.call("on_epoch_end", st, metrics)
         guards.call("on_report", metrics)

@@ -97,11 +97,12 @@ def restore_agreed(candidates: list[Path], comps, warn: Callable[[str], None], k
     return Restored(candidates[index] if rank() == 0 else Path(name), epoch, fingerprints, problems)
 
 
-def resume(comps, spec, progress, initial: dict | None, steps_per_epoch: list[int], storage: dict | None = None) -> int:
-    """The epoch to start at: after this run's newest intact checkpoint (Ray's latest, then its older ones),
-    or, without one of its own, after `initial` = {path, keep_hyperparameters} (a sweep trial's restore:
-    PBT's clone of a better trial). 0: from scratch. storage = {fs, run_path} when the run lives on object
-    storage (the older checkpoints are then listed there, and fetched only if looked at)."""
+def resume(comps, spec, progress, initial: dict | None, steps_per_epoch: list[int],
+           storage: dict | None = None) -> tuple[int, dict | None]:
+    """(the epoch to start at, what was loaded): after this run's newest intact checkpoint (Ray's latest,
+    then its older ones), or, without one of its own, after `initial` = {path, keep_hyperparameters} (a
+    sweep trial's restore: PBT's clone of a better trial). (0, None): from scratch. storage = {fs, run_path}
+    when the run lives on object storage (older checkpoints are listed there, fetched only if looked at)."""
     if (bad_batches := comps.safeguards.find(BadBatches)) is not None:
         bad_batches.recall()  # a crash after the last checkpoint must not forget a rejected batch
     latest = ray.train.get_checkpoint()
@@ -109,7 +110,7 @@ def resume(comps, spec, progress, initial: dict | None, steps_per_epoch: list[in
     if latest is None and initial:
         latest, keep_hyperparameters = ray.train.Checkpoint(initial["path"]), initial["keep_hyperparameters"]
     if latest is None:
-        return 0
+        return 0, None
     newest = Path(latest.path).name  # Ray's own name for it (a downloaded copy's directory is named otherwise)
     if storage is not None:
         older = [c for c in remote_checkpoints(storage["fs"], storage["run_path"]) if c.name < newest]
@@ -130,11 +131,10 @@ def resume(comps, spec, progress, initial: dict | None, steps_per_epoch: list[in
         shown = str(latest.path) if restored and restored.checkpoint == candidates[0] else None
     if restored is None:
         progress.send("warning", message="no intact checkpoint: starting from scratch")
-        return 0
+        return 0, None
     if len(set(restored.fingerprints)) > 1:  # cannot happen after the broadcast; if it does, say so loudly
         raise RuntimeError(f"ranks resumed with different weights: {restored.fingerprints}")
     shown = shown or str(getattr(restored.checkpoint, "path", restored.checkpoint))
-    progress.send("resumed", epoch=restored.epoch + 1, checkpoint=shown,
-                  fingerprint=restored.fingerprints[0], ranks=len(restored.fingerprints),
-                  copied_from_rank0=restored.copied_from_rank0)
-    return restored.epoch + 1
+    loaded = {"checkpoint": shown, "fingerprint": restored.fingerprints[0], "ranks": len(restored.fingerprints)}
+    progress.send("resumed", epoch=restored.epoch + 1, copied_from_rank0=restored.copied_from_rank0, **loaded)
+    return restored.epoch + 1, loaded

@@ -1,5 +1,6 @@
 """Reliability promises in real multi-process runs (see docs/reliability.md)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from orchestrator.errors import BadInput
@@ -56,19 +58,23 @@ def test_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoint(keel_ray,
 
 
 @pytest.mark.timeout(420)
-def test_corrupted_latest_checkpoint_is_detected_and_the_previous_one_used(keel_ray, digits_dir, tmp_path):
+def test_a_rerun_resumes_and_a_corrupted_latest_checkpoint_is_detected_and_the_previous_one_used(keel_ray, digits_dir, tmp_path):
     tree = job_tree(digits_dir, tmp_path, "corrupt", run={"name": "corrupt", "storage_path": str(tmp_path), "epochs": 2})
-    run_job(parse_spec(tree))
+    first = run_job(parse_spec(tree))
     latest = list_checkpoints(tmp_path / "corrupt")[-1]
     state = latest / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated
-    tree["run"]["epochs"] = 3
+    tree["run"]["epochs"] = 3  # re-running the same run.name with more epochs continues it
     events = []
     outcome = run_job(parse_spec(tree), on_event=events.append)
     assert outcome.ok
     assert any(str(state) in w and "truncated" in w for w in outcome.warnings), outcome.warnings
     assert [e["epoch"] for e in events if e["type"] == "resumed"] == [1]  # epoch 0's checkpoint: the good one
     assert [h["epoch"] for h in outcome.history] == [1, 2]
+    assert outcome.history[0]["step"] == 2 * first.history[0]["step"]  # the global step carried over
+    assert [h["epoch"] for h in read_metrics(tmp_path / "corrupt")] == [0, 1, 1, 2]  # the run's metrics continue
+    ckpt = torch.load(list_checkpoints(tmp_path / "corrupt")[-1] / "state.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and json.dumps(ckpt["safeguards"])  # guard state travels with it, as plain data
 
 
 @pytest.mark.timeout(420)

@@ -139,6 +139,7 @@ def test_pbt_replaces_a_diverged_trial_with_a_clone_of_a_good_one(keel_ray, digi
     good = next(r for r in outcome.rows if r.trial_id != bad_id)
     bad = next(r for r in outcome.rows if r.trial_id == bad_id)
     assert record["cloned_from"] == good.trial_id, record           # replaced by a clone of the good trial
+    assert record["loaded_donor_weights"] == 1, record              # its workers hold the donor checkpoint's weights
     assert bad.status == "TERMINATED" and "replaced by a clone of" in bad.reason
     assert bad.config["optimizer.lr"] == 0.05                       # it took the donor's hyper-parameters
     assert bad.metric > 0.8 and good.metric > 0.8                   # and trained on from its weights

@@ -1,0 +1,39 @@
+"""Two Keel processes starting embedded Ray clusters at once (two `keel run`s, or pytest -n 2) race for the
+dashboard's port: free when checked, taken when bound. The loser retries on another port."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.integration
+
+PROBE = """
+import socket
+import orchestrator.ray_session as rs
+held = socket.socket(); held.bind(("127.0.0.1", 0)); held.listen()
+taken, answers, real = held.getsockname()[1], [], rs.free_dashboard_port
+def racy(preferred=8265):  # the first answer is taken by 'another Ray' before this one binds it
+    answers.append(preferred)
+    return taken if len(answers) == 1 else real(preferred)
+rs.free_dashboard_port = racy
+rs.ensure_ray(None)
+import ray
+from ray._private.worker import get_dashboard_url
+port = int(get_dashboard_url().rsplit(":", 1)[1])
+print("ASKED", len(answers), "PORT", port, "TAKEN", taken)
+ray.shutdown()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_dashboard_port_taken_between_check_and_bind_is_retried_on_another():
+    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=170,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    words = proc.stdout.split()
+    asked, port, taken = (int(words[words.index(k) + 1]) for k in ("ASKED", "PORT", "TAKEN"))
+    assert asked == 2 and port != taken
