@@ -12,6 +12,7 @@ import torch
 from orchestrator.data.preprocess import FEATURES
 from orchestrator.models import build_model
 from orchestrator.spec import JobSpec
+from orchestrator.storage import is_remote
 from orchestrator.stability.bad_batches import BadBatches
 from orchestrator.stability.clipping import GradClipper
 from orchestrator.stability.diagnostics import Diagnostics
@@ -58,7 +59,7 @@ def build_safeguards(spec: JobSpec, model: torch.nn.Module) -> Safeguards:
     st = spec.stability
     guards = [FaultInjector(spec.faults, FEATURES)]
     if st.remember_bad_batches:
-        local = "://" not in spec.run.storage_path  # a path every rank 0 can write; object storage: checkpoints only
+        local = not is_remote(spec.run.storage_path)  # a path rank 0 can write; object storage: checkpoints only
         guards.append(BadBatches(Path(spec.run.storage_path) / spec.run.name if local else None))
     guards.append(GradClipper(st.clip, classifier_params(model), model))
     if st.diagnostics.enabled:

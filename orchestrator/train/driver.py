@@ -166,7 +166,7 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: 
     storage_path, storage_fs, storage = spec.run.storage_path, None, None
     if is_remote(storage_path):  # the resolved filesystem (endpoint included) travels to Ray Train and the workers
         storage_fs, storage_path = filesystem(spec.run.storage_path)
-        storage = {"fs": storage_fs, "run_path": f"{storage_path.rstrip('/')}/{spec.run.name}"}
+        storage = {"fs": storage_fs, "run_path": join(storage_path, spec.run.name)}
     resources = {"CPU": plan.cpus_per_worker}
     if spec.scaling.use_gpu:
         resources["GPU"] = 1
