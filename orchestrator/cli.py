@@ -16,20 +16,22 @@ from orchestrator.errors import BadInput, RunFailed
 
 def cmd_run(args, console: Console) -> int:
     from orchestrator.report.console import RunDisplay, summary_table
-    from orchestrator.spec import load_spec
+    from orchestrator.spec import parse_spec
+    from orchestrator.spec_text import apply_overrides, read_yaml
+    from orchestrator.sweep.spec import is_sweep_tree
     from orchestrator.train.driver import preflight, run_job
 
-    from orchestrator.sweep.spec import is_sweep_file
-    if is_sweep_file(args.job):
+    tree = read_yaml(args.job)  # read once: a sweep spec is refused, a job spec parsed from the same tree
+    if is_sweep_tree(tree):
         raise BadInput(f"{args.job}: this is a sweep spec (it has base: and search:); run it with keel sweep")
-    spec = load_spec(args.job, args.overrides)
+    spec = parse_spec(apply_overrides(tree, list(args.overrides)), str(args.job))
     if args.print_config:
         console.print(spec.to_yaml(), highlight=False, markup=False)
         return 0
-    preflight(spec, generate=False)  # fail fast on bad input before any side effect
+    plan = preflight(spec, generate=False)  # fail fast on bad input before any side effect; run_job reuses it
     display = RunDisplay(console, spec.run.epochs, quiet=args.quiet)
     try:
-        outcome = run_job(spec, on_event=display, verbose=args.verbose, dashboard=args.dashboard)
+        outcome = run_job(spec, on_event=display, verbose=args.verbose, dashboard=args.dashboard, plan=plan)
     finally:
         display.close()
     for warning in outcome.warnings:
@@ -55,6 +57,9 @@ def cmd_sweep(args, console: Console) -> int:
     from orchestrator.train.driver import preflight
 
     sweep, base = load_sweep(args.sweep, args.overrides)
+    from orchestrator.storage import check_storage, is_remote
+    if is_remote(sweep.storage_path):  # the URI, the endpoint, the bucket: before Ray or any trial starts
+        check_storage(sweep.storage_path, "storage_path")
     preflight(parse_spec(base, args.sweep), generate=True)  # the base job's data, before any trial or Ray starts
     from orchestrator.sweep.driver import logger_callbacks, run_sweep
     logger_callbacks(sweep)  # a missing mlflow/wandb is bad input, found before the sweep starts
@@ -103,12 +108,14 @@ def cmd_results(args, console: Console) -> int:
     from orchestrator.sweep.driver import summarize
     from orchestrator.sweep.spec import SweepSpec
 
+    from orchestrator.storage import is_remote, join, read_text
+
     from pathlib import Path
-    exp = Path(args.exp_dir)
+    exp = args.exp_dir.rstrip("/") if is_remote(args.exp_dir) else Path(args.exp_dir)  # a directory or s3://...
     metric, mode = args.metric, args.mode
-    saved = exp / "keel_sweep.yaml"
-    if saved.exists():
-        sweep = SweepSpec.model_validate(yaml.safe_load(saved.read_text()))
+    saved = read_text(join(str(exp), "keel_sweep.yaml"))
+    if saved is not None:
+        sweep = SweepSpec.model_validate(yaml.safe_load(saved))
         metric, mode = metric or sweep.metric, mode or sweep.mode
     outcome = summarize(exp, metric or "val_accuracy", mode or "max")
     if args.json:  # for scripts: every trial, the best, and the best config as a job

@@ -61,11 +61,40 @@ def parse_override_value(raw: str, annotation: Any) -> Any:
     return value
 
 
+def set_dotted(tree: dict, key: str, value: Any, what: str | None = None) -> dict:
+    """Set `a.b.c` in a nested dict, making sections on the way. A number indexes a list (`faults.0.at_step`);
+    the index equal to the list's length appends. `what` names the change in errors (default: the key)."""
+    parts, what = key.split("."), what or key
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) > len(node):
+                raise BadInput(f"override {what!r}: {'.'.join(parts[:depth]) or part} has {len(node)} item(s); "
+                               f"use an index from 0 to {len(node)} ({len(node)} appends)")
+            index = int(part)
+            if index == len(node):
+                node.append(value if last else {})
+            elif last:
+                node[index] = value
+            node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = [] if parts[depth + 1].isdigit() else {}
+                if not isinstance(child, (dict, list)):
+                    raise BadInput(f"override {what!r}: {'.'.join(parts[:depth + 1])} is not a section or list")
+                node = child
+    return tree
+
+
 def apply_overrides(tree: dict, overrides: list[str], model: type[BaseModel] | None = None) -> dict:
     """Apply `a.b=c` overrides. Each value is parsed by the type of the field it sets (see
-    `parse_override_value`). A number indexes a list (`faults.0.at_step=3`); the index equal to the list's
-    length appends (`faults.1={kind: nan_batch, at_step: 5}`). Unknown keys are left for validation to
-    refuse in one line."""
+    `parse_override_value`); lists are indexed and appended as in `set_dotted`. Unknown keys are left for
+    validation to refuse in one line."""
     if model is None:
         from orchestrator.spec import JobSpec
 
@@ -74,31 +103,7 @@ def apply_overrides(tree: dict, overrides: list[str], model: type[BaseModel] | N
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise BadInput(f"override {item!r}: expected dotted.key=value")
-        parts = key.split(".")
-        value = parse_override_value(raw, _field_annotation(model, parts))
-        node: Any = tree
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) > len(node):
-                    raise BadInput(f"override {item!r}: {'.'.join(parts[:depth]) or part} has {len(node)} item(s); "
-                                   f"use an index from 0 to {len(node)} ({len(node)} appends)")
-                index = int(part)
-                if index == len(node):
-                    node.append(value if last else {})
-                elif last:
-                    node[index] = value
-                node = node[index]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = value
-                else:
-                    child = node.get(part)
-                    if child is None:
-                        child = node[part] = [] if parts[depth + 1].isdigit() else {}
-                    if not isinstance(child, (dict, list)):
-                        raise BadInput(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section or list")
-                    node = child
+        set_dotted(tree, key, parse_override_value(raw, _field_annotation(model, key.split("."))), item)
     return tree
 
 

@@ -52,6 +52,39 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
+def read_text(location: str | Path):
+    """A small text file's contents from a local path or a URI; None when it does not exist."""
+    if not is_remote(str(location)):
+        return Path(location).read_text() if Path(location).exists() else None
+    import pyarrow.fs
+
+    fs, path = filesystem(str(location), "storage")
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_text(location: str | Path, text: str) -> None:
+    """Write a small text file at a local path (parents made) or a URI (one object)."""
+    if not is_remote(str(location)):
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        Path(location).write_text(text)
+        return
+    fs, path = filesystem(str(location), "storage")
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def exists(location: str | Path) -> bool:
+    if not is_remote(str(location)):
+        return Path(location).exists()
+    import pyarrow.fs
+
+    fs, path = filesystem(str(location), "storage")
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
 def upload_dir(local: Path, uri: str) -> None:
     """Copy a local directory's files to `uri` (overwriting)."""
     import pyarrow.fs

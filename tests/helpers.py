@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +49,16 @@ def job_tree(digits_dir: Path, storage: Path, name: str, **sections) -> dict:
         else:
             tree[key] = value
     return tree
+
+
+def sweep_file(tmp_path, digits_dir, name, lrs, **extra) -> Path:
+    """A sweep YAML over optimizer.lr (a grid) of a small MLP digits job; `extra` replaces sweep fields."""
+    base = job_tree(digits_dir, tmp_path, "base", model={"kind": "mlp", "hidden": [64]},
+                    stability={"clip": {"mode": "none"}, "spike": {"enabled": False}},
+                    run={"name": "base", "epochs": 3})
+    tree = {"name": name, "storage_path": str(tmp_path / "sweeps"), "base": base,
+            "search": {"optimizer.lr": {"grid": lrs}}, "metric": "val_accuracy", "mode": "max", "num_samples": 1,
+            "scheduler": {"kind": "fifo"}, "resources": {"workers_per_trial": 1, "cpus_per_worker": 0.5}, **extra}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path

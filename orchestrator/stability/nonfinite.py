@@ -18,6 +18,7 @@ import math
 import torch
 
 from orchestrator.data.preprocess import FEATURES
+from orchestrator.stability.stop import diverged
 
 
 def should_skip(global_nonfinite_count: float) -> bool:
@@ -69,8 +70,8 @@ class NonFiniteGuard:
         state.events.append({"step": state.step, "trigger": trigger, "action": "skip",
                              "value": state.global_outlier if trigger == "batch_outlier" else state.global_nonfinite})
         if self.consecutive >= self.max_consecutive_skips:
-            state.stop_reason = (f"diverged: {self.consecutive} consecutive non-finite steps "
-                                 f"(stability.nonfinite.max_consecutive_skips={self.max_consecutive_skips}) at step {state.step}")
+            state.stop_reason = diverged(f"{self.consecutive} consecutive non-finite steps "
+                                         f"(stability.nonfinite.max_consecutive_skips={self.max_consecutive_skips}) at step {state.step}")
 
     def on_report(self, metrics: dict) -> None:
         metrics["skipped_steps"] = self.total

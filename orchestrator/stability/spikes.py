@@ -24,6 +24,7 @@ from typing import Optional
 
 from orchestrator.stability.replica_check import replica_drift
 from orchestrator.stability.snapshots import SnapshotRing, restore
+from orchestrator.stability.stop import diverged
 
 
 def zscore(value: float, mean: float, var: float) -> float:
@@ -123,8 +124,8 @@ class SpikeGuard:
         event = {"step": state.step, "trigger": f"{trigger}_spike", "value": round(z, 2), "action": self.spec.action}
         if len(self.recent) > self.spec.max_recoveries:
             event["action"] = "stop"
-            state.stop_reason = (f"diverged: {len(self.recent)} {trigger} spikes exceeded stability.spike.max_recoveries="
-                                 f"{self.spec.max_recoveries} within {self.spec.window} steps (last at step {state.step}, z={z:.1f})")
+            state.stop_reason = diverged(f"{len(self.recent)} {trigger} spikes exceeded stability.spike.max_recoveries="
+                                         f"{self.spec.max_recoveries} within {self.spec.window} steps (last at step {state.step}, z={z:.1f})")
         elif self.spec.action == "rollback":
             to_step, snap = self.ring.pick(state.step, self.spec.snapshot_every)
             restore(self.comps, snap)

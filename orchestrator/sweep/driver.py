@@ -15,8 +15,10 @@ from ray.tune import Callback
 
 from orchestrator.data.sources import resolve
 from orchestrator.numbers import finite
+from orchestrator.storage import filesystem, is_remote, join, read_text, write_text
 from orchestrator.sweep.spec import SweepSpec
-from orchestrator.sweep.trial import loss_threshold, run_trial, set_dotted
+from orchestrator.spec_text import set_dotted
+from orchestrator.sweep.trial import loss_threshold, run_trial
 
 DIVERGED_FILE = "keel_diverged.json"
 TRIAL_CPU = 0.05  # the trial's own driver process; Tune refuses 0
@@ -85,14 +87,25 @@ class TrialRow:
 
 @dataclass
 class SweepOutcome:
-    exp_dir: Path
+    exp_dir: str | Path    # a local directory, or a URI on object storage
     rows: list[TrialRow] = field(default_factory=list)
     best: Optional[TrialRow] = None
     best_job: Optional[Path] = None
 
 
-def experiment_dir(sweep: SweepSpec) -> Path:
+def experiment_dir(sweep: SweepSpec) -> str | Path:
+    """Where Tune keeps the experiment: a local directory, or s3://bucket/prefix/<name> (sweep.storage_path)."""
+    if is_remote(sweep.storage_path):
+        return join(sweep.storage_path, sweep.name)
     return Path(resolve(sweep.storage_path)) / sweep.name
+
+
+def tune_storage(exp_dir: str | Path) -> tuple[str, object]:
+    """(path, pyarrow filesystem or None) of an experiment directory, as Tune's storage arguments take them."""
+    if is_remote(str(exp_dir)):
+        fs, path = filesystem(str(exp_dir), "storage_path")
+        return path, fs
+    return str(exp_dir), None
 
 
 def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[TrialRow]], None] = lambda rows: None) -> SweepOutcome:
@@ -103,27 +116,36 @@ def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[Trial
 
     ensure_ray(base_tree.get("scaling", {}).get("address"))
     exp_dir = experiment_dir(sweep)
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    (exp_dir / "keel_sweep.yaml").write_text(yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
+    path, fs = tune_storage(exp_dir)
+    write_text(join(str(exp_dir), "keel_sweep.yaml"), yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
     divergence = sweep.divergence.model_copy()
     divergence.loss_threshold = loss_threshold(sweep, base_tree["data"]["num_classes"])
     # PBT: diverged trials are recorded, not stopped; they report the worst score and PBT clones over them
-    stopper = DivergenceStopper(divergence, sweep.metric, exp_dir / DIVERGED_FILE, stop=sweep.scheduler.kind != "pbt")
+    stopper = DivergenceStopper(divergence, sweep.metric, join(str(exp_dir), DIVERGED_FILE), stop=sweep.scheduler.kind != "pbt")
     trainable = tune.with_parameters(run_trial, base_tree=base_tree, sweep_json=sweep.model_dump(mode="json"),
-                                     trials_dir=str(exp_dir / "trials"))
+                                     trials_dir=join(str(exp_dir), "trials"))
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_CPU})
     LIVE_HANDLERS[sweep.name] = on_result
-    if tune.Tuner.can_restore(str(exp_dir)):  # an interrupted sweep: resume it
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, restart_errored=False)
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):  # an interrupted sweep: resume it
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=False, storage_filesystem=fs)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space(sweep.search), tune_config=tune.TuneConfig(
             metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=make_scheduler(sweep, base_tree.get("run", {}).get("epochs", 10)),
             max_concurrent_trials=sweep.max_concurrent_trials, time_budget_s=sweep.time_budget_s),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(exp_dir.parent), stop=stopper,
+            run_config=tune.RunConfig(name=sweep.name, storage_path=path.rsplit("/", 1)[0], storage_filesystem=fs, stop=stopper,
                                       callbacks=[LiveRows(sweep.name, stopper, sweep.metric), *logger_callbacks(sweep)],
                                       verbose=0))
     tuner.fit()
     return summarize(exp_dir, sweep.metric, sweep.mode, base_tree)
+
+
+def local_copy(name: str, text: str) -> Path:
+    """The best job of a sweep on object storage, as a local file `keel run` takes."""
+    import tempfile
+
+    target = Path(tempfile.mkdtemp(prefix="keel-sweep-")) / f"{name}-best_job.yaml"
+    target.write_text(text)
+    return target
 
 
 # Live-table handlers by experiment name: Tune pickles its callbacks, a rich display must stay out of them.
@@ -163,18 +185,21 @@ def trial_status(record: Optional[dict], tune_status: str) -> tuple[str, str]:
     return "diverged", record["reason"]
 
 
-def summarize(exp_dir: Path, metric: str, mode: str, base_tree: Optional[dict] = None) -> SweepOutcome:
-    """Re-read an experiment directory (finished or interrupted): rows, the best healthy trial, its job YAML."""
+def summarize(exp_dir: str | Path, metric: str, mode: str, base_tree: Optional[dict] = None) -> SweepOutcome:
+    """Re-read an experiment directory, local or on object storage (finished or interrupted): rows, the best
+    healthy trial, and (given the base job) the best config as a job YAML, written beside the experiment
+    and, for an experiment on object storage, also to a local file that `keel run` takes."""
     import json
 
     from ray import tune
 
     from orchestrator.errors import BadInput
 
-    if not tune.Tuner.can_restore(str(exp_dir)):
+    path, fs = tune_storage(exp_dir)
+    if not tune.Tuner.can_restore(path, storage_filesystem=fs):
         raise BadInput(f"{exp_dir}: not a Keel sweep experiment directory")
-    analysis = tune.ExperimentAnalysis(str(exp_dir))  # reads the experiment state; needs no trainable
-    reasons = json.loads((exp_dir / DIVERGED_FILE).read_text()) if (exp_dir / DIVERGED_FILE).exists() else {}
+    analysis = tune.ExperimentAnalysis(path, storage_filesystem=fs)  # reads the experiment state; needs no trainable
+    reasons = json.loads(read_text(join(str(exp_dir), DIVERGED_FILE)) or "{}")
     outcome = SweepOutcome(exp_dir)
     for trial in analysis.trials:
         m = trial.last_result or {}
@@ -188,8 +213,10 @@ def summarize(exp_dir: Path, metric: str, mode: str, base_tree: Optional[dict] =
             best_tree = copy.deepcopy(base_tree)
             for path, value in outcome.best.config.items():
                 set_dotted(best_tree, path, value)
-            set_dotted(best_tree, "run.name", f"{exp_dir.name}-best")
-            outcome.best_job = exp_dir / "best_job.yaml"
-            outcome.best_job.write_text(yaml.safe_dump(best_tree, sort_keys=False))
+            name = str(exp_dir).rstrip("/").rsplit("/", 1)[-1]
+            set_dotted(best_tree, "run.name", f"{name}-best")
+            text = yaml.safe_dump(best_tree, sort_keys=False)
+            write_text(join(str(exp_dir), "best_job.yaml"), text)
+            outcome.best_job = Path(join(str(exp_dir), "best_job.yaml")) if fs is None else local_copy(name, text)
     outcome.rows.sort(key=lambda r: (r.status != "TERMINATED", -(r.metric or -math.inf) if mode == "max" else (r.metric or math.inf)))
     return outcome

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, model_validator
 
 from orchestrator.errors import BadInput
 from orchestrator.spec import JobSpec, Section, apply_overrides, doc, parse_spec, read_yaml
@@ -38,7 +38,7 @@ class ResourcesSpec(Section):
 
 class SweepSpec(Section):
     name: str = doc(..., "Experiment name; re-running the same name resumes it.", pattern=r"^[A-Za-z0-9_.-]+$")
-    storage_path: str = doc("runs", "Directory holding the experiment directory.")
+    storage_path: str = doc("runs", "Where the experiment directory goes: a local directory, or s3://bucket/prefix (endpoint and keys the standard AWS way, e.g. AWS_ENDPOINT_URL).")
     base: Union[str, dict] = doc(..., "The job to sweep: a path to a job YAML (relative to this file) or the job inline.")
     overrides: list[str] = doc([], "dotted.key=value overrides applied to the base job first.")
     search: dict[str, dict[str, Any]] = doc(..., "dotted.field: {distribution: args}; loguniform/uniform [lo, hi], quniform [lo, hi, q], randint [lo, hi], choice/grid [values].")
@@ -114,9 +114,13 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepSpec, 
     return sweep, base_tree
 
 
+def is_sweep_tree(tree: dict) -> bool:
+    return "search" in tree and "base" in tree
+
+
 def is_sweep_file(path: str | Path) -> bool:
     try:
         tree = read_yaml(path)
     except BadInput:
         return False
-    return "search" in tree and "base" in tree
+    return is_sweep_tree(tree)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Optional
 
 from ray import tune
 from orchestrator.numbers import finite
+from orchestrator.storage import read_text, write_text
 
 
 def divergence_reason(result: dict, first_loss: Optional[float], *, metric: str, loss_metric: str,
@@ -37,10 +37,20 @@ def divergence_reason(result: dict, first_loss: Optional[float], *, metric: str,
 
 
 class DivergenceStopper(tune.Stopper):
-    def __init__(self, spec, metric: str, record: Optional[Path] = None, stop: bool = True):
+    def __init__(self, spec, metric: str, record: Optional[str] = None, stop: bool = True):
+        """record: where the reasons are kept, a local path or a URI on object storage."""
         self.spec, self.metric, self.record, self.stop = spec, metric, record, stop
         self.first_loss: dict[str, float] = {}
-        self.reasons: dict[str, dict] = json.loads(record.read_text()) if record and record.exists() else {}
+        self.reasons: dict[str, dict] = self._load()
+
+    def _load(self) -> dict[str, dict]:
+        text = read_text(self.record) if self.record else None
+        return json.loads(text) if text else {}
+
+    def __setstate__(self, state: dict) -> None:
+        # A resumed sweep unpickles the stopper Tune saved at the start: the record, not that copy, is current.
+        self.__dict__.update(state)
+        self.reasons = self._load()
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         if not self.spec.enabled:
@@ -64,8 +74,7 @@ class DivergenceStopper(tune.Stopper):
 
     def _save(self) -> None:
         if self.record is not None:
-            self.record.parent.mkdir(parents=True, exist_ok=True)
-            self.record.write_text(json.dumps(self.reasons, indent=1))
+            write_text(self.record, json.dumps(self.reasons, indent=1))
 
     def stop_all(self) -> bool:
         return False

@@ -14,12 +14,13 @@ import copy
 import math
 import threading
 import time
-from pathlib import Path
 from typing import Optional
 
 from ray.train.v2.api.callback import UserCallback
 
 from orchestrator.numbers import finite
+from orchestrator.spec_text import set_dotted
+from orchestrator.storage import exists, join
 from orchestrator.sweep.spec import SweepSpec
 from orchestrator.sweep.stopping import divergence_reason
 
@@ -27,15 +28,6 @@ from orchestrator.sweep.stopping import divergence_reason
 # clone of a top trial (PBT skips NaN scores, and a stopped trial can no longer be exploited).
 WORST = {"max": -1e9, "min": 1e9}
 IDLE_REPORT_S = (1.0, 5.0)  # a diverged PBT trial whose run ended reports at its own epoch pace, within these bounds
-
-
-def set_dotted(tree: dict, path: str, value) -> dict:
-    node = tree
-    *parents, leaf = path.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-    return tree
 
 
 def trial_job(config: dict, base_tree: dict, sweep: SweepSpec, run_name: str, trials_dir: str) -> dict:
@@ -66,23 +58,26 @@ class ForwardReports(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context, metrics, checkpoint):
-        self.queue.put({"metrics": dict(metrics[0]), "checkpoint": checkpoint.path if checkpoint else None})
+        # the checkpoint as stored (path and filesystem): on object storage its path alone names no file
+        stored = (checkpoint.path, checkpoint.filesystem) if checkpoint else None
+        self.queue.put({"metrics": dict(metrics[0]), "checkpoint": stored})
 
 
 def restored_run_name(trial_id: str, trials_dir: str) -> str:
     """A fresh Train run name per restore: the trial's own run directory may hold a later (or, after a
     PBT clone, an unrelated) checkpoint that Ray Train would otherwise resume by itself."""
     k = 1
-    while (Path(trials_dir) / f"{trial_id}-r{k}").exists():
+    while exists(join(trials_dir, f"{trial_id}-r{k}")):
         k += 1
     return f"{trial_id}-r{k}"
 
 
-def source_trial(checkpoint_dir: str) -> str:
-    """The trial whose run wrote a checkpoint (from its config.yaml's run.name)."""
+def source_trial(checkpoint) -> str:
+    """The trial whose run wrote a checkpoint (from its config.yaml's run.name), on any storage."""
     import yaml
 
-    name = yaml.safe_load((Path(checkpoint_dir) / "config.yaml").read_text())["run"]["name"]
+    with checkpoint.filesystem.open_input_stream(join(checkpoint.path, "config.yaml")) as f:
+        name = yaml.safe_load(f.read().decode())["run"]["name"]
     return name.split("-r")[0]
 
 
@@ -107,9 +102,9 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str) 
     run_name = restored_run_name(trial_id, trials_dir) if restored else trial_id
     spec = resolved(JobSpec.model_validate(trial_job(config, base_tree, sweep, run_name, trials_dir)))
     initial, cloned_from = None, None
-    if restored is not None:
-        initial = {"path": restored.path, "keep_hyperparameters": pbt}
-        cloned_from = source_trial(restored.path)
+    if restored is not None:  # Tune's copy of the checkpoint: a local directory or one on object storage
+        initial = {"path": restored.path, "filesystem": restored.filesystem, "keep_hyperparameters": pbt}
+        cloned_from = source_trial(restored)
         cloned_from = cloned_from if cloned_from != trial_id else None
     reports = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(spec, preflight(spec), None, make_epoch_clock(), callbacks=[ForwardReports(reports)],
@@ -143,7 +138,7 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str) 
         loss = metrics.get(sweep.divergence.loss_metric)
         if first_loss is None and finite(loss):
             first_loss = loss
-        checkpoint = tune.Checkpoint.from_directory(item["checkpoint"]) if item["checkpoint"] else None
+        checkpoint = tune.Checkpoint(*item["checkpoint"]) if item["checkpoint"] else None
         tune.report(metrics, checkpoint=checkpoint)
         report_times.append(time.monotonic())
     fitting.join()

@@ -162,6 +162,7 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: 
     from orchestrator.data.pipeline import build_datasets
 
     from orchestrator.train.loop import train_loop_per_worker
+    from orchestrator.train.worker_config import WorkerConfig
 
     storage_path, storage_fs, storage = spec.run.storage_path, None, None
     if is_remote(storage_path):  # the resolved filesystem (endpoint included) travels to Ray Train and the workers
@@ -172,9 +173,8 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: 
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "steps_per_epoch": plan.steps_per_epoch,
-                           "progress": progress_queue, "clock": clock, "preprocess": plan.preprocess.to_dict(),
-                           "initial_checkpoint": initial_checkpoint, "storage": storage},
+        train_loop_config=WorkerConfig(spec, plan.steps_per_epoch, progress_queue, clock, plan.preprocess.to_dict(),
+                                       initial_checkpoint, storage).as_loop_config(),
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=resources, placement_strategy=spec.scaling.placement_strategy),
         run_config=RunConfig(name=spec.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -253,9 +253,11 @@ def wait_for_resources(spec: JobSpec, plan: Plan) -> None:
 
 
 def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, verbose: bool = False,
-            dashboard: bool = True) -> RunOutcome:
-    """Run a job to the end. `on_event` receives live progress dicts (step / epoch / resumed)."""
-    plan = preflight(spec)
+            dashboard: bool = True, plan: Optional[Plan] = None) -> RunOutcome:
+    """Run a job to the end. `on_event` receives live progress dicts (step / epoch / resumed). `plan`: the
+    caller's own preflight of this spec (keel run checks before any side effect), so it is not repeated."""
+    if plan is None or plan.train_rows < 0:  # none yet, or the data is still to be generated
+        plan = preflight(spec)
     spec = resolved(spec)
     ensure_ray(spec.scaling.address, verbose, dashboard)
     from ray.train import TrainingFailedError

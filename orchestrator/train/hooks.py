@@ -38,6 +38,7 @@ from typing import Any, Optional
 import torch
 
 from orchestrator.stability.snapshots import restore_buffers, snapshot_buffers
+from orchestrator.stability.stop import StopReason
 
 HOOKS = ("on_batch", "after_loss", "after_backward", "before_step", "after_step", "on_epoch_end", "on_report")
 
@@ -65,7 +66,7 @@ class StepState:
     lr_scale: float = 1.0                # multiplier on the scheduled LR for this step (recoveries, faults)
     want_post_clip_norm: bool = False    # set by the loop on logged steps: measure the norm after clipping too
     post_clip_norm: Optional[torch.Tensor] = None
-    stop_reason: Optional[str] = None    # set -> the run stops after this epoch's report
+    stop_reason: Optional[StopReason] = None  # set -> the run stops after this epoch's report
     events: list[dict] = field(default_factory=list)  # guard events (step, trigger, value, action)
     buffers_before: list = field(default_factory=list)  # float buffers (BN running stats) before this step's forward
 

@@ -22,6 +22,7 @@ from orchestrator.train.meters import EpochMeter, ProgressSender
 from orchestrator.train.losses import compute_loss
 from orchestrator.train.resume import resume
 from orchestrator.train.optim import weight_penalty
+from orchestrator.train.worker_config import WorkerConfig
 
 
 def to_inputs(batch: dict, data_spec, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,18 +138,16 @@ def stability_report(comps: Components, events: list[dict], metrics: dict) -> di
     return {"stop_reason": metrics["stop_reason"], **diagnostics.report(events[-1000:], counters)}
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: config = {spec, steps_per_epoch (per epoch), progress (a ray Queue or None),
-    clock (the data pipeline's EpochClock or None), preprocess (statistics, saved with checkpoints),
-    initial_checkpoint (optional: {path, keep_hyperparameters}, see `resume`)}."""
-    spec = JobSpec.model_validate(config["spec"])
-    steps_per_epoch, world, clock = config["steps_per_epoch"], world_size(), config.get("clock")
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point; `loop_config` carries one WorkerConfig (see train/worker_config.py)."""
+    config = WorkerConfig.of(loop_config)
+    spec, steps_per_epoch, world, clock = config.spec, config.steps_per_epoch, world_size(), config.clock
     comps = build_components(spec, max(steps_per_epoch), ray.train.torch.get_device(), ray.train.torch.prepare_model)
     st, guards = comps.state, comps.safeguards
-    progress = ProgressSender(config.get("progress"), st.rank)
+    progress = ProgressSender(config.progress, st.rank)
     placement = worker_placement()  # a collective: every rank takes part, rank 0 sends it
     progress.send("ready", world_size=world, placement=placement)
-    start_epoch, resumed = resume(comps, spec, progress, config.get("initial_checkpoint"), steps_per_epoch, config.get("storage"))
+    start_epoch, resumed = resume(comps, spec, progress, config.initial_checkpoint, steps_per_epoch, config.storage)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     all_events: list[dict] = []
 
@@ -184,8 +183,8 @@ def train_loop_per_worker(config: dict) -> None:
         comps.schedule.epoch_end(metrics["val_loss"], warmup_done=epoch + 1 >= spec.schedule.warmup_epochs)
         guards.call("on_epoch_end", st, metrics)
         guards.call("on_report", metrics)
-        diverged = bool(st.stop_reason and st.stop_reason.startswith("diverged"))
-        metrics.update(stop_reason=st.stop_reason or "", diverged=int(diverged), events=st.events[-20:])
+        diverged = st.stop_reason is not None and st.stop_reason.diverged
+        metrics.update(stop_reason=str(st.stop_reason or ""), diverged=int(diverged), events=st.events[-20:])
         all_events.extend(st.events)
         last = epoch == spec.run.epochs - 1 or st.stop_reason is not None
         report = stability_report(comps, all_events, metrics) if last and st.rank == 0 else None
@@ -193,7 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint = None
             if st.rank == 0 and not diverged and (last or (epoch + 1) % spec.run.checkpoint_every == 0):
                 save_checkpoint(tmp, comps, epoch=epoch, spec_yaml=spec.to_yaml(),
-                                extra={"preprocess": config.get("preprocess")})
+                                extra={"preprocess": config.preprocess})
                 if report is not None:
                     (Path(tmp) / "stability_report.json").write_text(json.dumps(report, indent=1, default=str))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)

@@ -108,7 +108,8 @@ def resume(comps, spec, progress, initial: dict | None, steps_per_epoch: list[in
     latest = ray.train.get_checkpoint()
     keep_hyperparameters = False
     if latest is None and initial:
-        latest, keep_hyperparameters = ray.train.Checkpoint(initial["path"]), initial["keep_hyperparameters"]
+        latest = ray.train.Checkpoint(initial["path"], filesystem=initial.get("filesystem"))
+        keep_hyperparameters = initial["keep_hyperparameters"]
     if latest is None:
         return 0, None
     newest = Path(latest.path).name  # Ray's own name for it (a downloaded copy's directory is named otherwise)

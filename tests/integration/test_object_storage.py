@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from orchestrator import cli
-from tests.helpers import ROOT, job_tree
+from tests.helpers import ROOT, job_tree, sweep_file
 
 pytestmark = pytest.mark.integration
 
@@ -64,13 +64,17 @@ def listing(path: str, kind=None) -> list[str]:
     return sorted(i.base_name for i in entries if kind is None or i.type == kind)
 
 
-def keel_run(job, tmp_path) -> subprocess.CompletedProcess:
-    """`keel run` as a user runs it, in a shell whose environment names the store (so the Ray cluster it
-    starts, and every worker, sees it too)."""
+def keel(command, path, tmp_path, timeout=540) -> subprocess.CompletedProcess:
+    """`keel run` or `keel sweep` as a user runs it, in a shell whose environment names the store (so the Ray
+    cluster it starts, and every worker and trial, sees it too)."""
     import os
 
-    return subprocess.run([sys.executable, "-m", "orchestrator", "run", str(job), "--quiet"], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=540)
+    return subprocess.run([sys.executable, "-m", "orchestrator", command, str(path), "--quiet"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=timeout)
+
+
+def keel_run(job, tmp_path) -> subprocess.CompletedProcess:
+    return keel("run", job, tmp_path)
 
 
 @pytest.mark.timeout(600)
@@ -117,3 +121,45 @@ def test_a_missing_bucket_or_a_bad_uri_is_one_line_exit_2_before_anything_starts
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.count("run.storage_path") == 1 and expected in err, err
     assert listing(bucket) == []
+
+
+@pytest.mark.timeout(900)
+def test_a_pbt_sweep_on_s3_clones_a_diverged_trial_from_its_donor_there_and_keel_results_reads_it(digits_dir, tmp_path, bucket, capsys):
+    # Two trials side by side: lr 0.05 trains, lr 1e4 diverges in its first epoch (Keel's guard ends its
+    # run). Stock PBT ignores NaN scores; Keel's trial reports the worst score instead, so PBT's exploit
+    # clones the good trial over it, from the good trial's checkpoint in the bucket.
+    # A ResNet, not the MLP: PBT clones only from trials still running, so the good one must outlast
+    # the bad one's first reports (with the MLP, under load, it finished within 2 s of them).
+    model = ["model.kind=resnet", "model.channels=[16,32]", "model.blocks_per_stage=1"]
+    path = sweep_file(tmp_path, digits_dir, "pbt", [0.05, 1e4], max_concurrent_trials=2, overrides=["run.epochs=6", *model],
+                      scheduler={"kind": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
+                      storage_path=f"s3://{bucket}/sweeps")
+    tree = yaml.safe_load(path.read_text())
+    tree["search"]["regularization.weight_decay"] = {"choice": [0.0, 1e-5]}  # PBT needs a mutation to explore
+    path.write_text(yaml.safe_dump(tree))
+    swept = keel("sweep", path, tmp_path, timeout=840)
+    assert swept.returncode == 0, (swept.stdout + swept.stderr)[-3000:]
+    assert not (tmp_path / "sweeps").exists()  # the experiment lives in the bucket only
+
+    with store().open_input_stream(f"{bucket}/sweeps/pbt/keel_diverged.json") as f:
+        (bad_id, record), = json.loads(f.read()).items()
+    assert cli.main(["results", f"s3://{bucket}/sweeps/pbt", "--json"]) == 0  # Tune's analysis, read from the bucket
+    results = json.loads(capsys.readouterr().out)
+    good = next(r for r in results["trials"] if r["trial_id"] != bad_id)
+    bad = next(r for r in results["trials"] if r["trial_id"] == bad_id)
+    assert record["cloned_from"] == good["trial_id"], record        # replaced by a clone of the good trial
+    assert record["loaded_donor_weights"] == 1, record              # its workers hold the donor checkpoint's weights
+    assert bad["status"] == "TERMINATED" and "replaced by a clone of" in bad["reason"]
+    assert bad["config"]["optimizer.lr"] == 0.05                    # it took the donor's hyper-parameters
+    assert bad["metric"] > 0.8 and good["metric"] > 0.8             # and trained on from its weights
+    # (the record is Keel's, the rows are Tune's analysis; a restored trial's result.json is not
+    # reliable: Tune may leave it at the pre-clone lines, measured)
+    assert results["best"] is not None and results["best"]["metric"] > 0.8
+    trial_runs = listing(f"{bucket}/sweeps/pbt/trials", pyarrow.fs.FileType.Directory)
+    assert f"{bad_id}-r1" in trial_runs, trial_runs                # the clone's own run, checkpointing to the bucket
+    assert any(n.startswith("checkpoint_") for n in listing(f"{bucket}/sweeps/pbt/trials/{bad_id}-r1"))
+    best_job = swept.stdout.split("best config as a job: ")[-1].split()[0]
+    assert yaml.safe_load(open(best_job).read())["optimizer"]["lr"] == 0.05   # a local file keel run takes
+
+    assert cli.main(["report", f"s3://{bucket}/sweeps/pbt"]) == 0   # the sweep's report, from the bucket
+    assert capsys.readouterr().out.split("report: ")[-1].strip().endswith(".html")

@@ -18,8 +18,13 @@ pytestmark = pytest.mark.integration
 @pytest.mark.timeout(420)
 def test_main_job_reaches_95_percent_on_digits(keel_ray, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the job writes its data and runs relative to the working directory
+    from orchestrator.train import driver
+    scanned, scan = [], driver.scan_split
+    monkeypatch.setattr(driver, "scan_split", lambda path, *a, **k: scanned.append(path) or scan(path, *a, **k))
+    assert cli.main(["data", "make", "digits", "--out", "data/digits"]) == 0  # written beforehand, as the job names it
     rc = cli.main(["run", str(ROOT / "jobs/digits-resnet.yaml"), "--quiet"])
     assert rc == 0, capsys.readouterr()
+    assert len(scanned) == 2, scanned  # each split's data scanned once per run (the CLI's check is reused)
     run_dir = tmp_path / "runs" / "digits-resnet"
     history = read_metrics(run_dir)
     assert max(h["val_accuracy"] for h in history) >= 0.95

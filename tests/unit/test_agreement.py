@@ -46,5 +46,5 @@ def test_an_outlier_batch_on_one_rank_skips_and_then_stops_every_rank(ranks):
 
 @pytest.mark.timeout(120)
 def test_a_stop_asked_by_one_rank_stops_every_rank(ranks):
-    assert ranks[1]["early_stop"].startswith("diverged: metric is nan")
-    assert ranks[0]["early_stop"] == "early stop: another rank asked to stop"
+    assert ranks[1]["early_stop"].diverged and str(ranks[1]["early_stop"]) == "diverged: metric is nan"
+    assert ranks[0]["early_stop"].kind == "early_stop" and str(ranks[0]["early_stop"]) == "early stop: another rank asked to stop"

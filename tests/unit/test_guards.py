@@ -40,7 +40,8 @@ def test_guard_declares_divergence_after_budget():
         st = fake_state(step, 1.0)
         guard.on_batch(st, {})
         guard.before_step(st)
-    assert st.stop_reason.startswith("diverged: 2 consecutive non-finite steps") and "at step 1" in st.stop_reason
+    assert st.stop_reason.diverged and str(st.stop_reason).startswith("diverged: 2 consecutive non-finite steps")
+    assert "at step 1" in st.stop_reason.message
 
 
 def test_guard_restores_bn_buffers_poisoned_by_a_skipped_forward():
@@ -85,7 +86,7 @@ def test_early_stopping_object_sets_stop_reason_single_process():
     es.on_epoch_end(st, {"val_loss": 1.0})
     assert st.stop_reason is None
     es.on_epoch_end(st, {"val_loss": 1.5})
-    assert st.stop_reason.startswith("early stop")
+    assert st.stop_reason.kind == "early_stop" and str(st.stop_reason).startswith("early stop: no improvement")
 
 
 def test_fault_injector_poisons_only_its_rank_and_steps():

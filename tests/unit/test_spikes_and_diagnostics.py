@@ -129,7 +129,7 @@ def test_retry_budget_declares_divergence():
     comps = FakeComps()
     guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="skip", max_recoveries=2), comps)
     st = run_guard(guard, comps, CALM + [50.0, 60.0, 70.0])
-    assert st.stop_reason.startswith("diverged: 3 loss spikes exceeded stability.spike.max_recoveries=2")
+    assert st.stop_reason.diverged and str(st.stop_reason).startswith("diverged: 3 loss spikes exceeded stability.spike.max_recoveries=2")
     assert st.events[-1]["action"] == "stop"
 
 

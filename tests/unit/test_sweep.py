@@ -1,10 +1,10 @@
-import math
+import json
 
 import pytest
 
 from orchestrator.errors import BadInput
 from orchestrator.spec import parse_spec
-from orchestrator.sweep.spec import DivergenceSpec, SweepSpec, check_field_path
+from orchestrator.sweep.spec import DivergenceSpec, check_field_path
 from orchestrator.sweep.stopping import DivergenceStopper, divergence_reason
 from tests.helpers import ROOT
 
@@ -38,6 +38,20 @@ def test_stopper_remembers_first_loss_and_records_reasons(tmp_path):
     assert "t1" in again.reasons
 
 
+def test_a_resumed_sweep_unpickles_a_stopper_that_rereads_the_record(tmp_path):
+    # Tune pickles its RunConfig (the stopper in it) into tuner.pkl at the start and unpickles it on
+    # Tuner.restore: that copy must not forget, nor later overwrite, reasons recorded after it was taken.
+    import pickle
+
+    stopper = DivergenceStopper(DivergenceSpec(loss_threshold=None), "val_accuracy", str(tmp_path / "d.json"))
+    saved_at_start = pickle.dumps(stopper)
+    assert stopper("t1", {"train_loss": float("nan"), "training_iteration": 1})
+    restored = pickle.loads(saved_at_start)
+    assert "t1" in restored.reasons
+    assert restored("t2", {"val_accuracy": float("nan"), "training_iteration": 1})
+    assert set(json.loads((tmp_path / "d.json").read_text())) == {"t1", "t2"}
+
+
 def test_field_paths_are_checked_against_the_job_spec():
     check_field_path("optimizer.lr")
     check_field_path("data.augment.mixup_alpha")
@@ -50,7 +64,8 @@ def test_field_paths_are_checked_against_the_job_spec():
 def test_param_space_uses_tune_distributions():
     from ray import tune
 
-    from orchestrator.sweep.driver import param_space, set_dotted
+    from orchestrator.spec_text import set_dotted
+    from orchestrator.sweep.driver import param_space
     space = param_space({"optimizer.lr": {"loguniform": [1e-4, 1e-1]}, "model.activation": {"choice": ["relu", "silu"]},
                          "data.batch_size": {"grid": [16, 32]}, "optimizer.momentum": {"quniform": [0.5, 0.9, 0.1]}})
     assert isinstance(space["optimizer.lr"], tune.search.sample.Float)

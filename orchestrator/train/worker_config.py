@@ -1,0 +1,30 @@
+"""What the driver hands every Ray Train worker: one typed object instead of an untyped dict.
+
+Ray Train's `train_loop_config` is a dict, so the object travels as its only entry (`{"worker": ...}`);
+the spec inside is the driver's validated `JobSpec` itself, not JSON to validate again on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from orchestrator.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    spec: JobSpec
+    steps_per_epoch: list[int]               # per epoch: agreed by the driver (the curriculum pool grows)
+    progress: Any = None                     # a ray.util.queue.Queue to the driver, or None
+    clock: Any = None                        # the data pipeline's EpochClock actor, or None
+    preprocess: Optional[dict] = None        # standardisation statistics, saved with checkpoints
+    initial_checkpoint: Optional[dict] = None  # {path, filesystem, keep_hyperparameters}: a sweep trial's restore
+    storage: Optional[dict] = None           # {fs, run_path} when the run lives on object storage
+
+    def as_loop_config(self) -> dict:
+        return {"worker": self}
+
+    @staticmethod
+    def of(loop_config: dict) -> "WorkerConfig":
+        return loop_config["worker"]
