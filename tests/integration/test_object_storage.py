@@ -120,6 +120,10 @@ def test_a_missing_bucket_or_a_bad_uri_is_one_line_exit_2_before_anything_starts
         assert cli.main(["run", str(job), "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.count("run.storage_path") == 1 and expected in err, err
+    sweep = sweep_file(tmp_path, digits_dir, "nobucket", [0.1], storage_path=f"s3://no-such-{bucket}/sweeps")
+    assert cli.main(["sweep", str(sweep), "--quiet"]) == 2  # a sweep's own storage_path, before Ray starts
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"storage_path: s3://no-such-{bucket}/sweeps" in err, err
     assert listing(bucket) == []
 
 
