@@ -62,7 +62,8 @@ def _apply_fixed(params, mode: str, max_norm: float, max_value: float, norm: tor
 
 
 class GradClipper:
-    """Safeguard at `after_backward`: AMP unscale, measure, clip by the configured rule."""
+    """Called by `train_step` right after backward: AMP unscale, measure the pre-clip global norm, clip by the
+    configured rule. Its z-score statistics go into checkpoints with the safeguards' state."""
 
     def __init__(self, spec, excluded: set[int] = frozenset(), model: torch.nn.Module | None = None):
         self.spec, self.excluded = spec, excluded  # excluded: ids of the final classifier's params (AGC)
@@ -70,7 +71,7 @@ class GradClipper:
         self.mean = self.var = None  # z-score clipping's EMA of the global norm (device tensors)
         self.seen = 0
 
-    def after_backward(self, state) -> None:
+    def clip(self, state) -> None:
         if state.scaler is not None:
             state.scaler.unscale_(state.optimizer)  # clip true gradients, not loss-scaled ones
         params = [p for p in state.model.parameters() if p.grad is not None]

@@ -43,6 +43,7 @@ class Components:
     state: StepState
     schedule: Schedule
     safeguards: Safeguards
+    clipper: GradClipper  # called by name in train_step; its state travels with the safeguards'
     penalized: list  # parameters under the L1/L2 penalty
     amp_dtype: torch.dtype | None
 
@@ -90,7 +91,8 @@ def build_components(spec: JobSpec, steps_per_epoch: int, device: torch.device, 
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.scaling.amp]
     penalized, _ = split_decay_parameters(model, spec.regularization.exclude_norm_and_bias)
     state = StepState(model=model, optimizer=optimizer, device=device, rank=rank(), scaler=scaler)
-    comps = Components(state, schedule, build_safeguards(spec, model), penalized, amp_dtype)
+    safeguards = build_safeguards(spec, model)
+    comps = Components(state, schedule, safeguards, safeguards.find(GradClipper), penalized, amp_dtype)
     if (spike_guard := comps.safeguards.find(SpikeGuard)) is not None:
         spike_guard.comps = comps  # rollback snapshots and restores the whole training state
     return comps

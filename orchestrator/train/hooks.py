@@ -7,10 +7,10 @@
                                                   NonFiniteGuard: input-scale flag;
                                                   SpikeGuard drops batches after a rollback; then BN buffers saved
             forward, loss (+ L1/L2 penalty)
-            -- after_loss(state)
             backward                              DDP all-reduces gradients here
-            -- after_backward(state)              GradClipper: AMP unscale, norms, clip (norm/value/AGC/z-score);
-                                                  Diagnostics: per-layer norms (sampled)
+            clip                                  GradClipper, called by name: AMP unscale, norms, clip
+                                                  (norm/value/AGC/z-score)
+            -- after_backward(state)              Diagnostics: per-layer norms (sampled)
             agree: ONE all-reduce of [loss*n, n, non-finite, grad norm, input outlier]   (the step's only host sync)
             -- before_step(state)                 NonFiniteGuard: skip / diverged; SpikeGuard: skip, rollback,
                                                   reduce LR, or diverged; FaultInjector: LR spike
@@ -40,7 +40,8 @@ import torch
 from orchestrator.stability.snapshots import restore_buffers, snapshot_buffers
 from orchestrator.stability.stop import StopReason
 
-HOOKS = ("on_batch", "after_loss", "after_backward", "before_step", "after_step", "on_epoch_end", "on_report")
+HOOKS = ("on_batch", "after_backward", "before_step", "after_step", "on_epoch_end", "on_report")
+HOOK_PREFIXES = ("on_", "after_", "before_")
 
 
 @dataclass
@@ -82,6 +83,10 @@ class Safeguards:
     """Calls each hook on every safeguard that has it, in the order given."""
 
     def __init__(self, guards: list[Any]):
+        for g in guards:  # a misspelt hook would silently never run: refuse it when the safeguard is installed
+            for name in dir(g):
+                if name.startswith(HOOK_PREFIXES) and callable(getattr(g, name)) and name not in HOOKS:
+                    raise ValueError(f"{type(g).__name__}.{name} is not a hook (hooks: {', '.join(HOOKS)})")
         self.guards = guards
 
     def on_batch(self, state: StepState, batch: dict) -> Optional[dict]:
@@ -106,6 +111,8 @@ class Safeguards:
         return next((g for g in self.guards if isinstance(g, kind)), None)
 
     def call(self, hook: str, *args) -> None:
+        if hook not in HOOKS:
+            raise ValueError(f"{hook} is not a hook (hooks: {', '.join(HOOKS)})")
         for g in self.guards:
             fn = getattr(g, hook, None)
             if fn is not None:

@@ -77,11 +77,11 @@ def train_step(comps: Components, batch: dict, spec: JobSpec) -> None:
     with torch.autocast(st.device.type, dtype=comps.amp_dtype, enabled=comps.amp_dtype is not None):
         loss = compute_loss(st.model(x).float(), y, spec.loss)
     st.loss = loss.detach()
-    guards.call("after_loss", st)
     total = loss + weight_penalty(comps.penalized, reg.l1, reg.l2)
     (st.scaler.scale(total) if st.scaler else total).backward()
+    comps.clipper.clip(st)  # AMP unscale, the pre-clip global norm (st.grad_norm), then clip by stability.clip
     guards.call("after_backward", st)
-    agree_step(st, len(y))
+    agree_step(st, len(y))  # reads st.grad_norm (clip) and st.batch_outlier (NonFiniteGuard's on_batch)
     guards.decide(st)  # before_step hooks; a skip also puts back the BN statistics this forward wrote
     if not st.skip:
         with lr_scaled(st.optimizer, st.lr_scale):

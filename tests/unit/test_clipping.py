@@ -58,7 +58,7 @@ def test_clipper_unscales_before_clipping_and_records_norm():
     scaler.scale(model.weight.sum() * 0 + torch.tensor([6.0, 8.0]) @ model.weight[0]).backward()  # grad = 1024 x [6, 8]
     assert model.weight.grad.norm().item() == pytest.approx(10240.0)
     state = type("S", (), {"model": model, "optimizer": optimizer, "scaler": scaler, "grad_norm": None, "device": "cpu"})()
-    GradClipper(ClipSpec(mode="norm", max_norm=2.0)).after_backward(state)
+    GradClipper(ClipSpec(mode="norm", max_norm=2.0)).clip(state)
     assert state.grad_norm.item() == pytest.approx(10.0)
     assert model.weight.grad.norm().item() == pytest.approx(2.0, rel=1e-5)
     scaler.step(optimizer)  # the scaler knows this optimizer is unscaled already: no second division
@@ -87,7 +87,7 @@ def test_clipper_excludes_the_classifier_from_agc():
     for p in model.parameters():
         p.grad = torch.full_like(p, 10.0)
     state = type("S", (), {"model": model, "optimizer": None, "scaler": None, "device": "cpu"})()
-    GradClipper(ClipSpec(mode="agc"), {id(p) for p in model[1].parameters()}).after_backward(state)
+    GradClipper(ClipSpec(mode="agc"), {id(p) for p in model[1].parameters()}).clip(state)
     assert model[1].weight.grad.eq(10.0).all() and model[0].weight.grad.abs().max() < 1.0
 
 
@@ -136,10 +136,10 @@ def test_zscore_clipper_state_is_json_and_resumes_where_it_left_off():
 
     clipper = GradClipper(ClipSpec(), model=fresh_state().model)
     for _ in range(3):
-        clipper.after_backward(fresh_state())
+        clipper.clip(fresh_state())
     saved = json.loads(json.dumps(clipper.state_dict()))  # checkpoints keep guard state as plain numbers
     resumed = GradClipper(ClipSpec(), model=fresh_state().model)
     resumed.load_state_dict(saved)
-    clipper.after_backward(fresh_state())
-    resumed.after_backward(fresh_state())
+    clipper.clip(fresh_state())
+    resumed.clip(fresh_state())
     assert resumed.state_dict() == clipper.state_dict() and resumed.seen == 4

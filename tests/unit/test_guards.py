@@ -117,6 +117,24 @@ def test_safeguards_call_hooks_in_order_and_collect_state():
     assert calls[-1] == ("loaded", {"a": 2})
 
 
+def test_a_misspelt_hook_is_refused_when_the_safeguard_is_installed_or_called(tmp_path):
+    class Typo:
+        def before_stpe(self, st): pass
+
+    with pytest.raises(ValueError, match="Typo.before_stpe is not a hook"):
+        Safeguards([Typo()])
+    with pytest.raises(ValueError, match="after_loss is not a hook"):
+        Safeguards([]).call("after_loss", None)
+    # Keel's own safeguards, every one installed, pass
+    from orchestrator.spec import parse_spec
+    from orchestrator.train.components import build_safeguards
+    spec = parse_spec({"model": {"kind": "mlp", "hidden": [8]}, "data": {"train": "t.parquet", "val": "v.parquet",
+                       "shape": [4], "num_classes": 2}, "run": {"name": "hooks", "storage_path": str(tmp_path)},
+                       "stability": {"diagnostics": {"enabled": True}, "spike": {"enabled": True}, "early_stopping": {"enabled": True},
+                                     "remember_bad_batches": True}})
+    assert len(build_safeguards(spec, torch.nn.Linear(4, 2)).guards) == 8
+
+
 def test_a_spike_skip_also_restores_bn_buffers_the_huge_batch_wrote():
     # A 1e4x batch: BN normalizes it in training, so the update is tame, but its forward writes a running
     # variance ~1e8 times too large: evaluation would be ruined for hundreds of steps (measured in the
