@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_jobs)
 
     cluster = sub.add_parser("cluster", help="cluster config").add_subparsers(dest="cluster_command", required=True)
-    cvalidate = cluster.add_parser("validate", help="check a cluster.yaml offline against Ray's schema")
+    cvalidate = cluster.add_parser("validate", help="check a cluster.yaml (Ray's schema) or a KubeRay RayJob offline")
     cvalidate.add_argument("config")
     cvalidate.set_defaults(func=cmd_cluster_validate)
 

@@ -78,7 +78,17 @@ def cmd_jobs(args, console: Console) -> int:
 
 def cmd_cluster_validate(args, console: Console) -> int:
     from orchestrator.cluster.config import validate_cluster_config
+    from orchestrator.cluster.kuberay import is_rayjob, validate_rayjob
+    from orchestrator.spec_text import read_yaml
 
+    tree = read_yaml(args.config)
+    if is_rayjob(tree):  # a KubeRay RayJob (k8s/rayjob.yaml) rather than a cluster-launcher config
+        job = validate_rayjob(args.config, tree).spec
+        groups = ", ".join(f"{g.groupName} {g.minReplicas or 0}-{g.maxReplicas or g.replicas or 0}"
+                           for g in job.rayClusterSpec.workerGroupSpecs)
+        console.print(f"{args.config}: ok (RayJob {tree['metadata']['name']}, Ray {job.rayClusterSpec.rayVersion}, "
+                      f"token auth, worker groups: {groups or 'none'})", highlight=False, soft_wrap=True)
+        return 0
     config = validate_cluster_config(args.config)
     console.print(f"{args.config}: ok (cluster {config['cluster_name']}, node types "
                   f"{', '.join(config['available_node_types'])})", highlight=False)

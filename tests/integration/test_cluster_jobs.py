@@ -198,12 +198,40 @@ def test_cluster_validate_rejects_bad_configs(tmp_path, edit, message):
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_shipped_rayjob_passes_and_typos_or_unsafe_settings_are_refused_in_one_line(tmp_path):
+    # the shipped manifest: a CPU-0 head, a GPU group autoscaling from zero, token auth, cleaned up at the end
+    proc = keel("cluster", "validate", "k8s/rayjob.yaml")
+    assert proc.returncode == 0 and "RayJob keel-digits-resnet" in proc.stdout and "token auth" in proc.stdout, proc.stderr
+    spec = yaml.safe_load((ROOT / "k8s/rayjob.yaml").read_text())["spec"]
+    cluster = spec["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0" and cluster["enableInTreeAutoscaling"]
+    gpu = cluster["workerGroupSpecs"][0]
+    assert gpu["minReplicas"] == 0 and gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert spec["shutdownAfterJobFinishes"] and "keel run" in spec["entrypoint"] and "scaling.address=auto" in spec["entrypoint"]
+    text = (ROOT / "k8s/rayjob.yaml").read_text()
+    for edit, message in [
+        (("        minReplicas: 0", "        minReplica: 0"), "workerGroupSpecs.0.minReplica: unknown field"),
+        (("  shutdownAfterJobFinishes: true", "  shutdownAfterJobFinished: true"), "spec.shutdownAfterJobFinished: unknown field"),
+        (('num-cpus: "0"', "num-cpus: 0"), "rayStartParams.num-cpus: Input should be a valid string"),
+        (("      mode: token", "      mode: disabled"), "authOptions.mode: set it to token"),
+        (("serviceType: ClusterIP", "serviceType: LoadBalancer"), "exposes the dashboard and job API"),
+        (("submissionMode: K8sJobMode", "submissionMode: K8sJob"), "spec.submissionMode: Input should be"),
+        (('rayVersion: "2.60.0"', 'rayVersion: "2.46.0"'), "needs Ray 2.52 or newer"),
+        (("        maxReplicas: 4", "        maxReplicas: four"), "maxReplicas: Input should be a valid integer"),
+    ]:
+        assert edit[0] in text, edit
+        bad = tmp_path / "rayjob.yaml"
+        bad.write_text(text.replace(*edit))
+        proc = keel("cluster", "validate", str(bad))
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (edit, proc.stderr)
+
+
 def test_dockerfile_pins_ray_and_python_and_stays_user_ray():
     text = (ROOT / "Dockerfile").read_text()
     assert "FROM rayproject/ray:2.60.0-py311-gpu" in text
     users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
     assert users and users[-1] == "ray"
-    assert "keel --help" in text
+    assert "RUN keel data make digits --out data/digits" in text  # the CLI runs in the image, and the jobs find their data
     lines = text.splitlines()
     torch_line = next(i for i, line in enumerate(lines) if '"torch==' in line)
     code_line = next(i for i, line in enumerate(lines) if line.startswith("COPY") and " orchestrator " in line)
