@@ -28,7 +28,9 @@ DATA_TASK_CPUS = 0.5  # Ray Data tasks fit beside fractional workers; 1 CPU each
 def make_epoch_clock():
     import ray
 
-    @ray.remote(num_cpus=0)
+    from orchestrator.ray_session import beside_the_driver
+
+    @ray.remote
     class EpochClock:
         def __init__(self):
             self.epoch = 0
@@ -39,7 +41,7 @@ def make_epoch_clock():
         def get(self) -> int:
             return self.epoch
 
-    return EpochClock.remote()
+    return EpochClock.options(**beside_the_driver()).remote()
 
 
 def preprocess_batch(table, *, state: PreprocessState, features: list[str], label: str, difficulty: str | None,

@@ -94,6 +94,7 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str) 
     from ray.util.queue import Empty, Queue
 
     from orchestrator.data.pipeline import make_epoch_clock
+    from orchestrator.ray_session import beside_the_driver
     from orchestrator.spec import JobSpec
     from orchestrator.train.driver import build_trainer, preflight, resolved
 
@@ -106,7 +107,7 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str) 
         initial = {"path": restored.path, "filesystem": restored.filesystem, "keep_hyperparameters": pbt}
         cloned_from = source_trial(restored)
         cloned_from = cloned_from if cloned_from != trial_id else None
-    reports = Queue(actor_options={"num_cpus": 0})
+    reports = Queue(actor_options=beside_the_driver())  # this trial's own process is its driver
     trainer = build_trainer(spec, preflight(spec), None, make_epoch_clock(), callbacks=[ForwardReports(reports)],
                             initial_checkpoint=initial)
     failure: list[BaseException] = []

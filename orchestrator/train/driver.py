@@ -23,7 +23,7 @@ from orchestrator.data.preprocess import PreprocessState, fit_preprocess
 from orchestrator.data.scan import scan_split
 from orchestrator.data.sources import resolve
 from orchestrator.errors import BadInput
-from orchestrator.ray_session import ensure_ray
+from orchestrator.ray_session import beside_the_driver, ensure_ray
 from orchestrator.spec import JobSpec
 from orchestrator.storage import check_storage, download_run, filesystem, is_remote, join, upload_dir
 
@@ -276,7 +276,7 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
     def publish() -> None:  # object storage: the mirror's small files up to the run directory there
         if run_uri:
             upload_dir(run_dir, run_uri)
-    queue = Queue(actor_options={"num_cpus": 0})
+    queue = Queue(actor_options=beside_the_driver())
     done = threading.Event()
 
     def pump() -> None:  # the driver's only thread besides fit(): live view + metrics files

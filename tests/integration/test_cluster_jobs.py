@@ -1,5 +1,6 @@
 """`keel submit` / `keel jobs` against a real head started with `ray start --head` on 127.0.0.1."""
 
+import contextlib
 import json
 import os
 import secrets
@@ -41,10 +42,22 @@ def keel(*args, env=None, timeout=600):
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def head():
-    """A token-authenticated 2-node cluster on this machine: a head with 1 CPU and a second node with 2
-    (`ray start --address`), in their own temp dir; stopped by killing only the processes they started."""
+def cluster_state(address: str, env: dict) -> dict:
+    """The head node's id and every live actor's (class, node), from Ray's state API as a client sees it."""
+    code = ("import json, sys; from ray.util.state import list_actors, list_nodes; a = sys.argv[1]; "
+            "print(json.dumps({'head': next(n.node_id for n in list_nodes(address=a) if n.is_head_node), "
+            "'actors': [(x.class_name, x.node_id) for x in list_actors(address=a, filters=[('state', '=', 'ALIVE')])]}))")
+    proc = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def two_node_cluster(head_cpus: int, node_cpus: int):
+    """A token-authenticated 2-node cluster on this machine: a head and a second node (`ray start --address`),
+    each in its own temp dir; stopped by killing only the processes they started. Yields (address, client env,
+    head temp dir, the second node's marker: kill_processes_with_env(marker) takes that node down alone)."""
     temp_dir = tempfile.mkdtemp(prefix="kh", dir="/tmp")  # short: Ray's socket paths have a length limit
     token = secrets.token_hex(32)
     dash, gcs = free_port(), free_port()
@@ -54,23 +67,33 @@ def head():
                                                              "metrics-export-port", "runtime-env-agent-port")]
     subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
-                    "--num-cpus=1", "--include-dashboard=true", "--disable-usage-stats",
+                    f"--num-cpus={head_cpus}", "--include-dashboard=true", "--disable-usage-stats",
                     f"--ray-client-server-port={free_port()}", *agents()],
                    check=True, env=env, capture_output=True, timeout=120)
     # its own temp dir, as on a real second machine: sharing the head's, its runtime-env agent unpacked the job's
     # working directory over the head's copy and deleted the data the driver had just generated there (seen)
     node_dir = tempfile.mkdtemp(prefix="kn", dir="/tmp")
-    subprocess.run(["ray", "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+    node_marker = f"KEEL_TEST_NODE={secrets.token_hex(8)}"
+    subprocess.run(["ray", "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={node_cpus}",
                     f"--temp-dir={node_dir}", "--disable-usage-stats", *agents()],
-                   check=True, env=env, capture_output=True, timeout=120)
+                   check=True, env={**env, "KEEL_TEST_NODE": node_marker.split("=")[1]}, capture_output=True, timeout=120)
     address = f"http://127.0.0.1:{dash}"
     client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": ""}
     deadline = time.monotonic() + 60
     while keel("jobs", "list", "--address", address, env=client_env).returncode != 0:
         assert time.monotonic() < deadline, "head did not come up"
         time.sleep(1)
-    yield address, client_env, temp_dir
-    kill_processes_with_env(f"RAY_AUTH_TOKEN={token}".encode())
+    try:
+        yield address, client_env, temp_dir, node_marker.encode()
+    finally:
+        kill_processes_with_env(f"RAY_AUTH_TOKEN={token}".encode())
+
+
+@pytest.fixture(scope="module")
+def head():
+    """The cluster the submit tests share: a 1-CPU head and a 2-CPU second node."""
+    with two_node_cluster(1, 2) as (address, client_env, temp_dir, _):
+        yield address, client_env, temp_dir
 
 
 @pytest.mark.timeout(600)
@@ -97,6 +120,38 @@ def test_submit_a_custom_model_job_follows_logs_and_succeeds(head, tmp_path):
     assert status.returncode == 0 and record["status"] == "SUCCEEDED" and record["run"] == "custom-tiny-convnet"
     listing = keel("jobs", "list", "--address", address, env=env)
     assert sid in listing.stdout and "custom-tiny-convnet" in listing.stdout
+
+
+@pytest.mark.timeout(600)
+def test_a_node_lost_mid_run_is_survived_through_max_failures_and_the_run_finishes(tmp_path):
+    """Two nodes (a 3-CPU head, a 2-CPU second node), one rank on each (SPREAD). After two epochs the second
+    node is killed outright (its raylet and every process it started). Ray Train restarts the worker group
+    on what is left (run.max_failures), the workers resume from the last checkpoint, and the run finishes."""
+    with two_node_cluster(3, 2) as (address, env, _, node_marker):
+        run_dir = tmp_path / "node-loss"
+        submit = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "submit", "jobs/digits-resnet.yaml", "run.name=node-loss", "run.epochs=6",
+             f"run.storage_path={tmp_path}", "run.max_failures=2", "scaling.placement_strategy=SPREAD", "--address", address],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while not ((run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2):
+            assert submit.poll() is None and time.monotonic() < deadline, "the run did not get through two epochs"
+            time.sleep(0.5)
+        before = json.loads((run_dir / "placement.json").read_text())
+        assert len({p["node"] for p in before}) == 2, before  # one rank on each node
+        state = cluster_state(address, env)
+        killed_node = {p["node"] for p in before} - {state["head"]}
+        helpers = [node for name, node in state["actors"] if "Queue" in name or "EpochClock" in name]
+        assert helpers and set(helpers) == {state["head"]}, state  # the driver's helpers live beside it, on the head
+        kill_processes_with_env(node_marker)
+        output, _ = submit.communicate(timeout=400)
+        assert submit.returncode == 0 and "SUCCEEDED" in output, output[-4000:]
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        resumed = [h for h in history if h.get("resumed_from")]
+        assert len(resumed) == 1 and resumed[0]["epoch"] >= 1, ([h["epoch"] for h in history], output[-3000:])  # from a checkpoint, not scratch
+        assert history[-1]["epoch"] == 5 and history[-1]["val_accuracy"] >= 0.9
+        after = json.loads((run_dir / "placement.json").read_text())
+        assert sorted(p["rank"] for p in after) == [0, 1] and not {p["node"] for p in after} & killed_node, after
 
 
 @pytest.mark.timeout(300)
