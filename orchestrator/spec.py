@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import BadInput
 from orchestrator.spec_text import apply_overrides, read_yaml  # noqa: F401 (re-exported: callers load specs from here)
@@ -212,14 +212,37 @@ class StabilitySpec(Section):
 
 
 class ScalingSpec(Section):
-    num_workers: int = doc(2, "Data-parallel worker processes (one per GPU with use_gpu).", ge=1)
+    num_workers: Union[int, list[int]] = doc(2, "Data-parallel worker processes (one per GPU with use_gpu); [min, max]: elastic, Ray Train starts with what the cluster can give (at least min) and grows toward max as nodes join (a resize restarts the workers from the last checkpoint).")
     use_gpu: bool = doc(False, "Train on GPUs with nccl; otherwise CPUs with gloo.")
     cpus_per_worker: Optional[float] = doc(None, "CPUs reserved per worker. Default 1, shared out on a smaller machine or cluster so that one CPU always stays free for Ray Data's tasks; an explicit value that leaves less is refused (locally at once, on a cluster after scaling.resource_wait_s).", gt=0)
     amp: Literal["none", "bf16", "fp16"] = doc("none", "Mixed precision (fp16 uses a GradScaler; clipping happens after unscale).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = doc("PACK", "How Ray places the workers on nodes: PACK (fewest nodes, Ray's default), SPREAD (across nodes where possible), STRICT_SPREAD (one worker per node), STRICT_PACK (one node).")
     address: Optional[str] = doc(None, "Ray cluster address ('auto' inside a cluster); empty = start an embedded local Ray.")
     collective_timeout_s: int = doc(300, "gloo/nccl timeout: a dead peer fails the run after this many seconds, not 30 minutes.", ge=10)
+    resize_check_s: float = doc(60.0, "Elastic runs: how often Ray Train looks for room to grow the worker group (Ray's elastic_resize_monitor_interval_s).", gt=0)
     resource_wait_s: float = doc(120.0, "How long to wait for the cluster to offer the workers' CPUs/GPUs (Keel asks the autoscaler for them) before failing with a clear message.", ge=0)
+
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, n):
+        if isinstance(n, list) and (len(n) != 2 or not 1 <= n[0] <= n[1]):
+            raise ValueError(f"{n}; give a count, or [min, max] with 1 <= min <= max")
+        if isinstance(n, int) and n < 1:
+            raise ValueError(f"{n}; at least 1")
+        return n
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
 
 
 class RunSpec(Section):
@@ -283,7 +306,7 @@ class JobSpec(Section):
         for i, fault in enumerate(self.faults):
             if fault.kind == "scale_weights" and not fault.layer:
                 raise ValueError(f"faults.{i}.layer: scale_weights needs a parameter-name prefix")
-            if fault.rank >= self.scaling.num_workers:
+            if fault.rank >= self.scaling.min_workers:
                 raise ValueError(f"faults.{i}.rank: {fault.rank} but scaling.num_workers is {self.scaling.num_workers}")
         return self
 

@@ -32,7 +32,7 @@ def check_spec(spec: JobSpec) -> JobSpec:
     spec.scaling.address, spec.scaling.use_gpu = None, False
     if spec.scaling.amp == "fp16":
         spec.scaling.amp = "none"  # fp16 needs a GPU; its loss scaling is per-run, not a sync question
-    spec.scaling.num_workers = max(2, spec.scaling.num_workers)
+    spec.scaling.num_workers = max(2, spec.scaling.max_workers)
     spec.faults = []
     return spec
 

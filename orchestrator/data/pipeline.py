@@ -96,7 +96,7 @@ def build_datasets(spec, plan, clock=None, num_blocks: int | None = None) -> dic
     # blocks (8k 3x32x32 images, augmented: 2 blocks 20k samples/s, 16 blocks 10k/s, 32 blocks 6k/s).
     # A fixed count also keeps block boundaries, and so the per-block seeds, deterministic.
     train_bytes = max(plan.train_rows, 1) * math.prod(data.shape) * 4
-    blocks = num_blocks or min(256, max(spec.scaling.num_workers, math.ceil(train_bytes / BLOCK_BYTES)))
+    blocks = num_blocks or min(256, max(spec.scaling.max_workers, math.ceil(train_bytes / BLOCK_BYTES)))
     curriculum = data.curriculum.enabled
     out = {}
     for split in ("train", "val"):

@@ -24,6 +24,7 @@ from orchestrator.data.scan import scan_split
 from orchestrator.data.sources import resolve
 from orchestrator.errors import BadInput
 from orchestrator.ray_session import beside_the_driver, ensure_ray
+from orchestrator.train.worker_config import steps_for
 from orchestrator.spec import JobSpec
 from orchestrator.storage import check_storage, download_run, filesystem, is_remote, join, upload_dir
 
@@ -38,6 +39,7 @@ class Plan:
     preprocess: Optional[PreprocessState] = None
     curriculum_limits: Optional[list[float]] = None
     dropped_rows: dict = field(default_factory=dict)  # split -> rows dropped (data.on_bad_rows: drop)
+    epoch_rows: list[int] = field(default_factory=list)  # training rows per epoch: steps follow the actual world size
 
 
 @dataclass
@@ -99,17 +101,17 @@ def preflight(spec: JobSpec, generate: bool = True) -> Plan:
         GENERATORS[data.generate](Path(data.train).parent)
     local = scaling.address is None
     cpus = os.cpu_count() or 1
-    if local and scaling.num_workers > cpus:
+    if local and scaling.min_workers > cpus:
         raise BadInput(f"scaling.num_workers: {scaling.num_workers} workers but this machine has {cpus} CPUs "
                        "(lower it, or set scaling.address to run on a cluster)")
     if local and scaling.use_gpu:
         import torch
-        if torch.cuda.device_count() < scaling.num_workers:
+        if torch.cuda.device_count() < scaling.min_workers:
             raise BadInput(f"scaling.use_gpu: {scaling.num_workers} GPU workers but this machine has "
                            f"{torch.cuda.device_count()} GPUs")
     cpus_per_worker = fit_cpus_per_worker(spec, cpus) if local else (scaling.cpus_per_worker or 1.0)  # a cluster: fitted later
     if cpus_per_worker is None:
-        raise BadInput(f"scaling.cpus_per_worker: {scaling.num_workers} workers x {scaling.cpus_per_worker or MIN_CPUS_PER_WORKER:g} "
+        raise BadInput(f"scaling.cpus_per_worker: {scaling.min_workers} workers x {scaling.cpus_per_worker or MIN_CPUS_PER_WORKER:g} "
                        f"CPUs leave less than {DATA_RESERVE_CPUS:g} of this machine's {cpus} CPUs for Ray Data's tasks "
                        "(the run would wait for data forever); lower it or the workers")
     if missing and not generate:
@@ -136,14 +138,14 @@ def preflight(spec: JobSpec, generate: bool = True) -> Plan:
         scores = np.asarray(scans["train"].extra["score" if cur.checkpoint else cur.score], dtype=np.float64)
         limits = curriculum_thresholds(scores, data.curriculum, spec.run.epochs)
         pools = [min(usable, n) for n in pool_sizes(scores, limits)]
-    steps = [(pool // scaling.num_workers) // data.batch_size for pool in pools]
-    if steps[-1] == 0:
-        raise BadInput(f"data.batch_size: {data.batch_size} x {scaling.num_workers} workers is more than the "
+    steps = steps_for(pools, scaling.min_workers, data.batch_size)
+    if steps_for(pools, scaling.max_workers, data.batch_size)[-1] == 0:
+        raise BadInput(f"data.batch_size: {data.batch_size} x {scaling.max_workers} workers is more than the "
                        f"{usable} usable training rows in {data.train}")
-    if min(steps) == 0:
+    if min(steps_for(pools, scaling.max_workers, data.batch_size)) == 0:
         raise BadInput(f"data.curriculum.start_fraction: the first epochs' pool is smaller than one global batch "
-                       f"({data.batch_size} x {scaling.num_workers})")
-    return Plan(scans["train"].rows, scans["val"].rows, steps, cpus_per_worker, preprocess, limits, dropped)
+                       f"({data.batch_size} x {scaling.max_workers})")
+    return Plan(scans["train"].rows, scans["val"].rows, steps, cpus_per_worker, preprocess, limits, dropped, pools)
 
 
 def resolved(spec: JobSpec) -> JobSpec:
@@ -168,15 +170,16 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: 
     if is_remote(storage_path):  # the resolved filesystem (endpoint included) travels to Ray Train and the workers
         storage_fs, storage_path = filesystem(spec.run.storage_path)
         storage = {"fs": storage_fs, "run_path": join(storage_path, spec.run.name)}
-    resources = {"CPU": plan.cpus_per_worker}
+    s, resources = spec.scaling, {"CPU": plan.cpus_per_worker}
     if spec.scaling.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=WorkerConfig(spec, plan.steps_per_epoch, progress_queue, clock, plan.preprocess.to_dict(),
+        train_loop_config=WorkerConfig(spec, plan.epoch_rows, progress_queue, clock, plan.preprocess.to_dict(),
                                        initial_checkpoint, storage).as_loop_config(),
-        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-                                     resources_per_worker=resources, placement_strategy=spec.scaling.placement_strategy),
+        scaling_config=ScalingConfig(num_workers=(s.min_workers, s.max_workers) if s.elastic else s.min_workers,
+                                     use_gpu=s.use_gpu, resources_per_worker=resources, placement_strategy=s.placement_strategy,
+                                     elastic_resize_monitor_interval_s=s.resize_check_s),
         run_config=RunConfig(name=spec.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
@@ -211,7 +214,7 @@ def fit_cpus_per_worker(spec: JobSpec, total_cpus: float) -> Optional[float]:
     """CPUs per worker that leave DATA_RESERVE_CPUS free for the data pipeline, or None if none fit.
     An explicit scaling.cpus_per_worker is kept or refused; the default is 1, shared out when the
     cluster is smaller (N workers on a 2-CPU machine get (2 - 1) / N each)."""
-    workers, wanted = spec.scaling.num_workers, spec.scaling.cpus_per_worker
+    workers, wanted = spec.scaling.min_workers, spec.scaling.cpus_per_worker
     if wanted is not None:
         return wanted if workers * wanted + DATA_RESERVE_CPUS <= total_cpus + 1e-9 else None
     share = min(1.0, (total_cpus - DATA_RESERVE_CPUS) / workers)
@@ -226,7 +229,7 @@ def wait_for_resources(spec: JobSpec, plan: Plan) -> None:
 
     import ray
 
-    need_gpu = spec.scaling.num_workers if spec.scaling.use_gpu else 0
+    need_gpu = spec.scaling.min_workers if spec.scaling.use_gpu else 0
     local = spec.scaling.address is None
     deadline = time.monotonic() + (0 if local else spec.scaling.resource_wait_s)
     requested = False
@@ -240,12 +243,13 @@ def wait_for_resources(spec: JobSpec, plan: Plan) -> None:
             from ray.autoscaler.sdk import request_resources
 
             per_worker = {"CPU": spec.scaling.cpus_per_worker or 1.0, **({"GPU": 1} if need_gpu else {})}
-            request_resources(bundles=[per_worker] * spec.scaling.num_workers + [{"CPU": DATA_RESERVE_CPUS}])
+            # the most the run can use: an elastic run asks for its max and starts with what arrives
+            request_resources(bundles=[per_worker] * spec.scaling.max_workers + [{"CPU": DATA_RESERVE_CPUS}])
             requested = True
         if time.monotonic() >= deadline:
             per = spec.scaling.cpus_per_worker or MIN_CPUS_PER_WORKER
-            need_cpu = spec.scaling.num_workers * per + DATA_RESERVE_CPUS
-            raise BadInput(f"scaling: {spec.scaling.num_workers} workers need {need_cpu:g} CPUs ({per:g} each"
+            need_cpu = spec.scaling.min_workers * per + DATA_RESERVE_CPUS
+            raise BadInput(f"scaling: {spec.scaling.min_workers} workers need {need_cpu:g} CPUs ({per:g} each"
                            f"{'' if spec.scaling.cpus_per_worker else ' at least'} + {DATA_RESERVE_CPUS:g} for Ray Data's tasks) "
                            f"and {need_gpu} GPUs but the cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs "
                            + ("(the local machine)" if local else f"(waited {spec.scaling.resource_wait_s:g} s, scaling.resource_wait_s)"))

@@ -22,7 +22,7 @@ from orchestrator.train.meters import EpochMeter, ProgressSender
 from orchestrator.train.losses import compute_loss
 from orchestrator.train.resume import resume
 from orchestrator.train.optim import weight_penalty
-from orchestrator.train.worker_config import WorkerConfig
+from orchestrator.train.worker_config import WorkerConfig, steps_for
 
 
 def to_inputs(batch: dict, data_spec, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +141,8 @@ def stability_report(comps: Components, events: list[dict], metrics: dict) -> di
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point; `loop_config` carries one WorkerConfig (see train/worker_config.py)."""
     config = WorkerConfig.of(loop_config)
-    spec, steps_per_epoch, world, clock = config.spec, config.steps_per_epoch, world_size(), config.clock
+    spec, world, clock = config.spec, world_size(), config.clock
+    steps_per_epoch = steps_for(config.epoch_rows, world, spec.data.batch_size)  # an elastic run: this group's size
     comps = build_components(spec, max(steps_per_epoch), ray.train.torch.get_device(), ray.train.torch.prepare_model)
     st, guards = comps.state, comps.safeguards
     progress = ProgressSender(config.progress, st.rank)
@@ -177,7 +178,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                               grad_norm=st.grad_norm_value, grad_norm_post_clip=post, lr=st.optimizer.param_groups[0]["lr"])
 
         metrics = {"epoch": epoch, "step": st.step, **meter.summary(), **evaluate(comps, val_shard, spec),
-                   "lr": st.optimizer.param_groups[0]["lr"]}
+                   "lr": st.optimizer.param_groups[0]["lr"], "world_size": world}
         if resumed and epoch == start_epoch:
             metrics["resumed_from"] = resumed  # {checkpoint, weight fingerprint, ranks}: also for sweep trials
         comps.schedule.epoch_end(metrics["val_loss"], warmup_done=epoch + 1 >= spec.schedule.warmup_epochs)

@@ -15,7 +15,7 @@ from orchestrator.spec import JobSpec
 @dataclass(frozen=True)
 class WorkerConfig:
     spec: JobSpec
-    steps_per_epoch: list[int]               # per epoch: agreed by the driver (the curriculum pool grows)
+    epoch_rows: list[int]                    # training rows per epoch (the curriculum pool grows); steps follow the world size
     progress: Any = None                     # a ray.util.queue.Queue to the driver, or None
     clock: Any = None                        # the data pipeline's EpochClock actor, or None
     preprocess: Optional[dict] = None        # standardisation statistics, saved with checkpoints
@@ -28,3 +28,9 @@ class WorkerConfig:
     @staticmethod
     def of(loop_config: dict) -> "WorkerConfig":
         return loop_config["worker"]
+
+
+def steps_for(epoch_rows: list[int], world: int, batch_size: int) -> list[int]:
+    """Optimizer steps per epoch: every rank takes the same number (its shard of the rows, whole batches only).
+    Computed by the driver for its checks and by the workers for the world size they actually have."""
+    return [(rows // world) // batch_size for rows in epoch_rows]

@@ -54,10 +54,11 @@ def cluster_state(address: str, env: dict) -> dict:
 
 
 @contextlib.contextmanager
-def two_node_cluster(head_cpus: int, node_cpus: int):
+def two_node_cluster(head_cpus: int, node_cpus: int, second_node_now: bool = True):
     """A token-authenticated 2-node cluster on this machine: a head and a second node (`ray start --address`),
     each in its own temp dir; stopped by killing only the processes they started. Yields (address, client env,
-    head temp dir, the second node's marker: kill_processes_with_env(marker) takes that node down alone)."""
+    head temp dir, the second node's marker: kill_processes_with_env(marker) takes that node down alone,
+    a function that starts the second node: at once, or later when second_node_now is False)."""
     temp_dir = tempfile.mkdtemp(prefix="kh", dir="/tmp")  # short: Ray's socket paths have a length limit
     token = secrets.token_hex(32)
     dash, gcs = free_port(), free_port()
@@ -72,11 +73,15 @@ def two_node_cluster(head_cpus: int, node_cpus: int):
                    check=True, env=env, capture_output=True, timeout=120)
     # its own temp dir, as on a real second machine: sharing the head's, its runtime-env agent unpacked the job's
     # working directory over the head's copy and deleted the data the driver had just generated there (seen)
-    node_dir = tempfile.mkdtemp(prefix="kn", dir="/tmp")
     node_marker = f"KEEL_TEST_NODE={secrets.token_hex(8)}"
-    subprocess.run(["ray", "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={node_cpus}",
-                    f"--temp-dir={node_dir}", "--disable-usage-stats", *agents()],
-                   check=True, env={**env, "KEEL_TEST_NODE": node_marker.split("=")[1]}, capture_output=True, timeout=120)
+
+    def start_second_node() -> None:
+        node_dir = tempfile.mkdtemp(prefix="kn", dir="/tmp")
+        subprocess.run(["ray", "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={node_cpus}",
+                        f"--temp-dir={node_dir}", "--disable-usage-stats", *agents()],
+                       check=True, env={**env, "KEEL_TEST_NODE": node_marker.split("=")[1]}, capture_output=True, timeout=120)
+    if second_node_now:
+        start_second_node()
     address = f"http://127.0.0.1:{dash}"
     client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": ""}
     deadline = time.monotonic() + 60
@@ -84,7 +89,7 @@ def two_node_cluster(head_cpus: int, node_cpus: int):
         assert time.monotonic() < deadline, "head did not come up"
         time.sleep(1)
     try:
-        yield address, client_env, temp_dir, node_marker.encode()
+        yield address, client_env, temp_dir, node_marker.encode(), start_second_node
     finally:
         kill_processes_with_env(f"RAY_AUTH_TOKEN={token}".encode())
 
@@ -92,7 +97,7 @@ def two_node_cluster(head_cpus: int, node_cpus: int):
 @pytest.fixture(scope="module")
 def head():
     """The cluster the submit tests share: a 1-CPU head and a 2-CPU second node."""
-    with two_node_cluster(1, 2) as (address, client_env, temp_dir, _):
+    with two_node_cluster(1, 2) as (address, client_env, temp_dir, _, _):
         yield address, client_env, temp_dir
 
 
@@ -127,7 +132,7 @@ def test_a_node_lost_mid_run_is_survived_through_max_failures_and_the_run_finish
     """Two nodes (a 3-CPU head, a 2-CPU second node), one rank on each (SPREAD). After two epochs the second
     node is killed outright (its raylet and every process it started). Ray Train restarts the worker group
     on what is left (run.max_failures), the workers resume from the last checkpoint, and the run finishes."""
-    with two_node_cluster(3, 2) as (address, env, _, node_marker):
+    with two_node_cluster(3, 2) as (address, env, _, node_marker, _):
         run_dir = tmp_path / "node-loss"
         submit = subprocess.Popen(
             [sys.executable, "-m", "orchestrator", "submit", "jobs/digits-resnet.yaml", "run.name=node-loss", "run.epochs=6",
@@ -152,6 +157,41 @@ def test_a_node_lost_mid_run_is_survived_through_max_failures_and_the_run_finish
         assert history[-1]["epoch"] == 5 and history[-1]["val_accuracy"] >= 0.9
         after = json.loads((run_dir / "placement.json").read_text())
         assert sorted(p["rank"] for p in after) == [0, 1] and not {p["node"] for p in after} & killed_node, after
+
+
+def epochs_done(run_dir) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.timeout(600)
+def test_an_elastic_run_starts_with_what_there_is_and_grows_when_a_node_joins(tmp_path):
+    """scaling.num_workers: [1, 2] with 2 CPUs a worker on a 3-CPU head: one worker fits (a CPU stays for Ray
+    Data), so the run starts with one. A second node joins after the first epoch; at Ray Train's next resize
+    check the group restarts with two workers from the last checkpoint, and the run finishes on both nodes."""
+    with two_node_cluster(3, 2, second_node_now=False) as (address, env, _, _, start_second_node):
+        run_dir = tmp_path / "elastic"
+        submit = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "submit", "jobs/digits-resnet.yaml", "run.name=elastic", "run.epochs=8",
+             f"run.storage_path={tmp_path}", "scaling.num_workers=[1,2]", "scaling.cpus_per_worker=2",
+             "scaling.resize_check_s=5", "--address", address],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while not epochs_done(run_dir):
+            assert submit.poll() is None and time.monotonic() < deadline, "the run did not get through an epoch"
+            time.sleep(0.5)
+        assert epochs_done(run_dir)[0]["world_size"] == 1  # started with the one worker that fits
+        start_second_node()
+        output, _ = submit.communicate(timeout=420)
+        assert submit.returncode == 0 and "SUCCEEDED" in output, output[-4000:]
+        history = epochs_done(run_dir)
+        sizes = [h["world_size"] for h in history]
+        assert sizes[0] == 1 and sizes[-1] == 2 and sizes == sorted(sizes), sizes  # grew once, never shrank
+        grown = next(h for h in history if h["world_size"] == 2)
+        assert grown.get("resumed_from") and grown["resumed_from"]["ranks"] == 2, grown  # from the checkpoint, on both
+        assert history[-1]["epoch"] == 7 and history[-1]["val_accuracy"] >= 0.9 and history[-1]["replica_drift"] == 0.0
+        placement = json.loads((run_dir / "placement.json").read_text())
+        assert sorted(p["rank"] for p in placement) == [0, 1] and len({p["node"] for p in placement}) == 2, placement
 
 
 @pytest.mark.timeout(300)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -95,10 +97,22 @@ def test_every_field_is_documented():
     ({"faults": [{"kind": "nan_batch", "at_step": 1, "rank": 2}]}, "faults.0.rank"),
     ({"model": {"dropout": 1.5}}, "model.dropout"),
     ({"optimizer": {"momentum": 1.0}}, "optimizer.momentum"),
+    ({"scaling": {"num_workers": [3, 2]}}, "scaling.num_workers: [3, 2]; give a count, or [min, max]"),
+    ({"scaling": {"num_workers": [1, 2, 3]}}, "scaling.num_workers: [1, 2, 3]"),
+    ({"scaling": {"num_workers": 0}}, "scaling.num_workers: 0; at least 1"),
 ])
 def test_invalid_combinations_name_the_field(patch, message):
-    with pytest.raises(BadInput, match=message.replace(".", r"\.")):
+    with pytest.raises(BadInput, match=re.escape(message)):
         parse_spec({**MINIMAL, **patch}, "job.yaml")
+
+
+def test_an_elastic_worker_range_from_yaml_or_an_override():
+    spec = parse_spec({**MINIMAL, "scaling": {"num_workers": [1, 4]}}, "job.yaml")
+    assert (spec.scaling.min_workers, spec.scaling.max_workers, spec.scaling.elastic) == (1, 4, True)
+    fixed = parse_spec(apply_overrides({**MINIMAL}, ["scaling.num_workers=3"]), "job.yaml").scaling
+    assert (fixed.min_workers, fixed.max_workers, fixed.elastic) == (3, 3, False)
+    ranged = parse_spec(apply_overrides({**MINIMAL}, ["scaling.num_workers=[2,3]"]), "job.yaml").scaling
+    assert ranged.num_workers == [2, 3]
 
 
 def test_error_is_one_line_with_source():
