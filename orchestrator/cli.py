@@ -60,7 +60,8 @@ def cmd_sweep(args, console: Console) -> int:
     from orchestrator.storage import check_storage, is_remote
     if is_remote(sweep.storage_path):  # the URI, the endpoint, the bucket: before Ray or any trial starts
         check_storage(sweep.storage_path, "storage_path")
-    preflight(parse_spec(base, args.sweep), generate=True)  # the base job's data, before any trial or Ray starts
+    base_spec = parse_spec(base, args.sweep)
+    base_plan = preflight(base_spec, generate=True)  # the base job's data, before any trial or Ray starts; trials reuse its scan
     from orchestrator.sweep.driver import logger_callbacks, run_sweep
     logger_callbacks(sweep)  # a missing mlflow/wandb is bad input, found before the sweep starts
     live = Live(console=console, auto_refresh=False) if console.is_terminal and not args.quiet else None
@@ -76,7 +77,7 @@ def cmd_sweep(args, console: Console) -> int:
     if live is not None:
         live.start()
     try:
-        outcome = run_sweep(sweep, base, on_result=show)
+        outcome = run_sweep(sweep, base, on_result=show, base_spec=base_spec, base_plan=base_plan)
     finally:
         if live is not None:
             live.stop()

@@ -24,12 +24,13 @@ from orchestrator.errors import BadInput
 def load_scorer(checkpoint_dir: str):
     from orchestrator.models import build_model
     from orchestrator.spec import JobSpec
+    from orchestrator.train.checkpointing import CONFIG_FILE, STATE_FILE, read_payload
 
     directory = Path(checkpoint_dir)
-    if not (directory / "state.pt").is_file() or not (directory / "config.yaml").is_file():
-        raise BadInput(f"data.curriculum.checkpoint: {checkpoint_dir}: not a Keel checkpoint (needs state.pt and config.yaml)")
-    spec = JobSpec.model_validate(yaml.safe_load((directory / "config.yaml").read_text()))
-    payload = torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
+    if not (directory / STATE_FILE).is_file() or not (directory / CONFIG_FILE).is_file():
+        raise BadInput(f"data.curriculum.checkpoint: {checkpoint_dir}: not a Keel checkpoint (needs {STATE_FILE} and {CONFIG_FILE})")
+    spec = JobSpec.model_validate(yaml.safe_load((directory / CONFIG_FILE).read_text()))
+    payload = read_payload(directory)
     model = build_model(spec.model, spec.data)
     model.load_state_dict(payload["model"])
     model.eval()

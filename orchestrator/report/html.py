@@ -11,7 +11,7 @@ import yaml
 from orchestrator.errors import BadInput
 from orchestrator.report import plots
 from orchestrator.report.console import fmt
-from orchestrator.report.metrics import read_metrics, read_stability, read_steps
+from orchestrator.train.run_files import read_metrics, read_stability, read_steps
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
 body{{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}} h1{{font-size:1.4em}}

@@ -15,7 +15,6 @@ from typing import Optional
 
 import torch
 
-from orchestrator.models import unwrap
 
 
 def _to_cpu(obj):
@@ -42,28 +41,21 @@ def restore_buffers(model: torch.nn.Module, saved: list[torch.Tensor]) -> None:
         buffer.copy_(before)
 
 
-def capture(comps) -> dict:
-    st = comps.state
-    return _to_cpu({"model": unwrap(st.model).state_dict(), "optimizer": st.optimizer.state_dict(),
-                    "schedule": comps.schedule.state_dict(),
-                    "scaler": st.scaler.state_dict() if st.scaler is not None else None})
+def capture(state) -> dict:
+    """A CPU copy of the step state's training state (model, optimizer, schedule, scaler)."""
+    return _to_cpu(state.training_state())
 
 
-def restore(comps, snap: dict) -> None:
-    st = comps.state
-    unwrap(st.model).load_state_dict(snap["model"])  # copies into the live tensors DDP already tracks
-    st.optimizer.load_state_dict(snap["optimizer"])
-    comps.schedule.load_state_dict(snap["schedule"])
-    if st.scaler is not None and snap["scaler"] is not None:
-        st.scaler.load_state_dict(snap["scaler"])
+def restore(state, snap: dict) -> None:
+    state.load_training_state(snap)
 
 
 class SnapshotRing:
     def __init__(self, size: int = 3):
         self.ring: deque[tuple[int, dict]] = deque(maxlen=size)
 
-    def add(self, step: int, comps) -> None:
-        self.ring.append((step, capture(comps)))
+    def add(self, step: int, state) -> None:
+        self.ring.append((step, capture(state)))
 
     def pick(self, before_step: int, min_age: int) -> Optional[tuple[int, dict]]:
         """The newest snapshot at least `min_age` steps before `before_step` (else the oldest);

@@ -78,10 +78,10 @@ CONFIRM_STEPS = 5  # a second loss spike this soon after a lone one confirms it
 
 
 class SpikeGuard:
-    def __init__(self, spec, comps=None):
+    def __init__(self, spec):
         self.spec = spec
         self.detector = SpikeDetector(spec.window, spec.z_loss, spec.z_grad, spec.warmup_steps)
-        self.comps, self.ring = comps, SnapshotRing(spec.snapshots)
+        self.ring = SnapshotRing(spec.snapshots)
         self.skip_batches = 0
         self.recent: list[int] = []  # steps of the recoveries inside the budget's window
         self.lr_factor, self.rewarm_start = 1.0, None
@@ -90,7 +90,7 @@ class SpikeGuard:
 
     def on_batch(self, state, batch):
         if self.spec.action == "rollback" and not self.ring.ring:
-            self.ring.add(state.step, self.comps)  # where the run started: fresh init or its checkpoint
+            self.ring.add(state.step, state)  # where the run started: fresh init or its checkpoint
         if self.skip_batches > 0:  # after a rollback: every rank drops the same batches
             self.skip_batches -= 1
             self.counts["batches_skipped"] += 1
@@ -104,7 +104,7 @@ class SpikeGuard:
         trigger, z = self.detector.check(state.global_loss, state.grad_norm_value)
         if trigger is None:
             if self.spec.action == "rollback" and state.step % self.spec.snapshot_every == 0 and state.step > 0:
-                self.ring.add(state.step, self.comps)
+                self.ring.add(state.step, state)
             return
         self.counts["spikes"] += 1
         state.skip = True
@@ -128,7 +128,7 @@ class SpikeGuard:
                                          f"{self.spec.max_recoveries} within {self.spec.window} steps (last at step {state.step}, z={z:.1f})")
         elif self.spec.action == "rollback":
             to_step, snap = self.ring.pick(state.step, self.spec.snapshot_every)
-            restore(self.comps, snap)
+            restore(state, snap)
             state.buffers_before = []  # the snapshot brought its own BN statistics: keep those
             self.skip_batches = self.spec.rollback_skip_batches
             self.counts["rollbacks"] += 1

@@ -149,10 +149,9 @@ def markdown_table(summary: dict) -> str:
 
 
 def step_losses(run_dir: str) -> tuple[list[int], list[float]]:
-    path = Path(run_dir) / "steps.jsonl"
-    if not path.exists():
-        return [], []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from orchestrator.train.run_files import read_steps
+
+    rows = read_steps(Path(run_dir))
     return [r["global_step"] for r in rows], [r["loss"] if finite(r["loss"]) else math.nan for r in rows]
 
 

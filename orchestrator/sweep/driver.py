@@ -108,7 +108,10 @@ def tune_storage(exp_dir: str | Path) -> tuple[str, object]:
     return str(exp_dir), None
 
 
-def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[TrialRow]], None] = lambda rows: None) -> SweepOutcome:
+def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[TrialRow]], None] = lambda rows: None,
+              base_spec=None, base_plan=None) -> SweepOutcome:
+    """base_spec / base_plan: the base job as the CLI already parsed and checked it (its data scanned once:
+    trials reuse the scan unless they search fields that change it)."""
     from ray import tune
 
     from orchestrator.sweep.stopping import DivergenceStopper
@@ -122,15 +125,18 @@ def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[Trial
     divergence.loss_threshold = loss_threshold(sweep, base_tree["data"]["num_classes"])
     # PBT: diverged trials are recorded, not stopped; they report the worst score and PBT clones over them
     stopper = DivergenceStopper(divergence, sweep.metric, join(str(exp_dir), DIVERGED_FILE), stop=sweep.scheduler.kind != "pbt")
+    from orchestrator.spec import JobSpec
+
+    base_spec = base_spec or JobSpec.model_validate(base_tree)
     trainable = tune.with_parameters(run_trial, base_tree=base_tree, sweep_json=sweep.model_dump(mode="json"),
-                                     trials_dir=join(str(exp_dir), "trials"))
+                                     trials_dir=join(str(exp_dir), "trials"), base_plan=base_plan)
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_CPU})
     LIVE_HANDLERS[sweep.name] = on_result
     if tune.Tuner.can_restore(path, storage_filesystem=fs):  # an interrupted sweep: resume it
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=False, storage_filesystem=fs)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space(sweep.search), tune_config=tune.TuneConfig(
-            metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=make_scheduler(sweep, base_tree.get("run", {}).get("epochs", 10)),
+            metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=make_scheduler(sweep, base_spec.run.epochs),
             max_concurrent_trials=sweep.max_concurrent_trials, time_budget_s=sweep.time_budget_s),
             run_config=tune.RunConfig(name=sweep.name, storage_path=path.rsplit("/", 1)[0], storage_filesystem=fs, stop=stopper,
                                       callbacks=[LiveRows(sweep.name, stopper, sweep.metric), *logger_callbacks(sweep)],

@@ -89,7 +89,20 @@ def fingerprint_of(checkpoint) -> str:
         return state_fingerprint(read_payload(directory)["model"])
 
 
-def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str) -> None:
+# Searched fields that leave the data scan as it is (rows, checks, preprocessing statistics, epoch pools):
+# a trial that searches only these, and fields outside data., reuses the base job's scan.
+SCAN_FREE = ("data.batch_size", "data.shuffle_buffer", "data.prefetch_batches", "data.augment.")
+
+
+def reuses_scan(config: dict) -> bool:
+    def free(path: str) -> bool:
+        if path == "data.augment.soft_labels":  # changes the preprocessing fitted on the labels
+            return False
+        return not path.startswith("data.") or any(path == f or (f.endswith(".") and path.startswith(f)) for f in SCAN_FREE)
+    return "run.epochs" not in config and all(free(path) for path in config)
+
+
+def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, base_plan=None) -> None:
     from ray import tune
     from ray.util.queue import Empty, Queue
 
@@ -108,7 +121,8 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str) 
         cloned_from = source_trial(restored)
         cloned_from = cloned_from if cloned_from != trial_id else None
     reports = Queue(actor_options=beside_the_driver())  # this trial's own process is its driver
-    trainer = build_trainer(spec, preflight(spec), None, make_epoch_clock(), callbacks=[ForwardReports(reports)],
+    plan = preflight(spec, same_data=base_plan if base_plan is not None and reuses_scan(config) else None)
+    trainer = build_trainer(spec, plan, None, make_epoch_clock(), callbacks=[ForwardReports(reports)],
                             initial_checkpoint=initial)
     failure: list[BaseException] = []
 

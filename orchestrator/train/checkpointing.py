@@ -29,10 +29,7 @@ MANIFEST_FILE = "manifest.json"
 def save_checkpoint(directory: str | os.PathLike, comps, *, epoch: int, spec_yaml: str, extra: dict | None = None) -> Path:
     st = comps.state
     payload = {
-        "model": unwrap(st.model).state_dict(),
-        "optimizer": st.optimizer.state_dict(),
-        "schedule": comps.schedule.state_dict(),
-        "scaler": st.scaler.state_dict() if st.scaler is not None else None,
+        **st.training_state(),  # model, optimizer, schedule, scaler
         "safeguards": comps.safeguards.state_dict(),
         "epoch": epoch,
         "step": st.step,
@@ -141,11 +138,13 @@ def apply_payload(payload: dict, comps, keep_hyperparameters: bool = False, repl
     steps its own plan takes to the end of the checkpoint's epoch (a mutated batch size changes steps per
     epoch: replaying the donor's count put the LR at the wrong point, and ran one_cycle past its end)."""
     st = comps.state
-    unwrap(st.model).load_state_dict(payload["model"])
-    ours = [{k: v for k, v in g.items() if k != "params"} for g in st.optimizer.param_groups]
-    st.optimizer.load_state_dict(payload["optimizer"])
     st.step = payload["step"]
-    if keep_hyperparameters:
+    if not keep_hyperparameters:
+        st.load_training_state(payload)  # model, optimizer, schedule, scaler
+    else:
+        ours = [{k: v for k, v in g.items() if k != "params"} for g in st.optimizer.param_groups]
+        unwrap(st.model).load_state_dict(payload["model"])
+        st.optimizer.load_state_dict(payload["optimizer"])
         for group, hyper in zip(st.optimizer.param_groups, ours):
             group.update(hyper)
         steps = payload["schedule"]["per_step"]["last_epoch"] if replay_steps is None else replay_steps
@@ -156,10 +155,8 @@ def apply_payload(payload: dict, comps, keep_hyperparameters: bool = False, repl
         if comps.schedule.plateau is not None and payload["schedule"].get("plateau"):
             comps.schedule.plateau.__dict__.update({k: payload["schedule"]["plateau"][k] for k in PLATEAU_PROGRESS})
         st.step = steps if replay_steps is not None else st.step
-    else:
-        comps.schedule.load_state_dict(payload["schedule"])
-    if st.scaler is not None and payload["scaler"] is not None:
-        st.scaler.load_state_dict(payload["scaler"])
+        if st.scaler is not None and payload["scaler"] is not None:
+            st.scaler.load_state_dict(payload["scaler"])
     comps.safeguards.load_state_dict(payload["safeguards"])
 
 

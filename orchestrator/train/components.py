@@ -40,12 +40,15 @@ def seed_everything(seed: int, epoch: int = 0, rank_: int = 0) -> None:
 
 @dataclass
 class Components:
-    state: StepState
-    schedule: Schedule
+    state: StepState     # also the training state: model, optimizer, schedule, scaler
     safeguards: Safeguards
     clipper: GradClipper  # called by name in train_step; its state travels with the safeguards'
     penalized: list  # parameters under the L1/L2 penalty
     amp_dtype: torch.dtype | None
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.state.schedule
 
 
 def classifier_params(model: torch.nn.Module) -> set[int]:
@@ -57,20 +60,20 @@ def classifier_params(model: torch.nn.Module) -> set[int]:
 def build_safeguards(spec: JobSpec, model: torch.nn.Module) -> Safeguards:
     """The safeguards in hook order: faults first (they simulate the world), then measurement,
     then the guards that decide, then the ones that only watch."""
-    st = spec.stability
+    stab = spec.stability
     guards = [FaultInjector(spec.faults, FEATURES)]
-    if st.remember_bad_batches:
+    if stab.remember_bad_batches:
         local = not is_remote(spec.run.storage_path)  # a path rank 0 can write; object storage: checkpoints only
         guards.append(BadBatches(Path(spec.run.storage_path) / spec.run.name if local else None))
-    guards.append(GradClipper(st.clip, classifier_params(model), model))
-    if st.diagnostics.enabled:
-        guards.append(Diagnostics(model, st.diagnostics.every))
-    if st.nonfinite.enabled:
-        guards.append(NonFiniteGuard(st.nonfinite.max_consecutive_skips, st.nonfinite.max_batch_scale_ratio))
-    if st.spike.enabled:
-        guards.append(SpikeGuard(st.spike))
+    guards.append(GradClipper(stab.clip, classifier_params(model), model))
+    if stab.diagnostics.enabled:
+        guards.append(Diagnostics(model, stab.diagnostics.every))
+    if stab.nonfinite.enabled:
+        guards.append(NonFiniteGuard(stab.nonfinite.max_consecutive_skips, stab.nonfinite.max_batch_scale_ratio))
+    if stab.spike.enabled:
+        guards.append(SpikeGuard(stab.spike))
     guards.append(ReplicaCheck())
-    es = st.early_stopping
+    es = stab.early_stopping
     if es.enabled:
         guards.append(EarlyStopping(es.metric, es.mode, es.patience, es.min_delta, es.divergence_threshold, es.check_finite))
     return Safeguards(guards)
@@ -90,9 +93,6 @@ def build_components(spec: JobSpec, steps_per_epoch: int, device: torch.device, 
     scaler = torch.amp.GradScaler(device.type) if spec.scaling.amp == "fp16" else None
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.scaling.amp]
     penalized, _ = split_decay_parameters(model, spec.regularization.exclude_norm_and_bias)
-    state = StepState(model=model, optimizer=optimizer, device=device, rank=rank(), scaler=scaler)
+    state = StepState(model=model, optimizer=optimizer, device=device, rank=rank(), scaler=scaler, schedule=schedule)
     safeguards = build_safeguards(spec, model)
-    comps = Components(state, schedule, safeguards, safeguards.find(GradClipper), penalized, amp_dtype)
-    if (spike_guard := comps.safeguards.find(SpikeGuard)) is not None:
-        spike_guard.comps = comps  # rollback snapshots and restores the whole training state
-    return comps
+    return Components(state, safeguards, safeguards.find(GradClipper), penalized, amp_dtype)

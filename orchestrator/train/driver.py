@@ -10,7 +10,7 @@ import json
 import os
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -85,9 +85,11 @@ def check_rows(scan, data, field_name: str) -> int:
     return scan.bad_rows_imputed if imputed else scan.bad_rows
 
 
-def preflight(spec: JobSpec, generate: bool = True) -> Plan:
+def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = None) -> Plan:
     """Every check that needs no cluster: data present and well-formed, resources possible.
-    With generate=False (keel validate) a missing dataset that `data.generate` would write is fine."""
+    With generate=False (keel validate) a missing dataset that `data.generate` would write is fine.
+    same_data: a plan already made for this very data (a sweep's base job, for a trial whose searched
+    fields leave the scan alone): its scan is reused, the rest is checked for this spec."""
     data, scaling = spec.data, spec.scaling
     if is_remote(spec.run.storage_path):
         check_storage(spec.run.storage_path)  # the URI, the endpoint, the bucket: before any worker starts
@@ -96,9 +98,6 @@ def preflight(spec: JobSpec, generate: bool = True) -> Plan:
         from orchestrator.models.custom import check_custom_model
 
         check_custom_model(build_model(spec.model, data), spec.model.factory, data.shape, data.num_classes)
-    missing = data.generate and not Path(data.train).exists() and not Path(data.val).exists()
-    if missing and generate:
-        GENERATORS[data.generate](Path(data.train).parent)
     local = scaling.address is None
     cpus = os.cpu_count() or 1
     if local and scaling.min_workers > cpus:
@@ -114,8 +113,29 @@ def preflight(spec: JobSpec, generate: bool = True) -> Plan:
         raise BadInput(f"scaling.cpus_per_worker: {scaling.min_workers} workers x {scaling.cpus_per_worker or MIN_CPUS_PER_WORKER:g} "
                        f"CPUs leave less than {DATA_RESERVE_CPUS:g} of this machine's {cpus} CPUs for Ray Data's tasks "
                        "(the run would wait for data forever); lower it or the workers")
-    if missing and not generate:
+    scanned = same_data if same_data is not None else scan_data(spec, generate)
+    if scanned is None:  # keel validate: the data is still to be generated
         return Plan(-1, -1, [0] * spec.run.epochs, cpus_per_worker)
+    pools, usable = scanned.epoch_rows, scanned.train_rows - scanned.dropped_rows.get("train", 0)
+    steps = steps_for(pools, scaling.min_workers, data.batch_size)
+    if steps_for(pools, scaling.max_workers, data.batch_size)[-1] == 0:
+        raise BadInput(f"data.batch_size: {data.batch_size} x {scaling.max_workers} workers is more than the "
+                       f"{usable} usable training rows in {data.train}")
+    if min(steps_for(pools, scaling.max_workers, data.batch_size)) == 0:
+        raise BadInput(f"data.curriculum.start_fraction: the first epochs' pool is smaller than one global batch "
+                       f"({data.batch_size} x {scaling.max_workers})")
+    return replace(scanned, steps_per_epoch=steps, cpus_per_worker=cpus_per_worker)
+
+
+def scan_data(spec: JobSpec, generate: bool) -> Optional[Plan]:
+    """The data part of a plan: both splits scanned and checked, preprocessing fitted on the training split,
+    the training rows of every epoch (the curriculum pool grows). None: missing, and not to be generated now."""
+    data = spec.data
+    missing = data.generate and not Path(data.train).exists() and not Path(data.val).exists()
+    if missing and not generate:
+        return None
+    if missing:
+        GENERATORS[data.generate](Path(data.train).parent)
     cur = data.curriculum
     extra = [cur.score] if cur.enabled and not cur.checkpoint else []
     scorer = None
@@ -138,14 +158,7 @@ def preflight(spec: JobSpec, generate: bool = True) -> Plan:
         scores = np.asarray(scans["train"].extra["score" if cur.checkpoint else cur.score], dtype=np.float64)
         limits = curriculum_thresholds(scores, data.curriculum, spec.run.epochs)
         pools = [min(usable, n) for n in pool_sizes(scores, limits)]
-    steps = steps_for(pools, scaling.min_workers, data.batch_size)
-    if steps_for(pools, scaling.max_workers, data.batch_size)[-1] == 0:
-        raise BadInput(f"data.batch_size: {data.batch_size} x {scaling.max_workers} workers is more than the "
-                       f"{usable} usable training rows in {data.train}")
-    if min(steps_for(pools, scaling.max_workers, data.batch_size)) == 0:
-        raise BadInput(f"data.curriculum.start_fraction: the first epochs' pool is smaller than one global batch "
-                       f"({data.batch_size} x {scaling.max_workers})")
-    return Plan(scans["train"].rows, scans["val"].rows, steps, cpus_per_worker, preprocess, limits, dropped, pools)
+    return Plan(scans["train"].rows, scans["val"].rows, [], 0.0, preprocess, limits, dropped, pools)
 
 
 def resolved(spec: JobSpec) -> JobSpec:
@@ -268,7 +281,7 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
     from ray.util.queue import Empty, Queue
 
     from orchestrator.data.pipeline import make_epoch_clock
-    from orchestrator.report.metrics import MetricsLog
+    from orchestrator.train.run_files import MetricsLog
 
     run_uri = join(spec.run.storage_path, spec.run.name) if is_remote(spec.run.storage_path) else None
     run_dir = download_run(run_uri, missing_ok=True) if run_uri else Path(spec.run.storage_path) / spec.run.name

@@ -37,6 +37,7 @@ from typing import Any, Optional
 
 import torch
 
+from orchestrator.models import unwrap
 from orchestrator.stability.snapshots import restore_buffers, snapshot_buffers
 from orchestrator.stability.stop import StopReason
 
@@ -46,13 +47,16 @@ HOOK_PREFIXES = ("on_", "after_", "before_")
 
 @dataclass
 class StepState:
-    """What the loop shares with safeguards; reset per step where noted."""
+    """What the loop shares with safeguards; reset per step where noted. Its trainable part (model,
+    optimizer, schedule, AMP scaler) is the one training state that checkpoints, rollback snapshots and
+    curriculum scoring save and load (`training_state` / `load_training_state`)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
     rank: int = 0
     scaler: Optional[torch.amp.GradScaler] = None
+    schedule: Any = None                 # train/schedules.Schedule (per-step scheduler, optional plateau)
     epoch: int = 0
     step: int = 0                        # global optimizer steps attempted (skipped ones count)
     loss: Optional[torch.Tensor] = None  # this rank's loss (per step)
@@ -77,6 +81,20 @@ class StepState:
         self.global_loss, self.grad_norm_value = float("nan"), float("nan")
         self.global_nonfinite, self.skip = 0.0, False
         self.batch_outlier, self.global_outlier = None, 0.0
+
+    def training_state(self) -> dict:
+        """Model (unwrapped from DDP), optimizer, schedule and scaler state: live references, not copies."""
+        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_training_state(self, saved: dict) -> None:
+        unwrap(self.model).load_state_dict(saved["model"])  # copies into the live tensors DDP already tracks
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.schedule is not None and saved.get("schedule") is not None:
+            self.schedule.load_state_dict(saved["schedule"])
+        if self.scaler is not None and saved.get("scaler") is not None:
+            self.scaler.load_state_dict(saved["scaler"])
 
 
 class Safeguards:

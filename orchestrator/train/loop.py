@@ -144,7 +144,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     spec, world, clock = config.spec, world_size(), config.clock
     steps_per_epoch = steps_for(config.epoch_rows, world, spec.data.batch_size)  # an elastic run: this group's size
     comps = build_components(spec, max(steps_per_epoch), ray.train.torch.get_device(), ray.train.torch.prepare_model)
-    st, guards = comps.state, comps.safeguards
+    st = comps.state
     progress = ProgressSender(config.progress, st.rank)
     placement = worker_placement()  # a collective: every rank takes part, rank 0 sends it
     progress.send("ready", world_size=world, placement=placement)
@@ -181,26 +181,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    "lr": st.optimizer.param_groups[0]["lr"], "world_size": world}
         if resumed and epoch == start_epoch:
             metrics["resumed_from"] = resumed  # {checkpoint, weight fingerprint, ranks}: also for sweep trials
-        comps.schedule.epoch_end(metrics["val_loss"], warmup_done=epoch + 1 >= spec.schedule.warmup_epochs)
-        guards.call("on_epoch_end", st, metrics)
-        guards.call("on_report", metrics)
-        diverged = st.stop_reason is not None and st.stop_reason.diverged
-        metrics.update(stop_reason=str(st.stop_reason or ""), diverged=int(diverged), events=st.events[-20:])
-        all_events.extend(st.events)
-        last = epoch == spec.run.epochs - 1 or st.stop_reason is not None
-        report = stability_report(comps, all_events, metrics) if last and st.rank == 0 else None
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if st.rank == 0 and not diverged and (last or (epoch + 1) % spec.run.checkpoint_every == 0):
-                save_checkpoint(tmp, comps, epoch=epoch, spec_yaml=spec.to_yaml(),
-                                extra={"preprocess": config.preprocess})
-                if report is not None:
-                    (Path(tmp) / "stability_report.json").write_text(json.dumps(report, indent=1, default=str))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            if report is not None:
-                progress.send("stability_report", report=report)
-            progress.send("epoch", metrics=metrics)
-            ray.train.report(metrics, checkpoint=checkpoint)  # a barrier: all ranks report every epoch
+        end_epoch(comps, config, progress, metrics, all_events)
         st.events.clear()
         if st.stop_reason:
             break
+
+
+def end_epoch(comps: Components, config: WorkerConfig, progress: ProgressSender, metrics: dict, all_events: list[dict]) -> None:
+    """The epoch's tail on every rank: schedule and guards see the validated metrics, then one report
+    (metrics, and from rank 0 a checkpoint unless the run diverged, plus the stability report at the end)."""
+    st, spec, epoch = comps.state, config.spec, metrics["epoch"]
+    comps.schedule.epoch_end(metrics["val_loss"], warmup_done=epoch + 1 >= spec.schedule.warmup_epochs)
+    comps.safeguards.call("on_epoch_end", st, metrics)
+    comps.safeguards.call("on_report", metrics)
+    diverged = st.stop_reason is not None and st.stop_reason.diverged
+    metrics.update(stop_reason=str(st.stop_reason or ""), diverged=int(diverged), events=st.events[-20:])
+    all_events.extend(st.events)
+    last = epoch == spec.run.epochs - 1 or st.stop_reason is not None
+    report = stability_report(comps, all_events, metrics) if last and st.rank == 0 else None
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if st.rank == 0 and not diverged and (last or (epoch + 1) % spec.run.checkpoint_every == 0):
+            save_checkpoint(tmp, comps, epoch=epoch, spec_yaml=spec.to_yaml(), extra={"preprocess": config.preprocess})
+            if report is not None:
+                (Path(tmp) / "stability_report.json").write_text(json.dumps(report, indent=1, default=str))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        if report is not None:
+            progress.send("stability_report", report=report)
+        progress.send("epoch", metrics=metrics)
+        ray.train.report(metrics, checkpoint=checkpoint)  # a barrier: all ranks report every epoch

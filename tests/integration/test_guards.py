@@ -5,7 +5,7 @@ import json
 import pytest
 
 from orchestrator import cli
-from orchestrator.report.metrics import read_metrics
+from orchestrator.train.run_files import read_metrics
 from orchestrator.spec import load_spec
 from orchestrator.train.checkpointing import list_checkpoints
 from orchestrator.train.driver import run_job

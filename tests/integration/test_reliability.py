@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from orchestrator.errors import BadInput
-from orchestrator.report.metrics import read_metrics
+from orchestrator.train.run_files import read_metrics
 from orchestrator.spec import load_spec, parse_spec
 from orchestrator.train.checkpointing import list_checkpoints, read_payload, state_fingerprint
 from orchestrator.train.driver import run_job

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from orchestrator import cli
-from orchestrator.report.metrics import read_metrics
+from orchestrator.train.run_files import read_metrics
 from orchestrator.spec import parse_spec
 from orchestrator.train.checkpointing import list_checkpoints
 from orchestrator.train.driver import run_job

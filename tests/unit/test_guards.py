@@ -1,7 +1,5 @@
 """Safeguards on fake state: the non-finite guard, early stopping, fault injection, the hook runner."""
 
-import math
-
 import pytest
 import torch
 

@@ -113,3 +113,39 @@ def test_the_embedded_local_ray_never_asks_an_autoscaler(monkeypatch):
     with pytest.raises(BadInput, match=r"\(the local machine\)$"):
         wait_for_resources(spec, plan_for(spec))
     assert cluster.requests == []
+
+
+def test_a_plan_made_for_the_same_data_is_reused_without_a_second_scan(tmp_path, monkeypatch):
+    # A sweep scans its base job's data once; a trial that only changes the batch size or the workers
+    # reuses that scan (no file is read again) and is still checked against it.
+    from orchestrator.data.generators import GENERATORS
+    from orchestrator.errors import BadInput
+    from orchestrator.train import driver
+
+    GENERATORS["digits"](tmp_path)
+    job = {"model": {"kind": "mlp"}, "data": {"train": str(tmp_path / "train.parquet"), "val": str(tmp_path / "val.parquet"),
+                                              "shape": [64], "num_classes": 10, "batch_size": 32},
+           "scaling": {"num_workers": 1}, "run": {"name": "r", "epochs": 2}}
+    base = driver.preflight(parse_spec(job))
+    assert base.epoch_rows == [base.train_rows] * 2 and base.steps_per_epoch == [base.train_rows // 32] * 2
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("scanned again")
+    monkeypatch.setattr(driver, "scan_split", no_scan)
+    trial = driver.preflight(parse_spec({**job, "data": {**job["data"], "batch_size": 64}}), same_data=base)
+    assert trial.steps_per_epoch == [base.train_rows // 64] * 2 and trial.preprocess is base.preprocess
+    with pytest.raises(BadInput, match="data.batch_size: 100000 x 1 workers is more than"):
+        driver.preflight(parse_spec({**job, "data": {**job["data"], "batch_size": 100000}}), same_data=base)
+
+
+@pytest.mark.parametrize("config, reuses", [
+    ({"optimizer.lr": 0.1, "data.batch_size": 64, "data.augment.mixup_alpha": 0.2}, True),
+    ({"data.preprocess.standardize": "none"}, False),   # the statistics change
+    ({"data.augment.soft_labels": True}, False),         # so do the label statistics
+    ({"run.epochs": 3}, False),                          # the epochs' pools
+    ({"data.curriculum.enabled": True}, False),
+])
+def test_which_trials_reuse_the_base_scan(config, reuses):
+    from orchestrator.sweep.trial import reuses_scan
+
+    assert reuses_scan(config) is reuses

@@ -36,8 +36,8 @@ class FakeComps:
     def __init__(self):
         self.model = nn.Linear(2, 1)
         opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
-        self.state = StepState(model=self.model, optimizer=opt, device=torch.device("cpu"))
         self.schedule = Schedule(torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0), None)
+        self.state = StepState(model=self.model, optimizer=opt, device=torch.device("cpu"), schedule=self.schedule)
 
 
 def run_guard(guard, comps, losses):
@@ -60,7 +60,7 @@ CALM = [1.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(30)]
 
 def test_skip_action_drops_the_spike_step():
     comps = FakeComps()
-    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="skip"), comps)
+    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="skip"))
     st = run_guard(guard, comps, CALM + [50.0])
     assert st.skip and st.events[-1]["action"] == "skip" and guard.counts["spikes"] == 1
 
@@ -69,7 +69,7 @@ def test_rollback_restores_a_snapshot_old_enough_and_skips_batches():
     comps = FakeComps()
     w0 = comps.model.weight.detach().clone()
     spec = SpikeSpec(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=3, cut_lr_after=0)
-    guard = SpikeGuard(spec, comps)
+    guard = SpikeGuard(spec)
     run_guard(guard, comps, CALM + [50.0])  # a lone loss spike: that step is dropped, nothing rolled back
     assert guard.counts["rollbacks"] == 0 and comps.state.events[-1]["action"] == "skip"
     comps.model.weight.data.copy_(w0)
@@ -92,7 +92,7 @@ def test_a_spike_that_returns_after_a_rollback_cuts_the_lr_for_good():
     comps = FakeComps()
     spec = SpikeSpec(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=0,
                      cut_lr_after=2, lr_factor=0.5)
-    guard = SpikeGuard(spec, comps)
+    guard = SpikeGuard(spec)
     guard.suspect_step = 27  # confirmed spikes (see the test below): each one rolls back
     st = run_guard(guard, comps, CALM + [50.0])
     assert guard.current_lr_factor(st.step + 1) == 1.0  # one rollback cured it: the LR is left alone
@@ -104,7 +104,7 @@ def test_a_spike_that_returns_after_a_rollback_cuts_the_lr_for_good():
 
 def test_a_lone_loss_spike_is_only_skipped_a_confirmed_one_rolls_back():
     comps = FakeComps()
-    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=0), comps)
+    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=0))
     st = run_guard(guard, comps, CALM + [50.0] + CALM[:8] + [50.0])  # two lone spikes 9 steps apart
     assert [e["action"] for e in st.events] == ["skip", "skip"] and guard.counts["rollbacks"] == 0
     st = run_guard(guard, comps, CALM + [50.0, 1.0, 1.0, 50.0])  # the second within 5 steps: confirmed
@@ -119,7 +119,7 @@ def test_a_lone_loss_spike_is_only_skipped_a_confirmed_one_rolls_back():
 
 def test_reduce_lr_cuts_then_rewarms():
     comps = FakeComps()
-    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="reduce_lr", lr_factor=0.5, rewarm_steps=4), comps)
+    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="reduce_lr", lr_factor=0.5, rewarm_steps=4))
     run_guard(guard, comps, CALM + [50.0])
     spike_step = len(CALM)
     assert [guard.current_lr_factor(spike_step + i) for i in range(5)] == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5])
@@ -127,7 +127,7 @@ def test_reduce_lr_cuts_then_rewarms():
 
 def test_retry_budget_declares_divergence():
     comps = FakeComps()
-    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="skip", max_recoveries=2), comps)
+    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="skip", max_recoveries=2))
     st = run_guard(guard, comps, CALM + [50.0, 60.0, 70.0])
     assert st.stop_reason.diverged and str(st.stop_reason).startswith("diverged: 3 loss spikes exceeded stability.spike.max_recoveries=2")
     assert st.events[-1]["action"] == "stop"
@@ -139,7 +139,7 @@ def test_snapshot_ring_picks_newest_old_enough_and_drops_newer():
     for step in (10, 20, 30):
         with torch.no_grad():
             comps.model.weight.fill_(step)
-        ring.add(step, comps)
+        ring.add(step, comps.state)
     step, snap = ring.pick(before_step=35, min_age=10)
     assert step == 20 and snap["model"]["weight"].eq(20).all()
     assert [s for s, _ in ring.ring] == [10, 20]
@@ -179,7 +179,7 @@ def test_diagnostics_name_the_layer_where_trouble_started():
 
 def test_retry_budget_is_a_rate_scattered_spikes_do_not_stop_a_run():
     comps = FakeComps()
-    guard = SpikeGuard(SpikeSpec(warmup_steps=10, window=20, action="skip", max_recoveries=2), comps)
+    guard = SpikeGuard(SpikeSpec(warmup_steps=10, window=20, action="skip", max_recoveries=2))
     calm = [1.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(25)]
     st = run_guard(guard, comps, CALM + ([50.0] + calm) * 4)  # 4 spikes, each more than a window apart
     assert guard.counts["spikes"] == 4 and st.stop_reason is None
