@@ -27,7 +27,7 @@ from orchestrator.data.preprocess import apply_preprocess
 from orchestrator.data.scan import feature_matrix
 from orchestrator.spec import AugmentSpec, load_spec
 from orchestrator.ray_session import ensure_ray
-from orchestrator.train.driver import preflight
+from orchestrator.train.planning import preflight
 
 AUGMENT = AugmentSpec(random_crop_padding=4, hflip=0.5)
 

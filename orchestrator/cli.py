@@ -19,7 +19,8 @@ def cmd_run(args, console: Console) -> int:
     from orchestrator.spec import parse_spec
     from orchestrator.spec_text import apply_overrides, read_yaml
     from orchestrator.sweep.spec import is_sweep_tree
-    from orchestrator.train.driver import preflight, run_job
+    from orchestrator.train.driver import run_job
+    from orchestrator.train.planning import preflight
 
     tree = read_yaml(args.job)  # read once: a sweep spec is refused, a job spec parsed from the same tree
     if is_sweep_tree(tree):
@@ -54,7 +55,7 @@ def cmd_sweep(args, console: Console) -> int:
     from orchestrator.report.sweep_table import trial_table
     from orchestrator.spec import parse_spec
     from orchestrator.sweep.spec import load_sweep
-    from orchestrator.train.driver import preflight
+    from orchestrator.train.planning import preflight
 
     sweep, base = load_sweep(args.sweep, args.overrides)
     from orchestrator.storage import check_storage, is_remote
@@ -150,7 +151,7 @@ def cmd_report(args, console: Console) -> int:
 def cmd_validate(args, console: Console) -> int:
     from orchestrator.spec import load_spec, parse_spec
     from orchestrator.sweep.spec import is_sweep_file, load_sweep
-    from orchestrator.train.driver import preflight
+    from orchestrator.train.planning import preflight
 
     if is_sweep_file(args.job):
         sweep, base = load_sweep(args.job, args.overrides)

@@ -80,7 +80,7 @@ def fit(spec: JobSpec, workers: int, cpus: float, config: dict, out: Path) -> di
 
 def run_check(spec: JobSpec, steps: int = 20, say: Callable[[str], None] = lambda message: None) -> CheckReport:
     from orchestrator.ray_session import ensure_ray
-    from orchestrator.train.driver import preflight, resolved
+    from orchestrator.train.planning import preflight, resolved
 
     if steps < 2 or steps % 2:
         raise BadInput(f"--steps: {steps}; needs an even number >= 2 (the resume check stops half-way)")

@@ -109,7 +109,8 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, 
     from orchestrator.data.pipeline import make_epoch_clock
     from orchestrator.ray_session import beside_the_driver
     from orchestrator.spec import JobSpec
-    from orchestrator.train.driver import build_trainer, preflight, resolved
+    from orchestrator.train.driver import build_trainer
+    from orchestrator.train.planning import preflight, resolved
 
     sweep = SweepSpec.model_validate(sweep_json)
     trial_id, restored, pbt = tune.get_context().get_trial_id(), tune.get_checkpoint(), sweep.scheduler.kind == "pbt"

@@ -10,7 +10,7 @@ from orchestrator.data.generators import make_tabular
 from orchestrator.data.pipeline import build_datasets, make_epoch_clock
 from orchestrator.data.preprocess import FEATURES, LABEL
 from orchestrator.spec import parse_spec
-from orchestrator.train.driver import preflight
+from orchestrator.train.planning import preflight
 from tests.helpers import job_tree
 
 pytestmark = pytest.mark.integration

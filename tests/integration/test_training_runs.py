@@ -18,9 +18,9 @@ pytestmark = pytest.mark.integration
 @pytest.mark.timeout(420)
 def test_main_job_reaches_95_percent_on_digits(keel_ray, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the job writes its data and runs relative to the working directory
-    from orchestrator.train import driver
-    scanned, scan = [], driver.scan_split
-    monkeypatch.setattr(driver, "scan_split", lambda path, *a, **k: scanned.append(path) or scan(path, *a, **k))
+    from orchestrator.train import planning
+    scanned, scan = [], planning.scan_split
+    monkeypatch.setattr(planning, "scan_split", lambda path, *a, **k: scanned.append(path) or scan(path, *a, **k))
     assert cli.main(["data", "make", "digits", "--out", "data/digits"]) == 0  # written beforehand, as the job names it
     rc = cli.main(["run", str(ROOT / "jobs/digits-resnet.yaml"), "--quiet"])
     assert rc == 0, capsys.readouterr()

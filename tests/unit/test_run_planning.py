@@ -4,7 +4,8 @@ failed run says (every backend's way of reporting a hung peer becomes the same c
 import pytest
 
 from orchestrator.spec import parse_spec
-from orchestrator.train.driver import DATA_RESERVE_CPUS, failure_reason, fit_cpus_per_worker
+from orchestrator.train.driver import failure_reason
+from orchestrator.train.planning import DATA_RESERVE_CPUS, fit_cpus_per_worker
 
 SPEC = parse_spec({"model": {"kind": "mlp"}, "data": {"train": "t.parquet", "val": "v.parquet", "shape": [4], "num_classes": 2},
                    "scaling": {"num_workers": 2, "collective_timeout_s": 10}, "run": {"name": "r"}})
@@ -70,13 +71,13 @@ def on_fake_cluster(monkeypatch, cluster):
 
 
 def plan_for(spec):
-    from orchestrator.train.driver import Plan
+    from orchestrator.train.planning import Plan
 
     return Plan(100, 10, [3], spec.scaling.cpus_per_worker or 1.0)
 
 
 def test_a_cpu_less_head_asks_the_autoscaler_for_the_workers_and_the_data_cpu(monkeypatch):
-    from orchestrator.train.driver import wait_for_resources
+    from orchestrator.train.planning import wait_for_resources
 
     spec = parse_spec({"model": {"kind": "mlp"}, "data": {"train": "t", "val": "v", "shape": [4], "num_classes": 2},
                        "scaling": {"num_workers": 4, "use_gpu": True, "address": "auto"}, "run": {"name": "r"}})
@@ -90,7 +91,7 @@ def test_a_cpu_less_head_asks_the_autoscaler_for_the_workers_and_the_data_cpu(mo
 
 def test_a_cluster_that_never_grows_fails_in_one_line_naming_the_field(monkeypatch):
     from orchestrator.errors import BadInput
-    from orchestrator.train.driver import wait_for_resources
+    from orchestrator.train.planning import wait_for_resources
 
     spec = parse_spec({"model": {"kind": "mlp"}, "data": {"train": "t", "val": "v", "shape": [4], "num_classes": 2},
                        "scaling": {"num_workers": 2, "use_gpu": True, "address": "auto", "resource_wait_s": 0.2},
@@ -105,7 +106,7 @@ def test_a_cluster_that_never_grows_fails_in_one_line_naming_the_field(monkeypat
 
 def test_the_embedded_local_ray_never_asks_an_autoscaler(monkeypatch):
     from orchestrator.errors import BadInput
-    from orchestrator.train.driver import wait_for_resources
+    from orchestrator.train.planning import wait_for_resources
 
     spec = workers(2, 1.5)
     cluster = FakeCluster(now={"CPU": 2}, after_request={"CPU": 64})
@@ -120,22 +121,22 @@ def test_a_plan_made_for_the_same_data_is_reused_without_a_second_scan(tmp_path,
     # reuses that scan (no file is read again) and is still checked against it.
     from orchestrator.data.generators import GENERATORS
     from orchestrator.errors import BadInput
-    from orchestrator.train import driver
+    from orchestrator.train import planning
 
     GENERATORS["digits"](tmp_path)
     job = {"model": {"kind": "mlp"}, "data": {"train": str(tmp_path / "train.parquet"), "val": str(tmp_path / "val.parquet"),
                                               "shape": [64], "num_classes": 10, "batch_size": 32},
            "scaling": {"num_workers": 1}, "run": {"name": "r", "epochs": 2}}
-    base = driver.preflight(parse_spec(job))
+    base = planning.preflight(parse_spec(job))
     assert base.epoch_rows == [base.train_rows] * 2 and base.steps_per_epoch == [base.train_rows // 32] * 2
 
     def no_scan(*args, **kwargs):
         raise AssertionError("scanned again")
-    monkeypatch.setattr(driver, "scan_split", no_scan)
-    trial = driver.preflight(parse_spec({**job, "data": {**job["data"], "batch_size": 64}}), same_data=base)
+    monkeypatch.setattr(planning, "scan_split", no_scan)
+    trial = planning.preflight(parse_spec({**job, "data": {**job["data"], "batch_size": 64}}), same_data=base)
     assert trial.steps_per_epoch == [base.train_rows // 64] * 2 and trial.preprocess is base.preprocess
     with pytest.raises(BadInput, match="data.batch_size: 100000 x 1 workers is more than"):
-        driver.preflight(parse_spec({**job, "data": {**job["data"], "batch_size": 100000}}), same_data=base)
+        planning.preflight(parse_spec({**job, "data": {**job["data"], "batch_size": 100000}}), same_data=base)
 
 
 @pytest.mark.parametrize("config, reuses", [
