@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     make = data.add_parser("make", help="write a built-in dataset as Parquet")
-    make.add_argument("dataset", choices=["digits", "synthetic", "tabular", "sequence", "tokens", "graphs"])
+    make.add_argument("dataset", choices=["digits", "digits_shifted", "synthetic", "tabular", "sequence", "tokens", "graphs"])
     make.add_argument("--out", required=True, help="output directory")
     make.add_argument("--rows", type=int, help="rows in total (synthetic, tabular, sequence, tokens, graphs)")
     make.add_argument("--shape", help="synthetic: C,H,W (default 3,32,32)")

@@ -91,7 +91,8 @@ class CurriculumSpec(Section):
 class DataSpec(Section):
     train: str = doc(..., "Parquet file or directory with the training split.")
     val: str = doc(..., "Parquet file or directory with the validation split.")
-    generate: Optional[Literal["digits", "sequence", "tokens", "graphs", "synthetic", "tabular"]] = doc(None, "If the Parquet files are missing, write this built-in dataset (keel data make) there first.")
+    extra_val: dict[str, str] = doc({}, "More validation splits, name -> Parquet path, each reported every epoch as val_accuracy_<name> and val_loss_<name> (fine-tuning: the old data, to see forgetting).")
+    generate: Optional[Literal["digits", "digits_shifted", "sequence", "tokens", "graphs", "synthetic", "tabular"]] = doc(None, "If the Parquet files are missing, write this built-in dataset (keel data make) there first.")
     features: Union[str, list[str]] = doc("image", "Feature column (a fixed-size list), or a list of scalar columns (tabular).")
     label: str = doc("label", "Column with integer class labels in [0, num_classes).")
     shape: list[int] = doc(..., "Shape of one sample, e.g. [1, 8, 8] for images or [64] for tabular rows.", min_length=1)
@@ -245,6 +246,22 @@ class ScalingSpec(Section):
         return self.min_workers != self.max_workers
 
 
+class InitFromSpec(Section):
+    checkpoint: Optional[str] = doc(None, "Fine-tune: a Keel checkpoint directory (local, or s3://...) whose weights start this run. A run with checkpoints of its own resumes from those instead.")
+    reset_head: Literal["auto", "yes", "no"] = doc("auto", "Re-initialise the final classifier: auto = when its shape differs from the checkpoint's (data.num_classes changed).")
+    freeze: list[str] = doc([], "Parameter name prefixes to freeze, e.g. ['stem.', 'stages.0.']; one that names no parameter is refused, listing the model's top-level names.")
+    lr_multipliers: dict[str, float] = doc({}, "Parameter name prefix -> LR multiplier, e.g. {'stages.': 0.1} (the longest matching prefix wins; others 1).")
+    preprocess: Literal["keep", "refit"] = doc("keep", "Standardisation and imputation statistics: the checkpoint's (keep: the network sees inputs scaled as it learned them) or fitted on the new training data (refit).")
+
+    @field_validator("lr_multipliers")
+    @classmethod
+    def _positive(cls, value):
+        bad = {k: v for k, v in value.items() if not v > 0}
+        if bad:
+            raise ValueError(f"{bad}: multipliers must be > 0 (freeze a prefix instead of a 0 multiplier)")
+        return value
+
+
 class RunSpec(Section):
     name: str = doc(..., "Run name; re-running the same name resumes from its last checkpoint.", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     storage_path: str = doc("runs", "Directory (or cloud URI) holding run directories.")
@@ -276,10 +293,14 @@ class JobSpec(Section):
     stability: StabilitySpec = doc(StabilitySpec(), "Safeguards that keep training stable.")
     scaling: ScalingSpec = doc(ScalingSpec(), "Workers, devices and the Ray cluster.")
     run: RunSpec = doc(..., "Name, storage, length, checkpoints and seed.")
+    init_from: InitFromSpec = doc(InitFromSpec(), "Fine-tuning: start from another run's checkpoint (weights only), with optional frozen layers and per-layer LR multipliers.")
     faults: list[FaultSpec] = doc([], "Faults to inject on purpose (tests and demos).")
 
     @model_validator(mode="after")
     def _combinations(self) -> "JobSpec":
+        init = self.init_from
+        if not init.checkpoint and (init.freeze or init.lr_multipliers):
+            raise ValueError(f"init_from.{'freeze' if init.freeze else 'lr_multipliers'}: only used with init_from.checkpoint")
         if self.scaling.amp == "fp16" and not self.scaling.use_gpu:
             raise ValueError("scaling.amp: fp16 needs scaling.use_gpu: true (use bf16 or none on CPU)")
         if self.model.kind == "custom" and not self.model.factory:

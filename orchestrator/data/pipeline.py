@@ -99,11 +99,12 @@ def build_datasets(spec, plan, clock=None, num_blocks: int | None = None) -> dic
     blocks = num_blocks or min(256, max(spec.scaling.max_workers, math.ceil(train_bytes / BLOCK_BYTES)))
     curriculum = data.curriculum.enabled
     out = {}
-    for split in ("train", "val"):
+    paths = {"train": data.train, "val": data.val, **{f"val_{name}": path for name, path in data.extra_val.items()}}
+    for split, path in paths.items():
         score_checkpoint = resolve(data.curriculum.checkpoint) if curriculum and split == "train" and data.curriculum.checkpoint else None
         difficulty = data.curriculum.score if curriculum and split == "train" and not score_checkpoint else None
         columns = [*features, data.label] + ([difficulty] if difficulty else [])
-        ds = read_split(getattr(data, split), columns).map_batches(
+        ds = read_split(path, columns).map_batches(
             preprocess_batch, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS,
             fn_kwargs={"state": plan.preprocess, "features": features, "label": data.label, "difficulty": difficulty,
                        "score_checkpoint": score_checkpoint})

@@ -27,6 +27,7 @@ from orchestrator.models import unwrap
 from orchestrator.train.hooks import Safeguards, StepState
 from orchestrator.train.optim import build_optimizer, split_decay_parameters
 from orchestrator.train.schedules import Schedule, build_schedule
+from orchestrator.train.warm_start import freeze
 
 
 def seed_everything(seed: int, epoch: int = 0, rank_: int = 0) -> None:
@@ -85,10 +86,12 @@ def build_components(spec: JobSpec, steps_per_epoch: int, device: torch.device, 
     model = build_model(spec.model, spec.data)
     if spec.stability.sync_batchnorm and world_size() > 1:
         model = convert_sync_batchnorm(model, use_cuda=device.type == "cuda")
+    if spec.init_from.freeze:  # before DDP wraps the model: every rank leaves the same parameters out
+        freeze(model, spec.init_from.freeze)
     if spec.scaling.use_gpu and spec.model.kind in ("cnn", "resnet"):
         model = model.to(memory_format=torch.channels_last)
     model = prepare_model(model) if prepare_model else model.to(device)
-    optimizer = build_optimizer(model, spec.optimizer, spec.regularization, world_size())
+    optimizer = build_optimizer(model, spec.optimizer, spec.regularization, world_size(), spec.init_from.lr_multipliers)
     schedule = build_schedule(optimizer, spec.schedule, steps_per_epoch, spec.run.epochs)
     scaler = torch.amp.GradScaler(device.type) if spec.scaling.amp == "fp16" else None
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.scaling.amp]

@@ -22,6 +22,7 @@ from orchestrator.train.meters import EpochMeter, ProgressSender
 from orchestrator.train.losses import compute_loss
 from orchestrator.train.resume import resume
 from orchestrator.train.optim import weight_penalty
+from orchestrator.train.warm_start import warm_start
 from orchestrator.train.worker_config import WorkerConfig, steps_for
 
 
@@ -149,7 +150,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     placement = worker_placement()  # a collective: every rank takes part, rank 0 sends it
     progress.send("ready", world_size=world, placement=placement)
     start_epoch, resumed = resume(comps, spec, progress, config.initial_checkpoint, steps_per_epoch, config.storage)
+    warm = warm_start(st.model, spec) if resumed is None and start_epoch == 0 and spec.init_from.checkpoint else None
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    extra_val = {name: ray.train.get_dataset_shard(f"val_{name}") for name in spec.data.extra_val}
     all_events: list[dict] = []
 
     for epoch in range(start_epoch, spec.run.epochs):
@@ -179,8 +182,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         metrics = {"epoch": epoch, "step": st.step, **meter.summary(), **evaluate(comps, val_shard, spec),
                    "lr": st.optimizer.param_groups[0]["lr"], "world_size": world}
+        for name, shard in extra_val.items():  # e.g. the old data while fine-tuning: forgetting, epoch by epoch
+            metrics.update({f"{k}_{name}": v for k, v in evaluate(comps, shard, spec).items()})
         if resumed and epoch == start_epoch:
             metrics["resumed_from"] = resumed  # {checkpoint, weight fingerprint, ranks}: also for sweep trials
+        if warm and epoch == start_epoch:
+            metrics["init_from"] = warm  # fine-tuning: the checkpoint, and the layers left to a fresh init
         end_epoch(comps, config, progress, metrics, all_events)
         st.events.clear()
         if st.stop_reason:

@@ -31,11 +31,16 @@ def scaled_lr(lr: float, rule: str, world_size: int) -> float:
     return lr * {"none": 1.0, "linear": world_size, "sqrt": math.sqrt(world_size)}[rule]
 
 
-def build_optimizer(model: nn.Module, opt_spec, reg_spec, world_size: int = 1) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, opt_spec, reg_spec, world_size: int = 1,
+                    lr_multipliers: dict[str, float] | None = None) -> torch.optim.Optimizer:
+    """Decay and no-decay groups; with lr_multipliers (name prefix -> factor, fine-tuning) each of those is
+    split further by factor, and a group's lr is the scaled base LR times its factor (schedules keep it)."""
     decay, no_decay = split_decay_parameters(model, reg_spec.exclude_norm_and_bias)
-    groups = [{"params": decay, "weight_decay": reg_spec.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
     lr = scaled_lr(opt_spec.lr, opt_spec.scale_lr, world_size)
+    groups = []
+    for params, weight_decay in ((decay, reg_spec.weight_decay), (no_decay, 0.0)):
+        for factor, members in by_lr_factor(model, params, lr_multipliers or {}).items():
+            groups.append({"params": members, "weight_decay": weight_decay, **({"lr": lr * factor} if factor != 1.0 else {})})
     if opt_spec.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=opt_spec.momentum, nesterov=opt_spec.nesterov and opt_spec.momentum > 0)
     if opt_spec.name == "adam":
@@ -45,6 +50,23 @@ def build_optimizer(model: nn.Module, opt_spec, reg_spec, world_size: int = 1) -
     if opt_spec.name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr, momentum=opt_spec.momentum, eps=opt_spec.eps)
     raise ValueError(f"unknown optimizer {opt_spec.name!r}")
+
+
+def by_lr_factor(model: nn.Module, params: list, multipliers: dict[str, float]) -> dict[float, list]:
+    """params grouped by the multiplier of their name's longest matching prefix (1.0 without one), in order."""
+    from orchestrator.models import unwrap
+    from orchestrator.train.warm_start import prefix_for
+
+    if not multipliers:
+        return {1.0: params}
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    out: dict[float, list] = {1.0: []}  # the base-LR group first: the reported lr is its
+    for p in params:
+        prefix = prefix_for(names[id(p)], multipliers)
+        out.setdefault(multipliers[prefix] if prefix else 1.0, []).append(p)
+    if not out[1.0] and len(out) > 1:
+        del out[1.0]
+    return out
 
 
 def weight_penalty(params: list[torch.Tensor], l1: float = 0.0, l2: float = 0.0) -> torch.Tensor | float:

@@ -66,6 +66,12 @@ def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = 
         from orchestrator.models.custom import check_custom_model
 
         check_custom_model(build_model(spec.model, data), spec.model.factory, data.shape, data.num_classes)
+    warm = None
+    if spec.init_from.checkpoint:  # fine-tuning: the checkpoint is one and fits this model, before Ray starts
+        from orchestrator.models import build_model
+        from orchestrator.train.warm_start import check_warm_start
+
+        warm = check_warm_start(spec, build_model(spec.model, data))
     local = scaling.address is None
     cpus = os.cpu_count() or 1
     if local and scaling.min_workers > cpus:
@@ -84,6 +90,8 @@ def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = 
     scanned = same_data if same_data is not None else scan_data(spec, generate)
     if scanned is None:  # keel validate: the data is still to be generated
         return Plan(-1, -1, [0] * spec.run.epochs, cpus_per_worker)
+    if warm is not None and spec.init_from.preprocess == "keep":
+        scanned = replace(scanned, preprocess=kept_preprocess(scanned.preprocess, warm, spec))
     pools, usable = scanned.epoch_rows, scanned.train_rows - scanned.dropped_rows.get("train", 0)
     steps = steps_for(pools, scaling.min_workers, data.batch_size)
     if steps_for(pools, scaling.max_workers, data.batch_size)[-1] == 0:
@@ -118,6 +126,9 @@ def scan_data(spec: JobSpec, generate: bool) -> Optional[Plan]:
                                scorer=scorer if split == "train" else None)
              for split in ("train", "val")}
     dropped = {split: check_rows(scan, data, f"data.{split}") for split, scan in scans.items()}
+    for name, path in data.extra_val.items():  # checked like val: present, well-formed, the same shape and labels
+        where = f"data.extra_val.{name}"
+        check_rows(scan_split(resolve(path), where, data.feature_columns, data.label, data.num_classes, data.shape), data, where)
     preprocess = fit_preprocess(scans["train"], data.preprocess, data.shape, data.num_classes, data.on_bad_rows,
                                 soft_labels=data.augment.soft_labels)
     usable = scans["train"].rows - dropped["train"]
@@ -133,7 +144,10 @@ def resolved(spec: JobSpec) -> JobSpec:
     """The spec with local paths made absolute: workers and read tasks run in other directories."""
     spec = spec.model_copy(deep=True)
     spec.data.train, spec.data.val = resolve(spec.data.train), resolve(spec.data.val)
+    spec.data.extra_val = {name: resolve(path) for name, path in spec.data.extra_val.items()}
     spec.run.storage_path = resolve(spec.run.storage_path)
+    if spec.init_from.checkpoint:
+        spec.init_from.checkpoint = resolve(spec.init_from.checkpoint)
     return spec
 
 
@@ -185,3 +199,16 @@ def wait_for_resources(spec: JobSpec, plan: Plan) -> None:
                            f"and {need_gpu} GPUs but the cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs "
                            + ("(the local machine)" if local else f"(waited {spec.scaling.resource_wait_s:g} s, scaling.resource_wait_s)"))
         time.sleep(1.0)
+
+
+def kept_preprocess(fitted: PreprocessState, payload: dict, spec: JobSpec) -> PreprocessState:
+    """init_from.preprocess: keep: the checkpoint's standardisation and imputation statistics (the network
+    learned on inputs scaled that way); label handling and bad-row policy stay this job's."""
+    saved = (payload.get("extra") or {}).get("preprocess") or {}
+    stats = {k: np.asarray(saved[k], dtype=np.float32) if saved.get(k) is not None else None for k in ("mean", "std", "fill")}
+    width = int(np.prod(spec.data.shape))
+    for name, value in stats.items():
+        if value is not None and value.size != width:
+            raise BadInput(f"init_from.preprocess: keep, but the checkpoint's {name} has {value.size} features and the "
+                           f"data has {width} (use refit)")
+    return replace(fitted, **stats)

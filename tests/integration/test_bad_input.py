@@ -53,6 +53,9 @@ CASES = {  # file in tests/bad_inputs -> what the one-line error must name
     "custom_forward_fails.yaml": "model.factory: bad_models:wrong_input's forward failed on a batch of shape (2, 1, 8, 8)",
     "custom_factory_raises.yaml": "raised TypeError: needs_depth() got an unexpected keyword argument 'width'",
     "factory_without_custom.yaml": "model.factory: only used with model.kind: custom (model.kind is resnet)",
+    "init_from_missing.yaml": "init_from.checkpoint: ",
+    "init_from_freeze_alone.yaml": "init_from.freeze: only used with init_from.checkpoint",
+    "extra_val_missing.yaml": "data.extra_val.old: ",
 }
 # Every case of one command in ONE fresh interpreter (a launch per case cost ~2 minutes of suite time):
 # each case's stderr and exit code, and at the end whether anything imported Ray.

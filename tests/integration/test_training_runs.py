@@ -56,6 +56,18 @@ def test_main_job_reaches_95_percent_on_digits(keel_ray, tmp_path, monkeypatch, 
     page = (report / "index.html").read_text()
     assert all(f"src='{p}'" in page for p in pngs) and "best val accuracy" in page
 
+    # ... and then fine-tuned on shifted digits, as the README says: the main run's newest checkpoint is the
+    # starting point (bit for bit), and every epoch reports the original digits too (forgetting)
+    capsys.readouterr()
+    assert cli.main(["run", str(ROOT / "jobs/digits-finetune.yaml"), "run.epochs=3", "--quiet"]) == 0, capsys.readouterr()
+    tuned = read_metrics(tmp_path / "runs" / "digits-finetune")
+    newest = list_checkpoints(run_dir)[-1]
+    from orchestrator.train.checkpointing import read_payload, state_fingerprint
+    start = tuned[0]["init_from"]
+    assert start["reset"] == [] and start["fingerprint"] == state_fingerprint(read_payload(newest)["model"])
+    assert all("val_accuracy_original" in h for h in tuned)
+    assert tuned[-1]["val_accuracy"] >= 0.8, [(h["val_accuracy"], h["val_accuracy_original"]) for h in tuned]
+
 
 @pytest.mark.timeout(300)
 def test_an_outlier_batch_on_rank_1_only_skips_then_stops_both_ranks(keel_ray, digits_dir, tmp_path):
