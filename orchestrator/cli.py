@@ -37,6 +37,9 @@ def cmd_run(args, console: Console) -> int:
         display.close()
     for warning in outcome.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    if outcome.drift is not None:
+        from orchestrator.data.drift import summary_line
+        console.print(summary_line(outcome.drift), highlight=False, soft_wrap=True)
     if outcome.status == "interrupted":
         Console(stderr=True).print(f"keel: {outcome.reason}: keel run {args.job} {' '.join(args.overrides)}".rstrip(),
                                    highlight=False, markup=False, soft_wrap=True)
@@ -165,6 +168,9 @@ def cmd_validate(args, console: Console) -> int:
     if any(plan.dropped_rows.values()):
         rows += ", dropping " + ", ".join(f"{n} bad {split} rows" for split, n in plan.dropped_rows.items() if n)
     console.print(f"{args.job}: ok ({spec.model.kind}, {'-'.join(map(str, dict.fromkeys([spec.scaling.min_workers, spec.scaling.max_workers])))} workers, {rows})", highlight=False)
+    if plan.drift is not None:  # fine-tuning: how far the new data is from the checkpoint's
+        from orchestrator.data.drift import summary_line
+        console.print(summary_line(plan.drift), highlight=False, soft_wrap=True)
     return 0
 
 

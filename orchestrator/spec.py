@@ -249,8 +249,8 @@ class ScalingSpec(Section):
 class InitFromSpec(Section):
     checkpoint: Optional[str] = doc(None, "Fine-tune: a Keel checkpoint directory (local, or s3://...) whose weights start this run. A run with checkpoints of its own resumes from those instead.")
     reset_head: Literal["auto", "yes", "no"] = doc("auto", "Re-initialise the final classifier: auto = when its shape differs from the checkpoint's (data.num_classes changed).")
-    freeze: list[str] = doc([], "Parameter name prefixes to freeze, e.g. ['stem.', 'stages.0.']; one that names no parameter is refused, listing the model's top-level names.")
-    lr_multipliers: dict[str, float] = doc({}, "Parameter name prefix -> LR multiplier, e.g. {'stages.': 0.1} (the longest matching prefix wins; others 1).")
+    freeze: list[str] = doc([], "Parameter name prefixes to freeze, e.g. ['stem.', 'blocks.0.']; one that names no parameter is refused, listing the model's top-level names.")
+    lr_multipliers: dict[str, float] = doc({}, "Parameter name prefix -> LR multiplier, e.g. {'blocks.': 0.1} (the longest matching prefix wins; others 1).")
     preprocess: Literal["keep", "refit"] = doc("keep", "Standardisation and imputation statistics: the checkpoint's (keep: the network sees inputs scaled as it learned them) or fitted on the new training data (refit).")
 
     @field_validator("lr_multipliers")

@@ -30,6 +30,7 @@ class RunOutcome:
     warnings: list[str] = field(default_factory=list)
     placement: list[dict] = field(default_factory=list)  # per rank: node id, host, pid (placement.json)
     run_uri: Optional[str] = None    # the run directory on object storage, if it is there
+    drift: Optional[dict] = None     # fine-tuning: the new data against the checkpoint's (drift.json)
 
     @property
     def ok(self) -> bool:
@@ -64,7 +65,7 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=WorkerConfig(spec, plan.epoch_rows, progress_queue, clock, plan.preprocess.to_dict(),
-                                       initial_checkpoint, storage).as_loop_config(),
+                                       initial_checkpoint, storage, plan.data_reference).as_loop_config(),
         scaling_config=ScalingConfig(num_workers=(s.min_workers, s.max_workers) if s.elastic else s.min_workers,
                                      use_gpu=s.use_gpu, resources_per_worker=resources, placement_strategy=s.placement_strategy,
                                      elastic_resize_monitor_interval_s=s.resize_check_s),
@@ -113,7 +114,9 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(spec.to_yaml())
     log = MetricsLog(run_dir)
-    outcome = RunOutcome(status="finished", run_dir=run_dir, run_uri=run_uri)
+    outcome = RunOutcome(status="finished", run_dir=run_dir, run_uri=run_uri, drift=plan.drift)
+    if plan.drift is not None:
+        (run_dir / "drift.json").write_text(json.dumps(plan.drift, indent=1))
 
     def publish() -> None:  # object storage: the mirror's small files up to the run directory there
         if run_uri:

@@ -209,7 +209,7 @@ def end_epoch(comps: Components, config: WorkerConfig, progress: ProgressSender,
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if st.rank == 0 and not diverged and (last or (epoch + 1) % spec.run.checkpoint_every == 0):
-            save_checkpoint(tmp, comps, epoch=epoch, spec_yaml=spec.to_yaml(), extra={"preprocess": config.preprocess})
+            save_checkpoint(tmp, comps, epoch=epoch, spec_yaml=spec.to_yaml(), extra={"preprocess": config.preprocess, "data_reference": config.data_reference})
             if report is not None:
                 (Path(tmp) / "stability_report.json").write_text(json.dumps(report, indent=1, default=str))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)

@@ -33,6 +33,8 @@ class Plan:
     curriculum_limits: Optional[list[float]] = None
     dropped_rows: dict = field(default_factory=dict)  # split -> rows dropped (data.on_bad_rows: drop)
     epoch_rows: list[int] = field(default_factory=list)  # training rows per epoch: steps follow the actual world size
+    data_reference: Optional[dict] = None  # the training split's summary, kept in checkpoints (data/drift.py)
+    drift: Optional[dict] = None           # fine-tuning: the new data against the checkpoint's reference
 
 
 def check_rows(scan, data, field_name: str) -> int:
@@ -87,7 +89,8 @@ def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = 
         raise BadInput(f"scaling.cpus_per_worker: {scaling.min_workers} workers x {scaling.cpus_per_worker or MIN_CPUS_PER_WORKER:g} "
                        f"CPUs leave less than {DATA_RESERVE_CPUS:g} of this machine's {cpus} CPUs for Ray Data's tasks "
                        "(the run would wait for data forever); lower it or the workers")
-    scanned = same_data if same_data is not None else scan_data(spec, generate)
+    against = ((warm.get("extra") or {}).get("data_reference") or {}) if warm is not None else None
+    scanned = same_data if same_data is not None else scan_data(spec, generate, against)
     if scanned is None:  # keel validate: the data is still to be generated
         return Plan(-1, -1, [0] * spec.run.epochs, cpus_per_worker)
     if warm is not None and spec.init_from.preprocess == "keep":
@@ -103,9 +106,10 @@ def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = 
     return replace(scanned, steps_per_epoch=steps, cpus_per_worker=cpus_per_worker)
 
 
-def scan_data(spec: JobSpec, generate: bool) -> Optional[Plan]:
+def scan_data(spec: JobSpec, generate: bool, against: Optional[dict] = None) -> Optional[Plan]:
     """The data part of a plan: both splits scanned and checked, preprocessing fitted on the training split,
-    the training rows of every epoch (the curriculum pool grows). None: missing, and not to be generated now."""
+    the training rows of every epoch (the curriculum pool grows), the split's drift reference, and (given a
+    checkpoint's reference) the drift from it. None: missing, and not to be generated now."""
     data = spec.data
     missing = data.generate and not Path(data.train).exists() and not Path(data.val).exists()
     if missing and not generate:
@@ -137,7 +141,14 @@ def scan_data(spec: JobSpec, generate: bool) -> Optional[Plan]:
         scores = np.asarray(scans["train"].extra["score" if cur.checkpoint else cur.score], dtype=np.float64)
         limits = curriculum_thresholds(scores, data.curriculum, spec.run.epochs)
         pools = [min(usable, n) for n in pool_sizes(scores, limits)]
-    return Plan(scans["train"].rows, scans["val"].rows, [], 0.0, preprocess, limits, dropped, pools)
+    from orchestrator.data import drift
+
+    shift = None
+    if against is not None:
+        shift = drift.compare(against, scans["train"].sample, data.shape) if against else \
+            {"comparable": False, "reason": "the checkpoint has no data reference (written before Keel kept one)"}
+    return Plan(scans["train"].rows, scans["val"].rows, [], 0.0, preprocess, limits, dropped, pools,
+                drift.reference(scans["train"].sample, data.shape), shift)
 
 
 def resolved(spec: JobSpec) -> JobSpec:

@@ -21,6 +21,7 @@ class WorkerConfig:
     preprocess: Optional[dict] = None        # standardisation statistics, saved with checkpoints
     initial_checkpoint: Optional[dict] = None  # {path, filesystem, keep_hyperparameters}: a sweep trial's restore
     storage: Optional[dict] = None           # {fs, run_path} when the run lives on object storage
+    data_reference: Optional[dict] = None    # the training split's drift reference, saved with checkpoints
 
     def as_loop_config(self) -> dict:
         return {"worker": self}

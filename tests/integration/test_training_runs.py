@@ -60,6 +60,9 @@ def test_main_job_reaches_95_percent_on_digits(keel_ray, tmp_path, monkeypatch, 
     # starting point (bit for bit), and every epoch reports the original digits too (forgetting)
     capsys.readouterr()
     assert cli.main(["run", str(ROOT / "jobs/digits-finetune.yaml"), "run.epochs=3", "--quiet"]) == 0, capsys.readouterr()
+    said = capsys.readouterr().out
+    shift = json.loads((tmp_path / "runs" / "digits-finetune" / "drift.json").read_text())
+    assert shift["comparable"] and shift["major"] > 10 and "drift: major shift against the checkpoint's training data" in said
     tuned = read_metrics(tmp_path / "runs" / "digits-finetune")
     newest = list_checkpoints(run_dir)[-1]
     from orchestrator.train.checkpointing import read_payload, state_fingerprint
