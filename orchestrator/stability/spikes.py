@@ -87,6 +87,7 @@ class SpikeGuard:
         self.lr_factor, self.rewarm_start = 1.0, None
         self.counts = {"spikes": 0, "rollbacks": 0, "lr_reductions": 0, "batches_skipped": 0}
         self.suspect_step: Optional[int] = None  # the last lone loss spike (skipped, not rolled back)
+        self.calm = False  # this step passed the detector (set in before_step, read in after_step)
 
     def on_batch(self, state, batch):
         if self.spec.action == "rollback" and not self.ring.ring:
@@ -98,13 +99,14 @@ class SpikeGuard:
         return batch
 
     def before_step(self, state) -> None:
+        self.ring.wait()  # a snapshot still being copied must be complete before this step's update
+        self.calm = False
         state.lr_scale *= self.current_lr_factor(state.step)
         if state.skip:
             return
         trigger, z = self.detector.check(state.global_loss, state.grad_norm_value)
         if trigger is None:
-            if self.spec.action == "rollback" and state.step % self.spec.snapshot_every == 0 and state.step > 0:
-                self.ring.add(state.step, state)
+            self.calm = True
             return
         self.counts["spikes"] += 1
         state.skip = True
@@ -155,6 +157,13 @@ class SpikeGuard:
             return self.lr_factor
         ramp = min(1.0, (step - self.rewarm_start + 1) / max(1, self.spec.rewarm_steps))
         return self.lr_factor * ramp
+
+    def after_step(self, state) -> None:
+        """After a calm step's update: every snapshot_every steps keep the state the next step starts from.
+        The large copy runs in the background, overlapping the next step's forward and backward (measured in
+        benchmarks/snapshot_cost.py); the next before_step waits for it."""
+        if self.spec.action == "rollback" and self.calm and (state.step + 1) % self.spec.snapshot_every == 0:
+            self.ring.add(state.step + 1, state, background=True)
 
     def on_report(self, metrics: dict) -> None:
         metrics.update(self.counts)

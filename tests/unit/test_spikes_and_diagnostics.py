@@ -52,6 +52,7 @@ def run_guard(guard, comps, losses):
         if not st.skip:
             with torch.no_grad():
                 comps.model.weight.add_(1.0)  # a visible "update"
+        guard.after_step(st)
     return st
 
 
@@ -183,3 +184,29 @@ def test_retry_budget_is_a_rate_scattered_spikes_do_not_stop_a_run():
     calm = [1.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(25)]
     st = run_guard(guard, comps, CALM + ([50.0] + calm) * 4)  # 4 spikes, each more than a window apart
     assert guard.counts["spikes"] == 4 and st.stop_reason is None
+
+
+def test_a_background_snapshot_is_the_state_when_taken_though_the_next_forward_and_update_run():
+    from orchestrator.stability.snapshots import capture
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(16, 4)).sum().backward()
+    opt.step()  # Adam's moments exist
+    schedule = Schedule(torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0), None)
+    st = StepState(model=model, optimizer=opt, device=torch.device("cpu"), schedule=schedule)
+    expected = capture(st)
+    ring = SnapshotRing()
+    ring.add(7, st, background=True)
+    taken = ring.ring[-1][1]["model"]
+    # the buffers the next forward writes were copied at once, not left to the thread
+    assert taken["1.running_mean"].data_ptr() != model[1].running_mean.data_ptr()
+    model(torch.randn(16, 4) + 5).sum().backward()  # the next step's forward (BN statistics move) and backward
+    ring.wait()  # as before_step does, before the update
+    opt.step()
+    step, snap = ring.pick(before_step=100, min_age=1)
+    assert step == 7
+    assert all(torch.equal(snap["model"][k], v) for k, v in expected["model"].items())
+    moments = lambda s: [t for p in s["optimizer"]["state"].values() for t in p.values()]
+    assert all(torch.equal(a, b) for a, b in zip(moments(snap), moments(expected)))
+    assert not torch.equal(snap["model"]["0.weight"], model[0].weight.detach())  # the update moved the live ones

@@ -1,0 +1,104 @@
+"""Rollback snapshots at scale: what one costs, and what it adds per training step when taken every
+`snapshot_every` steps, blocking (a plain copy) or in the background (the copy overlaps the next step's
+forward and backward; the next update waits for it), as SpikeGuard takes them.
+
+A synthetic MLP of N parameters with Adam (its two moments make the state 3x the weights) trains on a
+small batch on the CPU. Variants interleave round by round; medians and ranges. 1B parameters do not fit
+this machine three times over (weights, moments, snapshots): that row is extrapolated from the measured
+copy rate and says so.
+
+    python -m benchmarks.snapshot_cost [--sizes 10e6,100e6] [--rounds 3] [--every 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from benchmarks.common import machine, median, save, table
+from orchestrator.stability.snapshots import SnapshotRing, capture
+from orchestrator.train.hooks import StepState
+from orchestrator.train.schedules import Schedule
+
+WIDTH = 2048
+
+
+def synthetic(params: float) -> tuple[StepState, torch.Tensor]:
+    layers = max(1, round(params / (WIDTH * WIDTH + WIDTH)))
+    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(layers)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(8, WIDTH)
+    model(x).square().mean().backward()
+    opt.step()  # the moments exist
+    schedule = Schedule(torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0), None)
+    return StepState(model=model, optimizer=opt, device=torch.device("cpu"), schedule=schedule), x
+
+
+def tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def steps(state: StepState, x: torch.Tensor, n: int, every: int, mode: str) -> float:
+    """Seconds per step over n steps; mode none | blocking | background (as SpikeGuard does it)."""
+    ring = SnapshotRing(3)
+    start = time.perf_counter()
+    for step in range(n):
+        state.optimizer.zero_grad(set_to_none=True)
+        state.model(x).square().mean().backward()
+        ring.wait()  # before_step: a background copy must be done before the update
+        state.optimizer.step()
+        if mode != "none" and (step + 1) % every == 0:  # after_step
+            ring.add(step + 1, state, background=mode == "background")
+    ring.wait()
+    return (time.perf_counter() - start) / n
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="10e6,100e6")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--every", type=int, default=25)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    results, rows = {}, []
+    for size in (float(s) for s in args.sizes.split(",")):
+        state, x = synthetic(size)
+        params = sum(p.numel() for p in state.model.parameters())
+        copy_s, per_step = [], {m: [] for m in ("none", "blocking", "background")}
+        snapshot_bytes = tensor_bytes(capture(state))  # what one snapshot holds in host memory
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            capture(state)
+            copy_s.append(time.perf_counter() - start)
+            for mode in per_step:
+                per_step[mode].append(steps(state, x, 2 * args.every, args.every, mode))
+        overhead = {m: [t / base - 1 for t, base in zip(per_step[m], per_step["none"])] for m in ("blocking", "background")}
+        results[f"{params / 1e6:.0f}M"] = {"params": params, "snapshot_s": copy_s, "snapshot_bytes": snapshot_bytes,
+                                           "step_s": per_step, "overhead": overhead}
+        rows.append([f"{params / 1e6:.0f}M", f"{median(copy_s):.2f} ({min(copy_s):.2f}-{max(copy_s):.2f})",
+                     f"{snapshot_bytes / 1e9:.2f}", f"{median(per_step['none']):.3f}",
+                     *(f"{median(overhead[m]):+.1%} ({min(overhead[m]):+.1%} to {max(overhead[m]):+.1%})" for m in overhead)])
+        del state, x
+    largest = results[max(results, key=lambda k: results[k]["params"])]
+    rate = largest["params"] / median(largest["snapshot_s"])  # parameters copied per second (weights + moments)
+    rows.append(["1000M (extrapolated)", f"{1e9 / rate:.1f}", f"{largest['snapshot_bytes'] * 1e9 / largest['params'] / 1e9:.1f}",
+                 "-", "-", "-"])
+    print(f"rollback snapshot cost, every {args.every} steps, {args.rounds} rounds ({machine()})\n")
+    print(table(["params", "one snapshot s (range)", "snapshot GB", "step s", "blocking: per-step overhead",
+                 "background: per-step overhead"], rows))
+    result = {"every": args.every, "rounds": args.rounds, "sizes": results, "extrapolated_1b_snapshot_s": 1e9 / rate}
+    print(f"\nwrote {save('snapshot_cost', result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
