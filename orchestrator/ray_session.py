@@ -55,7 +55,8 @@ def ensure_ray(address: Optional[str], verbose: bool = False, dashboard: bool = 
         for attempt in range(3):
             try:
                 ray.init(log_to_driver=verbose, configure_logging=verbose, logging_level="WARNING",
-                         include_dashboard=dashboard, dashboard_port=port)
+                         include_dashboard=dashboard, dashboard_port=port,
+                         runtime_env={"worker_process_setup_hook": "orchestrator.ray_session.pin_cluster_address"})
                 break
             except Exception as exc:  # another Ray starting beside this one took the port between check and bind
                 taken = "valid port for dashboard" in str(exc) or "already occupied" in str(exc)
@@ -81,3 +82,14 @@ def beside_the_driver() -> dict:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
+def pin_cluster_address() -> None:
+    """Every worker of the embedded cluster names its own cluster in RAY_ADDRESS (a worker setup hook).
+    Ray's own helpers inside the cluster look their cluster up with address "auto", which fails when a
+    second Ray runs on the machine ("Found multiple active Ray instances"): Ray Train's placement-group
+    cleaner then never removed a Tune-stopped trial's placement group, and the next trial waited forever
+    for its CPUs (seen with two `keel sweep`s, or a sweep beside the test suite's own Ray)."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

@@ -37,3 +37,31 @@ def test_a_dashboard_port_taken_between_check_and_bind_is_retried_on_another():
     words = proc.stdout.split()
     asked, port, taken = (int(words[words.index(k) + 1]) for k in ("ASKED", "PORT", "TAKEN"))
     assert asked == 2 and port != taken
+
+
+SECOND = """
+import orchestrator.ray_session as rs
+rs.ensure_ray(None)
+import ray
+
+@ray.remote
+def lookup():  # what Ray Train's placement-group cleaner does inside the cluster: the State API, address "auto"
+    from ray.util.state import list_nodes
+    try:
+        return "FOUND " + ",".join(n.node_id for n in list_nodes())
+    except Exception as exc:
+        return "FAILED " + str(exc).splitlines()[-1]
+
+print(ray.get(lookup.remote()), "OWN", ray.get_runtime_context().get_node_id())
+ray.shutdown()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_inside_a_second_local_ray_the_state_api_finds_its_own_cluster(keel_ray):
+    # the suite's Ray is one instance; the subprocess starts a second, as a `keel sweep` beside it would
+    proc = subprocess.run([sys.executable, "-c", SECOND], capture_output=True, text=True, timeout=170,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found, own = proc.stdout.split("OWN")
+    assert found.startswith("FOUND ") and found.split()[1] == own.strip(), proc.stdout
