@@ -13,6 +13,9 @@ FAST_LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_
                   "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+PIN_ADDRESS = {"worker_process_setup_hook": "orchestrator.ray_session.pin_cluster_address"}  # see pin_cluster_address
+
+
 def free_dashboard_port(preferred: int = 8265) -> int:
     """Ray's default dashboard port if it is free, else any free port (preferred=0: any, at once).
     Free now is not free at bind time: ensure_ray retries when another Ray took it meanwhile."""
@@ -55,8 +58,7 @@ def ensure_ray(address: Optional[str], verbose: bool = False, dashboard: bool = 
         for attempt in range(3):
             try:
                 ray.init(log_to_driver=verbose, configure_logging=verbose, logging_level="WARNING",
-                         include_dashboard=dashboard, dashboard_port=port,
-                         runtime_env={"worker_process_setup_hook": "orchestrator.ray_session.pin_cluster_address"})
+                         include_dashboard=dashboard, dashboard_port=port, runtime_env=PIN_ADDRESS)
                 break
             except Exception as exc:  # another Ray starting beside this one took the port between check and bind
                 taken = "valid port for dashboard" in str(exc) or "already occupied" in str(exc)
@@ -65,7 +67,9 @@ def ensure_ray(address: Optional[str], verbose: bool = False, dashboard: bool = 
                 ray.shutdown()
                 port = free_dashboard_port(preferred=0)
     else:
-        ray.init(address=address, log_to_driver=verbose, logging_level="WARNING")
+        # A submitted job's own runtime env is merged with this one; a setup hook of the user's own wins.
+        own_hook = "worker_process_setup_hook" in os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "")
+        ray.init(address=address, log_to_driver=verbose, logging_level="WARNING", runtime_env=None if own_hook else PIN_ADDRESS)
     import logging
 
     import ray.data
@@ -85,11 +89,12 @@ def beside_the_driver() -> dict:
 
 
 def pin_cluster_address() -> None:
-    """Every worker of the embedded cluster names its own cluster in RAY_ADDRESS (a worker setup hook).
-    Ray's own helpers inside the cluster look their cluster up with address "auto", which fails when a
-    second Ray runs on the machine ("Found multiple active Ray instances"): Ray Train's placement-group
-    cleaner then never removed a Tune-stopped trial's placement group, and the next trial waited forever
-    for its CPUs (seen with two `keel sweep`s, or a sweep beside the test suite's own Ray)."""
+    """Every worker of a Keel job names its own cluster in RAY_ADDRESS (a worker setup hook). Ray's own
+    helpers inside the cluster look their cluster up with address "auto", which fails, or picks the newest
+    `ray start` cluster, when a second Ray runs on the machine ("Found multiple active Ray instances"):
+    Ray Train's placement-group cleaner then never removed a Tune-stopped trial's placement group and the
+    next trial waited forever for its CPUs (a sweep beside the test suite's own Ray), and an elastic run
+    read another cluster's resources and never grew (two `ray start` clusters on one machine)."""
     import ray
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
