@@ -4,7 +4,8 @@ A run records a small reference of its training split in every checkpoint: per u
 each channel for inputs wider than MAX_UNITS), the decile edges and the mean and std of a sample of rows.
 New data is compared unit by unit with the Population Stability Index over those deciles (PSI: 0 for the
 same distribution; by the usual convention < 0.1 no shift, 0.1-0.25 moderate, > 0.25 major) and the mean
-shift in the reference's standard deviations.
+shift in the reference's standard deviations (of the unit, or of the whole input for a unit that was
+constant in the reference).
 """
 
 from __future__ import annotations
@@ -53,9 +54,13 @@ def compare(ref: dict, sample, shape: list[int]) -> dict:
         return {"comparable": False, "reason": f"the reference has {len(ref['edges'])} {ref['level']}s, "
                                                 f"the new data {len(units)} {level}s"}
     rows = []
+    # A unit that was constant in the reference (an image's corner pixel) has no spread of its own to
+    # measure a shift in: its shift is counted in the input's typical spread instead.
+    typical = float(np.sqrt(np.mean(np.square(ref["std"])))) or 1.0
     for i, values in enumerate(units):
         values = values[np.isfinite(values)]
-        shift = (float(values.mean()) - ref["mean"][i]) / max(ref["std"][i], 1e-6) if len(values) else 0.0
+        scale = ref["std"][i] if ref["std"][i] > 0.01 * typical else typical
+        shift = (float(values.mean()) - ref["mean"][i]) / scale if len(values) else 0.0
         rows.append({level: i, "psi": round(psi(ref["edges"][i], values), 4), "mean_shift_std": round(shift, 3)})
     rows.sort(key=lambda r: -r["psi"])
     major = sum(r["psi"] > MAJOR_PSI for r in rows)
