@@ -70,6 +70,8 @@ def test_main_job_reaches_95_percent_on_digits(keel_ray, tmp_path, monkeypatch, 
     assert start["reset"] == [] and start["fingerprint"] == state_fingerprint(read_payload(newest)["model"])
     assert all("val_accuracy_original" in h for h in tuned)
     assert tuned[-1]["val_accuracy"] >= 0.8, [(h["val_accuracy"], h["val_accuracy_original"]) for h in tuned]
+    assert cli.main(["validate", str(ROOT / "jobs/digits-finetune.yaml")]) == 0  # keel validate says it too
+    assert "drift: major shift" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(300)
