@@ -167,7 +167,7 @@ def cmd_validate(args, console: Console) -> int:
     rows = "will be generated" if plan.train_rows < 0 else f"{plan.train_rows} train / {plan.val_rows} val rows"
     if any(plan.dropped_rows.values()):
         rows += ", dropping " + ", ".join(f"{n} bad {split} rows" for split, n in plan.dropped_rows.items() if n)
-    console.print(f"{args.job}: ok ({spec.model.kind}, {'-'.join(map(str, dict.fromkeys([spec.scaling.min_workers, spec.scaling.max_workers])))} workers, {rows})", highlight=False)
+    console.print(f"{args.job}: ok ({spec.model.kind}, {spec.scaling.num_workers} workers, {rows})", highlight=False)
     if plan.drift is not None:  # fine-tuning: how far the new data is from the checkpoint's
         from orchestrator.data.drift import summary_line
         console.print(summary_line(plan.drift), highlight=False, soft_wrap=True)

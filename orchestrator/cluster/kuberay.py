@@ -63,29 +63,29 @@ class AutoscalerOptions(Strict):
     volumeMounts: Optional[list[dict]] = None
 
 
-class HeadGroupSpec(Strict):
+class GroupSpec(Strict):
+    """The fields the head group and the worker groups share."""
     template: PodTemplate
     rayStartParams: StartParams = {}
-    serviceType: Optional[str] = None
-    enableIngress: Optional[bool] = None
-    headService: Optional[dict] = None
     resources: Optional[dict[str, str]] = None
     labels: Optional[dict[str, str]] = None
 
 
-class WorkerGroupSpec(Strict):
+class HeadGroupSpec(GroupSpec):
+    serviceType: Optional[str] = None
+    enableIngress: Optional[bool] = None
+    headService: Optional[dict] = None
+
+
+class WorkerGroupSpec(GroupSpec):
     groupName: str
-    template: PodTemplate
     replicas: Optional[int] = Field(None, ge=0)
     minReplicas: Optional[int] = Field(None, ge=0)
     maxReplicas: Optional[int] = Field(None, ge=0)
     numOfHosts: Optional[int] = Field(None, ge=1)
     idleTimeoutSeconds: Optional[int] = None
-    rayStartParams: StartParams = {}
     scaleStrategy: Optional[dict] = None
     suspend: Optional[bool] = None
-    resources: Optional[dict[str, str]] = None
-    labels: Optional[dict[str, str]] = None
 
 
 class RayClusterSpec(Strict):

@@ -19,7 +19,6 @@ import torch
 from orchestrator.models import unwrap
 
 
-
 def _to_cpu(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)

@@ -217,8 +217,8 @@ def summarize(exp_dir: str | Path, metric: str, mode: str, base_tree: Optional[d
         outcome.best = (max if mode == "max" else min)(healthy, key=lambda r: r.metric)
         if base_tree is not None:
             best_tree = copy.deepcopy(base_tree)
-            for path, value in outcome.best.config.items():
-                set_dotted(best_tree, path, value)
+            for field_path, value in outcome.best.config.items():
+                set_dotted(best_tree, field_path, value)
             name = str(exp_dir).rstrip("/").rsplit("/", 1)[-1]
             set_dotted(best_tree, "run.name", f"{name}-best")
             text = yaml.safe_dump(best_tree, sort_keys=False)

@@ -63,17 +63,19 @@ def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = 
     data, scaling = spec.data, spec.scaling
     if is_remote(spec.run.storage_path):
         check_storage(spec.run.storage_path)  # the URI, the endpoint, the bucket: before any worker starts
-    if spec.model.kind == "custom":  # the user's module: imported, built and run once here, before Ray starts
-        from orchestrator.models import build_model
-        from orchestrator.models.custom import check_custom_model
-
-        check_custom_model(build_model(spec.model, data), spec.model.factory, data.shape, data.num_classes)
     warm = None
-    if spec.init_from.checkpoint:  # fine-tuning: the checkpoint is one and fits this model, before Ray starts
+    if spec.model.kind == "custom" or spec.init_from.checkpoint:
         from orchestrator.models import build_model
-        from orchestrator.train.warm_start import check_warm_start
 
-        warm = check_warm_start(spec, build_model(spec.model, data))
+        model = build_model(spec.model, data)
+        if spec.model.kind == "custom":  # the user's module: imported, built and run once here, before Ray starts
+            from orchestrator.models.custom import check_custom_model
+
+            check_custom_model(model, spec.model.factory, data.shape, data.num_classes)
+        if spec.init_from.checkpoint:  # fine-tuning: the checkpoint is one and fits this model, before Ray starts
+            from orchestrator.train.warm_start import check_warm_start
+
+            warm = check_warm_start(spec, model)
     local = scaling.address is None
     cpus = os.cpu_count() or 1
     if local and scaling.min_workers > cpus:
@@ -96,11 +98,11 @@ def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = 
     if warm is not None and spec.init_from.preprocess == "keep":
         scanned = replace(scanned, preprocess=kept_preprocess(scanned.preprocess, warm, spec))
     pools, usable = scanned.epoch_rows, scanned.train_rows - scanned.dropped_rows.get("train", 0)
-    steps = steps_for(pools, scaling.min_workers, data.batch_size)
-    if steps_for(pools, scaling.max_workers, data.batch_size)[-1] == 0:
+    steps, at_max = (steps_for(pools, n, data.batch_size) for n in (scaling.min_workers, scaling.max_workers))
+    if at_max[-1] == 0:
         raise BadInput(f"data.batch_size: {data.batch_size} x {scaling.max_workers} workers is more than the "
                        f"{usable} usable training rows in {data.train}")
-    if min(steps_for(pools, scaling.max_workers, data.batch_size)) == 0:
+    if min(at_max) == 0:
         raise BadInput(f"data.curriculum.start_fraction: the first epochs' pool is smaller than one global batch "
                        f"({data.batch_size} x {scaling.max_workers})")
     return replace(scanned, steps_per_epoch=steps, cpus_per_worker=cpus_per_worker)
