@@ -271,7 +271,7 @@ def cmd_stress(args, console: Console) -> int:
         acc = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
         console.print(f"{r.scenario:>16} {r.profile:<9} acc {acc:>6}  {'DIVERGED' if r.diverged else r.status:<9} "
                       f"{r.seconds:6.1f} s", highlight=False)
-    epochs = {"digits": args.epochs, "lstm": args.lstm_epochs}
+    epochs = {"digits": args.epochs, "lstm": args.lstm_epochs, "transformer": args.transformer_epochs}
     summary = run_stress(Path(args.out), names, epochs, seeds=args.seeds, on_run=show)
     console.print((Path(args.out) / "stress.md").read_text(), highlight=False, markup=False)
     console.print(f"wrote {args.out}/stress.json, stress.md, stress_losses.png", highlight=False)
@@ -302,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     stress.add_argument("--seeds", type=int, default=2, help="seeds per scenario and profile (mean and range reported)")
     stress.add_argument("--epochs", type=int, default=8, help="epochs of the digits scenarios")
     stress.add_argument("--lstm-epochs", type=int, default=4, help="epochs of the LSTM scenario")
+    stress.add_argument("--transformer-epochs", type=int, default=10, help="epochs of the transformer scenarios")
     stress.add_argument("--out", default="runs/stress", help="output directory")
     stress.set_defaults(func=cmd_stress)
 

@@ -179,6 +179,7 @@ class SpikeSpec(Section):
     rewarm_steps: int = doc(50, "reduce_lr: steps to ramp the reduced LR back up from zero.", ge=1)
     cut_lr_after: int = doc(2, "rollback: from this many recoveries within `window` steps on, each rollback also multiplies the LR by lr_factor for the rest of the run (0 = never).", ge=0)
     max_recoveries: int = doc(10, "Recoveries allowed within `window` steps; one more stops the run as diverged.", ge=0)
+    rebaseline_after: int = doc(2, "rollback: when this many rollbacks in a row meet the spike again at the first step after restoring (the restored, calm weights already see the high loss: the data changed, not the run), accept the new level: re-baseline the statistics, undo those rollbacks' LR cuts and train on (0 = never).", ge=0)
 
 
 class DiagnosticsSpec(Section):
@@ -274,8 +275,8 @@ class RunSpec(Section):
 
 
 class FaultSpec(Section):
-    kind: Literal["nan_batch", "huge_batch", "lr_spike", "scale_weights", "hang"] = doc(
-        ..., "nan_batch / huge_batch: poison one rank's inputs; lr_spike: multiply the LR; scale_weights: multiply a layer's weights; hang: one rank stops responding.")
+    kind: Literal["nan_batch", "huge_batch", "lr_spike", "scale_weights", "hang", "invert_inputs"] = doc(
+        ..., "nan_batch / huge_batch: poison one rank's inputs; lr_spike: multiply the LR; scale_weights: multiply a layer's weights; hang: one rank stops responding; invert_inputs: every rank's training and validation inputs are negated (a sustained distribution shift: give a large repeat).")
     at_step: int = doc(..., "Global optimizer step at which to inject (0-based).", ge=0)
     repeat: int = doc(1, "Inject at this many consecutive steps from at_step.", ge=1)
     rank: int = doc(0, "Rank whose batch is poisoned (batch faults; the others act on every rank).", ge=0)

@@ -20,10 +20,11 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(BY_NAME))
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--lstm-epochs", type=int, default=4)
+    parser.add_argument("--transformer-epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
     out = Path(os.environ.get("KEEL_BENCH_RESULTS", DEFAULT_RESULTS)) / "stress"
-    summary = run_stress(out, args.scenarios.split(","), {"digits": args.epochs, "lstm": args.lstm_epochs}, seeds=args.seeds,
+    summary = run_stress(out, args.scenarios.split(","), {"digits": args.epochs, "lstm": args.lstm_epochs, "transformer": args.transformer_epochs}, seeds=args.seeds,
                          on_run=lambda r: print(f"{r.scenario} {r.profile}: acc {r.accuracy} diverged {r.diverged} ({r.seconds} s)", flush=True))
     print((out / "stress.md").read_text())
     print(f"loss curves: {out / 'stress_losses.png'}")

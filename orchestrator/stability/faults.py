@@ -2,7 +2,8 @@
 
 Batch faults hit one rank (the others must notice through the all-reduced
 step statistics); LR and weight faults hit every rank, as a real bad
-hyper-parameter or a corrupted layer would.
+hyper-parameter or a corrupted layer would; an input inversion is a
+sustained distribution shift of training and validation data alike.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class FaultInjector:
                 batch = dict(batch)
                 batch[self.features] = poison_batch(batch[self.features].float(), fault.kind, fault.factor)
                 state.events.append({"step": state.step, "trigger": "fault", "action": fault.kind, "value": fault.rank})
+        if self._active(state, ("invert_inputs",)):  # every rank: the world changed, not one worker's data
+            batch = dict(batch)
+            batch[self.features] = -batch[self.features].float()
+            if any(f.at_step == state.step for f in self._active(state, ("invert_inputs",))):
+                state.events.append({"step": state.step, "trigger": "fault", "action": "invert_inputs", "value": -1})
         for fault in self._active(state, ("hang",)):
             if fault.rank == state.rank:  # a dead peer: the others must fail fast on the collective timeout
                 time.sleep(10 ** 6)
@@ -50,6 +56,10 @@ class FaultInjector:
                 state.events.append({"step": state.step, "trigger": "fault", "action": "scale_weights",
                                      "value": fault.factor, "layers": names})
         return batch
+
+    def eval_inputs(self, state, x: torch.Tensor) -> torch.Tensor:
+        """Validation sees the shifted world too, from the step the shift began: accuracy on today's data."""
+        return -x if self._active(state, ("invert_inputs",)) else x
 
     def before_step(self, state) -> None:
         for fault in self._active(state, ("lr_spike",)):

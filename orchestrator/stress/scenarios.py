@@ -65,6 +65,16 @@ def lstm_job(data_dir: Path, epochs: int) -> dict:
 LONG_SEQUENCE = 100
 
 
+def transformer_job(data_dir: Path, epochs: int) -> dict:
+    """jobs/sequence-transformer.yaml's model and task (does the first token come back?) at its tuned
+    Adam LR 1e-3, without its warmup (a tuned reference needs no crutch the scenario takes away)."""
+    return {"model": {"kind": "transformer", "width": 64, "layers": 2, "heads": 4, "dropout": 0.0},
+            "data": {"train": str(data_dir / "train.parquet"), "val": str(data_dir / "val.parquet"), "features": "tokens",
+                     "shape": [12, 16], "num_classes": 2, "batch_size": 64},
+            "optimizer": {"name": "adam", "lr": 0.001}, "schedule": {"kind": "cosine"},
+            "scaling": {"num_workers": 2}, "run": {"name": "transformer", "epochs": epochs, "log_every": 2}}
+
+
 @dataclass
 class Scenario:
     name: str
@@ -72,7 +82,16 @@ class Scenario:
     workload: str                        # digits | digits_noisy | lstm
     patch: dict = field(default_factory=dict)
     reference: str = "digits"            # the tuned run this is measured against
+    both: dict = field(default_factory=dict)  # set after the profile, in both: a stabiliser measured on its own
 
+
+HIGH_LR = {"optimizer": {"lr": 0.01}}
+TRANSFORMER_STABILISERS = [  # each measured on its own, in the plain loop and under Keel's defaults alike
+    ("warmup", "1 epoch of linear warmup", {"schedule": {"warmup_epochs": 1}}),
+    ("z_loss", "PaLM's z-loss 1e-4", {"loss": {"z_loss": 1e-4}}),
+    ("qk_norm", "QK-layernorm", {"model": {"qk_norm": True}}),
+    ("beta2", "Adam beta2 0.95", {"optimizer": {"betas": [0.9, 0.95]}}),
+]
 
 SCENARIOS = [
     Scenario("lr_x30", "learning rate 30x the tuned 0.1", "digits", {"optimizer": {"lr": 3.0}}),
@@ -94,6 +113,12 @@ SCENARIOS = [
              {"optimizer": {"lr": 0.5}}, reference="mlp16"),
     Scenario("long_lr_spike", "LR x50 for 30 steps mid-run (outlasts the rollback's skip window)", "digits",
              {"faults": [{"kind": "lr_spike", "at_step": 80, "repeat": 30, "factor": 50.0}]}),
+    Scenario("transformer_high_lr", "transformer, Adam at 10x its tuned LR, no warmup", "transformer",
+             HIGH_LR, reference="transformer"),
+    *[Scenario(f"transformer_high_lr+{name}", f"the same, both profiles with {what}", "transformer", HIGH_LR,
+               reference="transformer", both=setting) for name, what, setting in TRANSFORMER_STABILISERS],
+    Scenario("data_shift", "from epoch 3 on (step 66) every input is inverted, validation too: a lasting new distribution", "digits",
+             {"faults": [{"kind": "invert_inputs", "at_step": 66, "repeat": 1_000_000}]}),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
 
@@ -118,10 +143,10 @@ def noisy_copy(src: Path, dst: Path, fraction: float, num_classes: int, seed: in
 def prepare_data(root: Path) -> dict[str, Path]:
     """Generated once per output directory: digits, digits with 20% symmetric / 30% asymmetric label noise,
     long sequences. Keyed by workload (the MLP workloads read digits)."""
-    from orchestrator.data.generators import make_digits, make_sequence
+    from orchestrator.data.generators import make_digits, make_sequence, make_tokens
 
     dirs = {"digits": root / "digits", "digits_noisy": root / "digits_noisy", "digits_asym": root / "digits_asym30",
-            "lstm": root / f"sequence{LONG_SEQUENCE}"}
+            "lstm": root / f"sequence{LONG_SEQUENCE}", "transformer": root / "tokens"}
     if not (dirs["digits"] / "val.parquet").exists():
         make_digits(dirs["digits"])
     if not (dirs["digits_noisy"] / "val.parquet").exists():
@@ -130,24 +155,26 @@ def prepare_data(root: Path) -> dict[str, Path]:
         noisy_copy(dirs["digits"], dirs["digits_asym"], 0.3, 10, asymmetric=True)
     if not (dirs["lstm"] / "val.parquet").exists():
         make_sequence(dirs["lstm"], rows=4000, length=LONG_SEQUENCE)
+    if not (dirs["transformer"] / "val.parquet").exists():
+        make_tokens(dirs["transformer"])
     dirs["mlp12"] = dirs["mlp16"] = dirs["digits"]
     return dirs
 
 
 JOBS: dict[str, Callable[[Path, int], dict]] = {
     "digits": digits_job, "digits_noisy": digits_job, "digits_asym": digits_job, "lstm": lstm_job,
-    "mlp12": mlp_job(12, 0.05), "mlp16": mlp_job(16, 0.1)}
+    "mlp12": mlp_job(12, 0.05), "mlp16": mlp_job(16, 0.1), "transformer": transformer_job}
 
 
 def epochs_for(workload: str, epochs: dict[str, int]) -> int:
-    """`epochs` has one entry per family: 'lstm', and 'digits' for every digits workload."""
-    return epochs["lstm" if workload == "lstm" else "digits"]
+    """`epochs` has one entry per family: 'lstm', 'transformer', and 'digits' for every digits workload."""
+    return epochs[workload if workload in ("lstm", "transformer") else "digits"]
 
 
 def scenario_job(scenario: Scenario, profile_name: str, data: dict[str, Path], epochs: dict[str, int], storage: Path) -> dict:
     tree = merge(JOBS[scenario.workload](data[scenario.workload], epochs_for(scenario.workload, epochs)), scenario.patch)
-    tree = profile(tree, profile_name)
-    tree["run"].update(name=f"{scenario.name}-{profile_name}", storage_path=str(storage))
+    tree = merge(profile(tree, profile_name), scenario.both)
+    tree["run"].update(name=f"{scenario.name.replace('+', '-')}-{profile_name}", storage_path=str(storage))
     return tree
 
 

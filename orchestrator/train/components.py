@@ -72,7 +72,7 @@ def build_safeguards(spec: JobSpec, model: torch.nn.Module) -> Safeguards:
     if stab.nonfinite.enabled:
         guards.append(NonFiniteGuard(stab.nonfinite.max_consecutive_skips, stab.nonfinite.max_batch_scale_ratio))
     if stab.spike.enabled:
-        guards.append(SpikeGuard(stab.spike))
+        guards.append(SpikeGuard(stab.spike, clipped=stab.clip.mode != "none"))
     guards.append(ReplicaCheck())
     es = stab.early_stopping
     if es.enabled:

@@ -16,6 +16,7 @@ from orchestrator.data.preprocess import FEATURES, LABEL
 from orchestrator.spec import JobSpec
 from orchestrator.stability.diagnostics import Diagnostics
 from orchestrator.stability.distributed import all_reduce_, world_size
+from orchestrator.stability.faults import FaultInjector
 from orchestrator.train.checkpointing import save_checkpoint
 from orchestrator.train.components import Components, build_components, seed_everything
 from orchestrator.train.meters import EpochMeter, ProgressSender
@@ -117,8 +118,10 @@ def evaluate(comps: Components, shard, spec: JobSpec) -> dict[str, float]:
     st = comps.state
     st.model.eval()  # BN uses running statistics: no collectives per batch, uneven shards are fine
     sums = torch.zeros(3, device=st.device, dtype=torch.float64)
+    faults = comps.safeguards.find(FaultInjector)
     for batch in shard.iter_torch_batches(batch_size=spec.data.batch_size * 4, drop_last=False):
         x, y = to_inputs(batch, spec.data, st.device)
+        x = faults.eval_inputs(st, x) if faults else x
         with torch.autocast(st.device.type, dtype=comps.amp_dtype, enabled=comps.amp_dtype is not None):
             logits = st.model(x).float()
         sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
@@ -128,7 +131,7 @@ def evaluate(comps: Components, shard, spec: JobSpec) -> dict[str, float]:
     return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
 
 
-COUNTERS = ("skipped_steps", "spikes", "rollbacks", "lr_reductions", "batches_skipped")
+COUNTERS = ("skipped_steps", "spikes", "rollbacks", "lr_reductions", "batches_skipped", "rebaselines")
 
 
 def stability_report(comps: Components, events: list[dict], metrics: dict) -> dict | None:

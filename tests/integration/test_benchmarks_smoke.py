@@ -35,9 +35,11 @@ def test_data_wait_runs(bench_env):
 def test_overhead_runs_all_four_variants(bench_env):
     from benchmarks import overhead
 
-    result = overhead.main(["--rows", "1200", "--epochs", "2", "--batch", "32"])
+    result = overhead.main(["--rows", "600", "--epochs", "2", "--batch", "32", "--rounds", "1"])
     assert set(result["samples_per_s"]) == {"keel", "ray_train", "torchrun", "single"}
     assert all(v > 0 for v in result["samples_per_s"].values())
+    ratio = result["ratios"]["keel/torchrun"]
+    assert ratio["rounds"] == [result["rounds"][0]["keel"] / result["rounds"][0]["torchrun"]] and ratio["within_spread"]
 
 
 @pytest.mark.timeout(300)

@@ -34,3 +34,16 @@ def test_gpu_path_code_runs_on_cpu(tmp_path, monkeypatch):
     result = gpu_path.main(["--device", "cpu", "--steps", "2", "--batch", "4", "--channels", "[4,8]"])
     assert {r["amp"] for r in result["runs"]} == {"none", "bf16"} and all(r["samples_per_s"] > 0 for r in result["runs"])
     assert result["batchnorm_on_this_device"] == "KeelSyncBatchNorm"
+
+
+def test_overhead_ratios_are_per_round_medians_and_a_wide_spread_is_not_a_result():
+    from benchmarks.overhead import ratio_summary
+
+    steady = [{"keel": 80.0, "ray_train": 100.0, "torchrun": 100.0, "single": 200.0},
+              {"keel": 90.0, "ray_train": 100.0, "torchrun": 110.0, "single": 200.0},
+              {"keel": 85.0, "ray_train": 100.0, "torchrun": 100.0, "single": 200.0}]
+    summary = ratio_summary(steady)
+    assert summary["keel/ray_train"]["median"] == 0.85 and summary["keel/ray_train"]["min"] == 0.8
+    assert summary["keel/torchrun"]["rounds"] == [0.8, 90.0 / 110.0, 0.85] and summary["keel/torchrun"]["within_spread"]
+    noisy = steady[:2] + [{"keel": 60.0, "ray_train": 100.0, "torchrun": 100.0, "single": 200.0}]
+    assert not ratio_summary(noisy)["keel/ray_train"]["within_spread"]  # 0.6 is 25% under the median 0.8

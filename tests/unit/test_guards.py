@@ -96,6 +96,16 @@ def test_fault_injector_poisons_only_its_rank_and_steps():
     assert torch.isfinite(batch["image"]).all()  # the original batch is untouched
 
 
+def test_an_input_inversion_shifts_every_ranks_batches_and_validation_from_its_step_on():
+    inj = FaultInjector([FaultSpec(kind="invert_inputs", at_step=3, repeat=1000)], "image")
+    batch = {"image": torch.ones(2, 3)}
+    inverted = [(step, rank) for step in range(6) for rank in (0, 1)
+                if (inj.on_batch(fake_state(step, rank=rank), batch)["image"] == -1).all()]
+    assert inverted == [(s, r) for s in (3, 4, 5) for r in (0, 1)]
+    assert (inj.eval_inputs(fake_state(2), torch.ones(2)) == 1).all() and (inj.eval_inputs(fake_state(3), torch.ones(2)) == -1).all()
+    assert (batch["image"] == 1).all()
+
+
 def test_safeguards_call_hooks_in_order_and_collect_state():
     calls = []
 

@@ -85,7 +85,7 @@ def test_rollback_restores_a_snapshot_old_enough_and_skips_batches():
     assert guard.skip_batches == 3
     dropped = [guard.on_batch(st, {}) for _ in range(4)]
     assert dropped[:3] == [None, None, None] and dropped[3] == {}
-    assert guard.counts == {"spikes": 2, "rollbacks": 1, "lr_reductions": 0, "batches_skipped": 3}
+    assert guard.counts == {"spikes": 2, "rollbacks": 1, "lr_reductions": 0, "batches_skipped": 3, "rebaselines": 0}
     assert event["replica_drift"] == 0.0 and guard.current_lr_factor(31) == 1.0
 
 
@@ -116,6 +116,59 @@ def test_a_lone_loss_spike_is_only_skipped_a_confirmed_one_rolls_back():
     st.step, st.global_loss, st.grad_norm_value = 200, 1.0, 50.0  # a gradient-norm spike needs no confirmation
     guard.before_step(st)
     assert st.events[-1]["trigger"] == "grad_norm_spike" and st.events[-1]["action"] == "rollback"
+
+
+def test_under_a_clip_a_gradient_norm_spike_with_a_calm_loss_is_let_through_and_a_loss_spike_after_it_rolls_back():
+    comps = FakeComps()
+    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=0), clipped=True)
+    st = run_guard(guard, comps, CALM)
+    st.begin_step()
+    st.step, st.global_loss, st.grad_norm_value = 30, 1.0, 50.0
+    guard.before_step(st)
+    assert not st.skip and st.events[-1]["action"] == "clipped" and guard.counts["rollbacks"] == 0
+    assert guard.detector.grad.mean > 1.0  # followed: a norm that keeps rising is not flagged forever
+    st.begin_step()
+    st.step, st.global_loss, st.grad_norm_value = 32, 50.0, 1.0  # the loss follows within 5 steps: trouble
+    guard.before_step(st)
+    assert st.skip and st.events[-1]["action"] == "rollback" and guard.counts["rollbacks"] == 1
+    unclipped = SpikeGuard(SpikeSpec(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=0))
+    st = run_guard(unclipped, FakeComps(), CALM)
+    st.begin_step()
+    st.step, st.global_loss, st.grad_norm_value = 30, 1.0, 50.0  # nothing bounded this update: roll it back
+    unclipped.before_step(st)
+    assert st.skip and st.events[-1]["action"] == "rollback"
+
+
+SHIFT = dict(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=3, cut_lr_after=1, lr_factor=0.5)
+
+
+def test_a_sustained_new_loss_level_is_rebaselined_after_two_rollbacks_not_rolled_back_forever():
+    """The data changed at step 30 (loss 1.0 -> 4.0 for good): restored weights meet the new level at once."""
+    shifted = CALM + [4.0 + 0.04 * ((i * 3) % 5 - 2) for i in range(60)]
+    comps = FakeComps()
+    guard = SpikeGuard(SpikeSpec(**SHIFT))
+    st = run_guard(guard, comps, shifted)
+    actions = [e["action"] for e in st.events]
+    assert actions == ["skip", "rollback", "rollback", "rebaseline"]  # a spike again 4 steps on: confirmed at once
+    assert guard.counts["rollbacks"] == 2 and guard.counts["rebaselines"] == 1 and not st.stop_reason
+    assert guard.current_lr_factor(st.step) == 1.0  # the streak's LR cuts are undone: they answered a shift
+    assert st.events[-1]["trigger"] == "loss_level_shift" and not st.skip  # training goes on at the new level
+    assert guard.detector.loss.mean == pytest.approx(4.0, abs=0.1)
+    # Without the re-baseline the same stream rolls back again and again and starves the LR.
+    comps = FakeComps()
+    stuck = SpikeGuard(SpikeSpec(**{**SHIFT, "rebaseline_after": 0}))
+    run_guard(stuck, comps, shifted)
+    assert stuck.counts["rollbacks"] >= 5 and stuck.current_lr_factor(0) <= 0.5 ** 5
+
+
+def test_a_spike_that_needs_updates_to_come_back_is_not_a_level_shift():
+    """A too-high LR: the restored weights are calm at first and the spike returns a few updates later."""
+    comps = FakeComps()
+    guard = SpikeGuard(SpikeSpec(**SHIFT))
+    episode = [40.0, 40.0] + [1.0] * 3 + [1.0, 1.0, 1.0]  # confirmed spike, 3 dropped batches, calm restart
+    st = run_guard(guard, comps, CALM + episode * 4)
+    assert guard.counts["rebaselines"] == 0 and guard.counts["rollbacks"] == 4
+    assert guard.current_lr_factor(st.step) == 0.5 ** 4  # every cut stays
 
 
 def test_reduce_lr_cuts_then_rewarms():
