@@ -39,7 +39,7 @@ MODEL = ["model.channels=[32,64]", "model.blocks_per_stage=1", "model.dropout=0.
 def job(workdir: str, epochs: int, batch: int, *extra: str):
     return load_spec("jobs/digits-resnet.yaml", [
         f"data.train={workdir}/train.parquet", f"data.val={workdir}/val.parquet", "data.generate=null",
-        f"run.storage_path={workdir}/runs", f"run.epochs={epochs}", f"data.batch_size={batch}", "run.name=overhead",
+        f"run.storage_path={workdir}/runs", f"run.epochs={epochs}", f"data.batch_size={batch}", f"run.name=overhead-{time.time_ns()}",  # a fresh run each round
         "data.augment.random_crop_padding=0", "data.augment.noise_std=0.0", "data.preprocess.standardize=none",
         "stability.early_stopping.enabled=false", "schedule.warmup_epochs=0", *MODEL, *extra])
 
@@ -95,7 +95,7 @@ def run_ray_train(workdir: str, epochs: int, batch: int) -> float:
     out = Path(workdir) / "ray_train.json"
     trainer = TorchTrainer(ray_train_loop, train_loop_config={"spec": spec, "epochs": epochs, "batch": batch, "out": str(out)},
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                           run_config=RunConfig(name="overhead-ray-train", storage_path=f"{workdir}/runs"),
+                           run_config=RunConfig(name=f"overhead-ray-train-{time.time_ns()}", storage_path=f"{workdir}/runs"),
                            datasets={"train": ray.data.read_parquet(f"{workdir}/train.parquet")})
     trainer.fit()
     return steady(json.loads(out.read_text()))
