@@ -42,10 +42,10 @@ class FaultInjector:
                 batch = dict(batch)
                 batch[self.features] = poison_batch(batch[self.features].float(), fault.kind, fault.factor)
                 state.events.append({"step": state.step, "trigger": "fault", "action": fault.kind, "value": fault.rank})
-        if self._active(state, ("invert_inputs",)):  # every rank: the world changed, not one worker's data
+        if inverting := self._active(state, ("invert_inputs",)):  # every rank: the world changed, not one worker's data
             batch = dict(batch)
             batch[self.features] = -batch[self.features].float()
-            if any(f.at_step == state.step for f in self._active(state, ("invert_inputs",))):
+            if any(f.at_step == state.step for f in inverting):
                 state.events.append({"step": state.step, "trigger": "fault", "action": "invert_inputs", "value": -1})
         for fault in self._active(state, ("hang",)):
             if fault.rank == state.rank:  # a dead peer: the others must fail fast on the collective timeout
