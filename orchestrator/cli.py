@@ -10,6 +10,7 @@ import sys
 
 from rich.console import Console
 
+from orchestrator import metric_keys as mk
 from orchestrator.cluster.commands import cmd_cluster_validate, cmd_jobs, cmd_submit
 from orchestrator.errors import BadInput, RunFailed
 
@@ -122,17 +123,17 @@ def cmd_results(args, console: Console) -> int:
     if saved is not None:
         sweep = SweepSpec.model_validate(yaml.safe_load(saved))
         metric, mode = metric or sweep.metric, mode or sweep.mode
-    outcome = summarize(exp, metric or "val_accuracy", mode or "max")
+    outcome = summarize(exp, metric or mk.VAL_ACCURACY, mode or "max")
     if args.json:  # for scripts: every trial, the best, and the best config as a job
         import json
         from dataclasses import asdict
 
-        print(json.dumps({"exp_dir": str(outcome.exp_dir), "metric": metric or "val_accuracy", "mode": mode or "max",
+        print(json.dumps({"exp_dir": str(outcome.exp_dir), "metric": metric or mk.VAL_ACCURACY, "mode": mode or "max",
                           "trials": [asdict(r) for r in outcome.rows],
                           "best": asdict(outcome.best) if outcome.best else None,
                           "best_job": str(outcome.best_job) if outcome.best_job else None}, indent=1, default=str))
         return 0 if outcome.best is not None else 1
-    return print_results(outcome, metric or "val_accuracy", console)
+    return print_results(outcome, metric or mk.VAL_ACCURACY, console)
 
 
 def cmd_report(args, console: Console) -> int:

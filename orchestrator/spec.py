@@ -14,12 +14,13 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator import metric_keys as mk
 from orchestrator.errors import BadInput
 from orchestrator.spec_text import apply_overrides, read_yaml  # noqa: F401 (re-exported: callers load specs from here)
 
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "silu", "swish", "gelu")
 INITS = ("auto", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "default")
-METRICS = ("val_loss", "val_accuracy", "train_loss")
+METRICS = mk.MONITORABLE
 
 
 class Section(BaseModel):
@@ -195,7 +196,7 @@ class NonFiniteSpec(Section):
 
 class EarlyStoppingSpec(Section):
     enabled: bool = doc(False, "Stop when the monitored metric stops improving.")
-    metric: Literal[METRICS] = doc("val_loss", "Metric to monitor.")
+    metric: Literal[METRICS] = doc(mk.VAL_LOSS, "Metric to monitor.")
     mode: Literal["min", "max"] = doc("min", "Whether lower (min) or higher (max) is better.")
     patience: int = doc(5, "Epochs without improvement before stopping.", ge=1)
     min_delta: float = doc(0.0, "Smallest change that counts as an improvement.", ge=0)

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from orchestrator import metric_keys as mk
+
 # N ranks sum in another order than one: fp32 results differ at ~1e-6 relative (measured on the main
 # job: step-0 outputs 8e-7, losses 5e-7, grad norms 1e-5 over 20 steps), and training amplifies that in
 # the parameters (4e-4 after 20 steps). A real sync bug (per-rank BN, a rank-dependent layer) shows at
@@ -145,8 +147,8 @@ def compare(one: dict, many: dict[str, list[dict]], data_deterministic: bool) ->
                        "two reads of the first batches are identical" if data_deterministic else "two reads differ",
                        None if data_deterministic else "augmentation or shuffling is not seeded by (run.seed, epoch)"),
              compare_forward(one, run, modules),
-             compare_series("loss, every step", "loss", one["steps"], run[0]["steps"]),
-             compare_series("global grad norm, every step", "grad_norm", one["steps"], run[0]["steps"]),
+             compare_series("loss, every step", mk.LOSS, one["steps"], run[0]["steps"]),
+             compare_series("global grad norm, every step", mk.GRAD_NORM, one["steps"], run[0]["steps"]),
              compare_states("parameters and buffers after k steps", one["state"], run[0]["state"], PARAMETER_RTOL,
                             "{layer} ({module}) ends different: see the first step that differed above", modules),
              compare_replicas(run, run[0]["steps"], modules)]

@@ -21,6 +21,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from orchestrator import metric_keys as mk
 from orchestrator.data.preprocess import FEATURES, LABEL
 from orchestrator.spec import JobSpec
 from orchestrator.stability.distributed import rank, world_size
@@ -90,7 +91,7 @@ def check_loop(config: dict) -> None:
             train_step(comps, batch(t), spec)
             if record is not None:
                 st = comps.state
-                record.append({"loss": st.global_loss, "grad_norm": st.grad_norm_value, "skipped": st.skip,
+                record.append({mk.LOSS: st.global_loss, mk.GRAD_NORM: st.grad_norm_value, "skipped": st.skip,
                                "drift": replica_drift(st.model)})
 
     def final(comps) -> dict:

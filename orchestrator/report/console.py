@@ -6,10 +6,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-EPOCH_COLUMNS = [("epoch", "epoch", "{}"), ("train_loss", "train loss", "{:.4f}"), ("val_loss", "val loss", "{:.4f}"),
-                 ("val_accuracy", "val acc", "{:.4f}"), ("grad_norm_mean", "|g| mean", "{:.3g}"),
-                 ("grad_norm_max", "|g| max", "{:.3g}"), ("lr", "lr", "{:.3g}"), ("skipped_steps", "skipped", "{}"),
-                 ("samples_per_s", "samples/s", "{:.0f}")]
+from orchestrator import metric_keys as mk
+
+EPOCH_COLUMNS = [(mk.EPOCH, "epoch", "{}"), (mk.TRAIN_LOSS, "train loss", "{:.4f}"), (mk.VAL_LOSS, "val loss", "{:.4f}"),
+                 (mk.VAL_ACCURACY, "val acc", "{:.4f}"), (mk.GRAD_NORM_MEAN, "|g| mean", "{:.3g}"),
+                 (mk.GRAD_NORM_MAX, "|g| max", "{:.3g}"), (mk.LR, "lr", "{:.3g}"), (mk.SKIPPED_STEPS, "skipped", "{}"),
+                 (mk.SAMPLES_PER_S, "samples/s", "{:.0f}")]
 
 
 def fmt(value, pattern: str = "{:.4g}") -> str:
@@ -48,14 +50,14 @@ class RunDisplay:
             self.console.print(f"resumed from checkpoint: continuing at epoch {event['epoch'] + 1}")
         elif kind == "step" and self.progress:
             self.progress.update(self.task, total=event["steps"], completed=event["step"], epoch=event["epoch"] + 1,
-                                 loss=fmt(event["loss"]), gnorm=fmt(event["grad_norm"]), lr=fmt(event["lr"], "{:.3g}"))
+                                 loss=fmt(event[mk.LOSS]), gnorm=fmt(event[mk.GRAD_NORM]), lr=fmt(event[mk.LR], "{:.3g}"))
         elif kind == "epoch" and not self.quiet:
             m = event["metrics"]
             parts = [f"{label} {fmt(m.get(key), pattern)}" for key, label, pattern in EPOCH_COLUMNS
-                     if key != "epoch"]
-            self.console.print(f"epoch {m['epoch'] + 1}/{self.epochs}  " + "  ".join(parts), highlight=False, soft_wrap=True)
-            if m.get("stop_reason"):
-                self.console.print(f"[yellow]{m['stop_reason']}[/]")
+                     if key != mk.EPOCH]
+            self.console.print(f"epoch {m[mk.EPOCH] + 1}/{self.epochs}  " + "  ".join(parts), highlight=False, soft_wrap=True)
+            if m.get(mk.STOP_REASON):
+                self.console.print(f"[yellow]{m[mk.STOP_REASON]}[/]")
 
     def close(self) -> None:
         if self.progress:
@@ -69,13 +71,13 @@ def summary_table(outcome) -> Table:
     table.add_column("what", no_wrap=True)
     table.add_column("value", overflow="fold")
     final = outcome.final
-    rows = [("epochs run", fmt(final.get("epoch", -1) + 1 if final else 0, "{}")),
-            ("best val accuracy", fmt(outcome.best("val_accuracy", "max"))),
-            ("final val accuracy", fmt(final.get("val_accuracy"))),
-            ("best val loss", fmt(outcome.best("val_loss", "min"))),
-            ("final train loss", fmt(final.get("train_loss"))),
-            ("skipped steps", fmt(final.get("skipped_steps"), "{}")),
-            ("samples/s (last epoch)", fmt(final.get("samples_per_s"), "{:.0f}")),
+    rows = [("epochs run", fmt(final.get(mk.EPOCH, -1) + 1 if final else 0, "{}")),
+            ("best val accuracy", fmt(outcome.best(mk.VAL_ACCURACY, "max"))),
+            ("final val accuracy", fmt(final.get(mk.VAL_ACCURACY))),
+            ("best val loss", fmt(outcome.best(mk.VAL_LOSS, "min"))),
+            ("final train loss", fmt(final.get(mk.TRAIN_LOSS))),
+            ("skipped steps", fmt(final.get(mk.SKIPPED_STEPS), "{}")),
+            ("samples/s (last epoch)", fmt(final.get(mk.SAMPLES_PER_S), "{:.0f}")),
             ("checkpoint", outcome.checkpoint or "-"),
             ("run dir", outcome.run_uri or str(outcome.run_dir))]
     for key, value in rows:

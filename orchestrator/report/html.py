@@ -8,7 +8,9 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator import metric_keys as mk
 from orchestrator.errors import BadInput
+from orchestrator.numbers import finite
 from orchestrator.report import plots
 from orchestrator.report.console import fmt
 from orchestrator.train.run_files import read_metrics, read_stability, read_steps
@@ -36,8 +38,8 @@ def run_report(run_dir: Path) -> tuple[Path, str]:
     steps, stability = read_steps(run_dir), read_stability(run_dir)
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
-    events = (stability or {}).get("events") or [e for h in history for e in h.get("events") or []]
-    steps_per_epoch = history[0]["step"] / (history[0]["epoch"] + 1) if history[0].get("step") else 1
+    events = (stability or {}).get("events") or [e for h in history for e in h.get(mk.EVENTS) or []]
+    steps_per_epoch = history[0][mk.STEP] / (history[0][mk.EPOCH] + 1) if history[0].get(mk.STEP) else 1
     images = [plots.loss_curves(history, events, steps_per_epoch, out / "loss.png")]
     if steps:
         images += [plots.grad_norm(steps, history, config.get("stability", {}).get("clip", {}), out / "grad_norm.png"),
@@ -47,20 +49,20 @@ def run_report(run_dir: Path) -> tuple[Path, str]:
     if heat and heat.get("samples"):
         images.append(plots.layer_heatmap(heat, out / "layers.png"))
     final = history[-1]
-    best_acc = max((h["val_accuracy"] for h in history if isinstance(h.get("val_accuracy"), (int, float))), default=None)
-    summary_rows = [("epochs", str(final["epoch"] + 1)), ("best val accuracy", fmt(best_acc)),
-                    ("final val accuracy", fmt(final.get("val_accuracy"))), ("final val loss", fmt(final.get("val_loss"))),
-                    ("skipped steps", str(final.get("skipped_steps", 0))), ("spikes / rollbacks",
-                    f"{final.get('spikes', 0)} / {final.get('rollbacks', 0)}"),
-                    ("stop reason", html.escape(final.get("stop_reason") or "-"))]
+    best_acc = max((h[mk.VAL_ACCURACY] for h in history if finite(h.get(mk.VAL_ACCURACY))), default=None)
+    summary_rows = [("epochs", str(final[mk.EPOCH] + 1)), ("best val accuracy", fmt(best_acc)),
+                    ("final val accuracy", fmt(final.get(mk.VAL_ACCURACY))), ("final val loss", fmt(final.get(mk.VAL_LOSS))),
+                    ("skipped steps", str(final.get(mk.SKIPPED_STEPS, 0))), ("spikes / rollbacks",
+                    f"{final.get(mk.SPIKES, 0)} / {final.get(mk.ROLLBACKS, 0)}"),
+                    ("stop reason", html.escape(final.get(mk.STOP_REASON) or "-"))]
     text = (stability or {}).get("summary") or "No stability report (diagnostics off)."
     body = (f"<p>Run directory: <code>{html.escape(str(run_dir))}</code></p>" + _table(summary_rows) +
             f"<p class='summary'>{html.escape(text)}</p>" +
             "".join(f"<img src='{p.name}' alt='{p.stem}'>" for p in images))
     page = out / "index.html"
     page.write_text(PAGE.format(title=f"Keel run: {html.escape(run_dir.name)}", body=body))
-    terminal = (f"{run_dir.name}: {final['epoch'] + 1} epochs, best val accuracy {fmt(best_acc)}, final "
-                f"{fmt(final.get('val_accuracy'))}; {text}")
+    terminal = (f"{run_dir.name}: {final[mk.EPOCH] + 1} epochs, best val accuracy {fmt(best_acc)}, final "
+                f"{fmt(final.get(mk.VAL_ACCURACY))}; {text}")
     return page, terminal
 
 

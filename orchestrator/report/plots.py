@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from orchestrator import metric_keys as mk
 from orchestrator.numbers import finite
 
 STYLE = {"figure.figsize": (8, 4.2), "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
@@ -31,8 +32,8 @@ def _finite(xs, ys):
 def loss_curves(history: list[dict], events: list[dict], steps_per_epoch: float, path: Path) -> Path:
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots()
-        epochs = [h["epoch"] + 1 for h in history]
-        for key, label in (("train_loss", "train loss"), ("val_loss", "validation loss")):
+        epochs = [h[mk.EPOCH] + 1 for h in history]
+        for key, label in ((mk.TRAIN_LOSS, "train loss"), (mk.VAL_LOSS, "validation loss")):
             ax.plot(*_finite(epochs, [h.get(key) for h in history]), marker="o", label=label)
         shown = set()
         for e in events:
@@ -43,7 +44,7 @@ def loss_curves(history: list[dict], events: list[dict], steps_per_epoch: float,
             shown.add(trigger)
         ax.set(title="Loss by epoch (dashed: guard events)", xlabel="epoch", ylabel="cross-entropy loss")
         _integer_x(ax)
-        if history and all((h.get("train_loss") or 1) > 0 for h in history):
+        if history and all((h.get(mk.TRAIN_LOSS) or 1) > 0 for h in history):
             _plain_log_axis(ax)
         ax.legend()
         return _save(fig, path)
@@ -66,11 +67,11 @@ def _plain_log_axis(ax) -> None:
 def grad_norm(steps: list[dict], history: list[dict], clip: dict, path: Path) -> Path:
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots()
-        ax.plot(*_finite([s["global_step"] for s in steps], [s.get("grad_norm") for s in steps]),
+        ax.plot(*_finite([s[mk.GLOBAL_STEP] for s in steps], [s.get(mk.GRAD_NORM) for s in steps]),
                 label="pre-clip global norm (sampled steps)")
-        ax.plot(*_finite([s["global_step"] for s in steps], [s.get("grad_norm_post_clip") for s in steps]),
+        ax.plot(*_finite([s[mk.GLOBAL_STEP] for s in steps], [s.get(mk.GRAD_NORM_POST_CLIP) for s in steps]),
                 linestyle=":", color="tab:green", label="after clipping")
-        ax.plot(*_finite([h.get("step") for h in history], [h.get("grad_norm_max") for h in history]), "v",
+        ax.plot(*_finite([h.get(mk.STEP) for h in history], [h.get(mk.GRAD_NORM_MAX) for h in history]), "v",
                 color="tab:orange", label="largest in each epoch")
         if clip.get("mode") == "norm":
             ax.axhline(clip["max_norm"], color="tab:red", linestyle="--", label=f"clip threshold ({clip['max_norm']:g})")
@@ -83,7 +84,7 @@ def grad_norm(steps: list[dict], history: list[dict], clip: dict, path: Path) ->
 def learning_rate(steps: list[dict], path: Path) -> Path:
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots()
-        ax.plot(*_finite([s["global_step"] for s in steps], [s.get("lr") for s in steps]), color="tab:green")
+        ax.plot(*_finite([s[mk.GLOBAL_STEP] for s in steps], [s.get(mk.LR) for s in steps]), color="tab:green")
         ax.set(title="Learning rate schedule", xlabel="optimizer step", ylabel="learning rate")
         return _save(fig, path)
 
@@ -91,12 +92,12 @@ def learning_rate(steps: list[dict], path: Path) -> Path:
 def throughput(history: list[dict], path: Path) -> Path:
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots()
-        epochs = [h["epoch"] + 1 for h in history]
-        ax.bar(epochs, [h.get("samples_per_s") or 0 for h in history], color="tab:blue", alpha=0.7, label="samples/s")
+        epochs = [h[mk.EPOCH] + 1 for h in history]
+        ax.bar(epochs, [h.get(mk.SAMPLES_PER_S) or 0 for h in history], color="tab:blue", alpha=0.7, label="samples/s")
         ax.set(title="Throughput and data wait", xlabel="epoch", ylabel="samples per second (all workers)")
         _integer_x(ax)
         twin = ax.twinx()
-        twin.plot(epochs, [100 * (h.get("data_wait_frac") or 0) for h in history], color="tab:red", marker="o",
+        twin.plot(epochs, [100 * (h.get(mk.DATA_WAIT_FRAC) or 0) for h in history], color="tab:red", marker="o",
                   label="data wait")
         twin.set_ylabel("time waiting for data (%)")
         twin.set_ylim(0, 100)
@@ -149,7 +150,7 @@ def trial_curves(results: list[dict], metric: str, trial: str, path: Path) -> Pa
         ax.set(title=f"Best trial {trial}", xlabel="report (epoch)", ylabel=metric)
         _integer_x(ax)
         twin = ax.twinx()
-        twin.plot(*_finite(it, [r.get("train_loss") for r in results]), marker="s", color="tab:blue", label="train loss")
+        twin.plot(*_finite(it, [r.get(mk.TRAIN_LOSS) for r in results]), marker="s", color="tab:blue", label="train loss")
         twin.set_ylabel("train loss")
         lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
         ax.legend(lines, [metric, "train loss"], loc="center right")

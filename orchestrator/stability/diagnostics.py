@@ -15,6 +15,7 @@ from collections import deque
 import torch
 from torch import nn
 
+from orchestrator import metric_keys as mk
 from orchestrator.models import unwrap
 
 RELU_FAMILY = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU)
@@ -80,7 +81,7 @@ class Diagnostics:
                                self.ema if self.ema is not None else torch.zeros_like(stacked))
         values = stacked.tolist()
         for name, value in zip(self.names, values):
-            self.layers.setdefault(name, {})["grad_norm"] = value
+            self.layers.setdefault(name, {})[mk.GRAD_NORM] = value
         self.history.append({"step": state.step, "grad_norms": values})  # for the report's heatmap
         self.before = [p.detach().clone() for p in unwrap(state.model).parameters() if p.requires_grad]
 

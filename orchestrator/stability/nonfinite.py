@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from orchestrator import metric_keys as mk
 from orchestrator.data.preprocess import FEATURES
 from orchestrator.stability.stop import diverged
 
@@ -74,7 +75,7 @@ class NonFiniteGuard:
                                          f"(stability.nonfinite.max_consecutive_skips={self.max_consecutive_skips}) at step {state.step}")
 
     def on_report(self, metrics: dict) -> None:
-        metrics["skipped_steps"] = self.total
+        metrics[mk.SKIPPED_STEPS] = self.total
 
     def state_dict(self) -> dict:
         """With the running input scale: a resume that re-learned it from one batch judged every later batch

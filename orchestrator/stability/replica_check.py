@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from orchestrator import metric_keys as mk
 from orchestrator.stability.distributed import is_distributed
 
 
@@ -36,4 +37,4 @@ def replica_drift(model: torch.nn.Module) -> float:
 
 class ReplicaCheck:
     def on_epoch_end(self, state, metrics: dict) -> None:
-        metrics["replica_drift"] = replica_drift(state.model)
+        metrics[mk.REPLICA_DRIFT] = replica_drift(state.model)

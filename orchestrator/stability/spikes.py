@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from orchestrator import metric_keys as mk
 from orchestrator.stability.replica_check import replica_drift
 from orchestrator.stability.snapshots import SnapshotRing, restore
 from orchestrator.stability.stop import diverged
@@ -65,7 +66,7 @@ class SpikeDetector:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return None, 0.0  # the non-finite guard handles these
         if self.loss.n >= self.warmup:
-            for name, stats, value, limit in (("loss", self.loss, loss, self.z_loss), ("grad_norm", self.grad, grad_norm, self.z_grad)):
+            for name, stats, value, limit in ((mk.LOSS, self.loss, loss, self.z_loss), (mk.GRAD_NORM, self.grad, grad_norm, self.z_grad)):
                 z = zscore(value, stats.mean, stats.var)
                 if z > limit:
                     return name, z
@@ -106,7 +107,7 @@ class SpikeGuard:
         self.skip_batches = 0
         self.recent: list[int] = []  # steps of the recoveries inside the budget's window
         self.lr_factor, self.rewarm_start = 1.0, None
-        self.counts = {"spikes": 0, "rollbacks": 0, "lr_reductions": 0, "batches_skipped": 0, "rebaselines": 0}
+        self.counts = {key: 0 for key in (mk.SPIKES, mk.ROLLBACKS, mk.LR_REDUCTIONS, mk.BATCHES_SKIPPED, mk.REBASELINES)}
         self.suspect_step: Optional[int] = None  # the last lone loss spike (skipped, not rolled back)
         self.clipped_step: Optional[int] = None  # the last gradient-norm spike let through (bounded by the clip)
         self.calm = False  # this step passed the detector (set in before_step, read in after_step)
@@ -121,7 +122,7 @@ class SpikeGuard:
             self.ring.add(state.step, state)  # where the run started: fresh init or its checkpoint
         if self.skip_batches > 0:  # after a rollback: every rank drops the same batches
             self.skip_batches -= 1
-            self.counts["batches_skipped"] += 1
+            self.counts[mk.BATCHES_SKIPPED] += 1
             return None
         return batch
 
@@ -137,8 +138,8 @@ class SpikeGuard:
             self.calm = True
             self.restored_spikes = 0 if first_after_restore else self.restored_spikes  # the rollback cured it
             return
-        self.counts["spikes"] += 1
-        if trigger == "grad_norm" and self.clipped and not first_after_restore and not self._near(self.suspect_step, state.step):
+        self.counts[mk.SPIKES] += 1
+        if trigger == mk.GRAD_NORM and self.clipped and not first_after_restore and not self._near(self.suspect_step, state.step):
             # The loss is calm and the clip has already bounded this update. Rolling back such steps rolled
             # back learning itself: a transformer's gradient norm jumps as its attention forms, and 15
             # rollbacks held it at 0.59 accuracy where the plain loop reached 0.87 (measured). Let it through;
@@ -153,7 +154,7 @@ class SpikeGuard:
                 self._rebaseline(state, trigger, z)
                 return
         state.skip = True
-        if trigger == "loss" and self.spec.action == "rollback" and not self._confirmed(state.step):
+        if trigger == mk.LOSS and self.spec.action == "rollback" and not self._confirmed(state.step):
             # One noisy batch with a calm gradient norm is not instability (a 4-sample batch's loss is
             # heavy-tailed): drop that step only. Rolling back for each one cost a tiny-batch run 56
             # rollbacks, 30 LR cuts and 1 point of accuracy (measured). A loss spike that returns within
@@ -179,19 +180,19 @@ class SpikeGuard:
                 self.lr_factor_before = self.lr_factor
             state.buffers_before = []  # the snapshot brought its own BN statistics: keep those
             self.skip_batches = self.spec.rollback_skip_batches
-            self.counts["rollbacks"] += 1
+            self.counts[mk.ROLLBACKS] += 1
             event.update(rollback_to=to_step, skip_batches=self.skip_batches,
                          replica_drift=replica_drift(state.model))  # every rank is here: the collective is safe
             if self.spec.cut_lr_after and len(self.recent) >= self.spec.cut_lr_after:
                 # A spike that comes back after a rollback is not bad luck: the LR is too high for this
                 # point of the run. Cut it for good (a spike the rollback cured leaves the LR alone).
                 self.lr_factor *= self.spec.lr_factor
-                self.counts["lr_reductions"] += 1
+                self.counts[mk.LR_REDUCTIONS] += 1
                 event.update(lr_factor=self.lr_factor)
         elif self.spec.action == "reduce_lr":
             self.lr_factor *= self.spec.lr_factor
             self.rewarm_start = state.step
-            self.counts["lr_reductions"] += 1
+            self.counts[mk.LR_REDUCTIONS] += 1
             event.update(lr_factor=self.lr_factor)
         state.events.append(event)
 
@@ -201,7 +202,7 @@ class SpikeGuard:
         self.detector.rebaseline(state.global_loss, state.grad_norm_value)
         self.recent, self.suspect_step, self.clipped_step, self.restored_spikes = [], None, None, 0
         self.lr_factor = self.lr_factor_before
-        self.counts["rebaselines"] += 1
+        self.counts[mk.REBASELINES] += 1
         state.events.append({"step": state.step, "trigger": f"{trigger}_level_shift", "value": round(z, 2), "action": "rebaseline",
                              "loss": round(state.global_loss, 4), "lr_factor": self.lr_factor})
 

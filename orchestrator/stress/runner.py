@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from orchestrator import metric_keys as mk
 from orchestrator.numbers import finite
 from orchestrator.stress.scenarios import SCENARIOS, reference_job, prepare_data, scenario_job
 
@@ -42,11 +43,11 @@ def run_one(tree: dict, scenario: str, profile: str) -> RunResult:
     start = time.monotonic()
     outcome = run_job(JobSpec.model_validate(tree))
     final = outcome.final
-    diverged = (outcome.status in ("diverged", "failed") or not finite(final.get("train_loss"))
-                or not finite(final.get("val_loss")))
-    accuracy = final.get("val_accuracy")
+    diverged = (outcome.status in ("diverged", "failed") or not finite(final.get(mk.TRAIN_LOSS))
+                or not finite(final.get(mk.VAL_LOSS)))
+    accuracy = final.get(mk.VAL_ACCURACY)
     return RunResult(scenario, profile, outcome.status, accuracy if finite(accuracy) else None,
-                     final.get("train_loss"), final.get("val_loss"), diverged,
+                     final.get(mk.TRAIN_LOSS), final.get(mk.VAL_LOSS), diverged,
                      seconds=round(time.monotonic() - start, 1), run_dir=str(outcome.run_dir))
 
 
@@ -152,7 +153,7 @@ def step_losses(run_dir: str) -> tuple[list[int], list[float]]:
     from orchestrator.train.run_files import read_steps
 
     rows = read_steps(Path(run_dir))
-    return [r["global_step"] for r in rows], [r["loss"] if finite(r["loss"]) else math.nan for r in rows]
+    return [r[mk.GLOBAL_STEP] for r in rows], [r[mk.LOSS] if finite(r[mk.LOSS]) else math.nan for r in rows]
 
 
 def loss_figure(summary: dict, path: Path) -> Path:

@@ -7,6 +7,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, model_validator
 
+from orchestrator import metric_keys as mk
 from orchestrator.errors import BadInput
 from orchestrator.spec import JobSpec, Section, apply_overrides, doc, parse_spec, read_yaml
 
@@ -24,7 +25,7 @@ class SchedulerSpec(Section):
 
 class DivergenceSpec(Section):
     enabled: bool = doc(True, "Stop diverging trials at once (non-finite metric, exploding loss, Keel's own diverged signal).")
-    loss_metric: str = doc("train_loss", "Loss reported by trials, watched for explosion.")
+    loss_metric: str = doc(mk.TRAIN_LOSS, "Loss reported by trials, watched for explosion.")
     loss_factor: float = doc(10.0, "Stop when the loss exceeds this many times its first reported value.", gt=1)
     loss_threshold: Union[float, Literal["auto"], None] = doc(
         "auto", "Stop when the loss exceeds this value; auto = 10 x ln(num_classes), ten times a uniform guess's loss.")
@@ -42,7 +43,7 @@ class SweepSpec(Section):
     base: Union[str, dict] = doc(..., "The job to sweep: a path to a job YAML (relative to this file) or the job inline.")
     overrides: list[str] = doc([], "dotted.key=value overrides applied to the base job first.")
     search: dict[str, dict[str, Any]] = doc(..., "dotted.field: {distribution: args}; loguniform/uniform [lo, hi], quniform [lo, hi, q], randint [lo, hi], choice/grid [values].")
-    metric: str = doc("val_accuracy", "Metric to optimise (a key of the epoch reports).")
+    metric: str = doc(mk.VAL_ACCURACY, "Metric to optimise (a key of the epoch reports).")
     mode: Literal["min", "max"] = doc("max", "Whether lower or higher is better.")
     num_samples: int = doc(4, "Samples of the search space (times every grid combination).", ge=1)
     scheduler: SchedulerSpec = doc(SchedulerSpec(), "Trial scheduler.")

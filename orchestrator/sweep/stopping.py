@@ -14,6 +14,8 @@ import math
 from typing import Optional
 
 from ray import tune
+
+from orchestrator import metric_keys as mk
 from orchestrator.numbers import finite
 from orchestrator.storage import read_text, write_text
 
@@ -21,8 +23,8 @@ from orchestrator.storage import read_text, write_text
 def divergence_reason(result: dict, first_loss: Optional[float], *, metric: str, loss_metric: str,
                       loss_factor: float, loss_threshold: Optional[float]) -> Optional[str]:
     """Plain-function twin: why this report means the trial diverged, or None."""
-    if result.get("diverged"):
-        return result.get("stop_reason") or "diverged (Keel guards)"
+    if result.get(mk.DIVERGED):
+        return result.get(mk.STOP_REASON) or "diverged (Keel guards)"
     for key in (metric, loss_metric):
         value = result.get(key)
         if isinstance(value, (int, float)) and not math.isfinite(value):

@@ -18,6 +18,7 @@ from typing import Optional
 
 from ray.train.v2.api.callback import UserCallback
 
+from orchestrator import metric_keys as mk
 from orchestrator.numbers import finite
 from orchestrator.spec_text import set_dotted
 from orchestrator.storage import exists, join
@@ -144,13 +145,13 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, 
         last = metrics = item["metrics"]
         if cloned_from:
             metrics["cloned_from"] = cloned_from
-        if restored is not None and metrics.get("resumed_from"):  # what the workers loaded vs the donor's file
-            metrics["clone_loaded_donor_weights"] = int(metrics["resumed_from"]["fingerprint"] == fingerprint_of(restored))
+        if restored is not None and metrics.get(mk.RESUMED_FROM):  # what the workers loaded vs the donor's file
+            metrics["clone_loaded_donor_weights"] = int(metrics[mk.RESUMED_FROM]["fingerprint"] == fingerprint_of(restored))
         if pbt:  # keep a diverged trial alive at the worst score; the stopper only records it
             reason = divergence_reason(metrics, first_loss, metric=sweep.metric, loss_metric=sweep.divergence.loss_metric,
                                        loss_factor=sweep.divergence.loss_factor, loss_threshold=threshold)
             if reason:
-                metrics.update({sweep.metric: WORST[sweep.mode], "diverged": 1, "stop_reason": reason})
+                metrics.update({sweep.metric: WORST[sweep.mode], mk.DIVERGED: 1, mk.STOP_REASON: reason})
         loss = metrics.get(sweep.divergence.loss_metric)
         if first_loss is None and finite(loss):
             first_loss = loss
@@ -160,7 +161,7 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, 
     fitting.join()
     if failure:
         raise failure[0]
-    if pbt and last.get("diverged"):
+    if pbt and last.get(mk.DIVERGED):
         pace = (report_times[-1] - report_times[0]) / (len(report_times) - 1) if len(report_times) > 1 else 0.0
         wait_to_be_replaced(last, spec.run.epochs, min(max(pace, IDLE_REPORT_S[0]), IDLE_REPORT_S[1]))
 
@@ -171,6 +172,6 @@ def wait_to_be_replaced(last: dict, epochs: int, every_s: float) -> None:
     (PBT exploits only trials that are still running, and clones only from those.)"""
     from ray import tune
 
-    for epoch in range(last.get("epoch", 0) + 1, epochs):
+    for epoch in range(last.get(mk.EPOCH, 0) + 1, epochs):
         time.sleep(every_s)
-        tune.report({**{k: v for k, v in last.items() if k != "events"}, "epoch": epoch, "waiting_for_clone": 1})
+        tune.report({**{k: v for k, v in last.items() if k != mk.EVENTS}, mk.EPOCH: epoch, "waiting_for_clone": 1})

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from orchestrator import metric_keys as mk
+from orchestrator.numbers import finite
 from orchestrator.ray_session import beside_the_driver, ensure_ray
 from orchestrator.spec import JobSpec
 from orchestrator.storage import download_run, filesystem, is_remote, join, upload_dir
@@ -40,8 +42,8 @@ class RunOutcome:
     def final(self) -> dict:
         return self.history[-1] if self.history else {}
 
-    def best(self, metric: str = "val_accuracy", mode: str = "max") -> Optional[float]:
-        values = [h[metric] for h in self.history if isinstance(h.get(metric), (int, float))]
+    def best(self, metric: str = mk.VAL_ACCURACY, mode: str = "max") -> Optional[float]:
+        values = [h[metric] for h in self.history if finite(h.get(metric))]
         return (max if mode == "max" else min)(values) if values else None
 
 
@@ -167,8 +169,8 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
         publish()
         import ray
         ray.kill(queue.actor)
-    reason = outcome.final.get("stop_reason", "")
+    reason = outcome.final.get(mk.STOP_REASON, "")
     if outcome.status != "failed" and reason:
-        outcome.status = "diverged" if outcome.final.get("diverged") else "early_stopped"
+        outcome.status = "diverged" if outcome.final.get(mk.DIVERGED) else "early_stopped"
         outcome.reason = reason
     return outcome

@@ -12,6 +12,7 @@ import ray.train.torch
 import torch
 import torch.nn.functional as F
 
+from orchestrator import metric_keys as mk
 from orchestrator.data.preprocess import FEATURES, LABEL
 from orchestrator.spec import JobSpec
 from orchestrator.stability.diagnostics import Diagnostics
@@ -128,18 +129,15 @@ def evaluate(comps: Components, shard, spec: JobSpec) -> dict[str, float]:
                              (logits.argmax(1) == hard_labels(y)).sum().double(), torch.tensor(float(len(y)), device=st.device).double()])
     loss_sum, correct, count = all_reduce_(sums).tolist()
     st.model.train()
-    return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
-
-
-COUNTERS = ("skipped_steps", "spikes", "rollbacks", "lr_reductions", "batches_skipped", "rebaselines")
+    return {mk.VAL_LOSS: loss_sum / max(count, 1), mk.VAL_ACCURACY: correct / max(count, 1)}
 
 
 def stability_report(comps: Components, events: list[dict], metrics: dict) -> dict | None:
     diagnostics = comps.safeguards.find(Diagnostics)
     if diagnostics is None:
         return None
-    counters = {k: metrics[k] for k in COUNTERS if k in metrics}
-    return {"stop_reason": metrics["stop_reason"], **diagnostics.report(events[-1000:], counters)}
+    counters = {k: metrics[k] for k in mk.COUNTERS if k in metrics}
+    return {mk.STOP_REASON: metrics[mk.STOP_REASON], **diagnostics.report(events[-1000:], counters)}
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -180,17 +178,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
             meter.add(st.global_loss, st.grad_norm_value, spec.data.batch_size * world)
             if logged:
                 post = st.post_clip_norm.item() if st.post_clip_norm is not None else None
-                progress.send("step", epoch=epoch, step=i + 1, steps=steps, global_step=st.step - 1, loss=st.global_loss,
-                              grad_norm=st.grad_norm_value, grad_norm_post_clip=post, lr=st.optimizer.param_groups[0]["lr"])
+                progress.send("step", epoch=epoch, step=i + 1, steps=steps, **{
+                    mk.GLOBAL_STEP: st.step - 1, mk.LOSS: st.global_loss, mk.GRAD_NORM: st.grad_norm_value,
+                    mk.GRAD_NORM_POST_CLIP: post, mk.LR: st.optimizer.param_groups[0]["lr"]})
 
-        metrics = {"epoch": epoch, "step": st.step, **meter.summary(), **evaluate(comps, val_shard, spec),
-                   "lr": st.optimizer.param_groups[0]["lr"], "world_size": world}
+        metrics = {mk.EPOCH: epoch, mk.STEP: st.step, **meter.summary(), **evaluate(comps, val_shard, spec),
+                   mk.LR: st.optimizer.param_groups[0]["lr"], mk.WORLD_SIZE: world}
         for name, shard in extra_val.items():  # e.g. the old data while fine-tuning: forgetting, epoch by epoch
-            metrics.update({f"{k}_{name}": v for k, v in evaluate(comps, shard, spec).items()})
+            metrics.update({mk.extra_val(k, name): v for k, v in evaluate(comps, shard, spec).items()})
         if resumed and epoch == start_epoch:
-            metrics["resumed_from"] = resumed  # {checkpoint, weight fingerprint, ranks}: also for sweep trials
+            metrics[mk.RESUMED_FROM] = resumed  # {checkpoint, weight fingerprint, ranks}: also for sweep trials
         if warm and epoch == start_epoch:
-            metrics["init_from"] = warm  # fine-tuning: the checkpoint, and the layers left to a fresh init
+            metrics[mk.INIT_FROM] = warm  # fine-tuning: the checkpoint, and the layers left to a fresh init
         end_epoch(comps, config, progress, metrics, all_events)
         st.events.clear()
         if st.stop_reason:
@@ -200,12 +199,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def end_epoch(comps: Components, config: WorkerConfig, progress: ProgressSender, metrics: dict, all_events: list[dict]) -> None:
     """The epoch's tail on every rank: schedule and guards see the validated metrics, then one report
     (metrics, and from rank 0 a checkpoint unless the run diverged, plus the stability report at the end)."""
-    st, spec, epoch = comps.state, config.spec, metrics["epoch"]
-    comps.schedule.epoch_end(metrics["val_loss"], warmup_done=epoch + 1 >= spec.schedule.warmup_epochs)
+    st, spec, epoch = comps.state, config.spec, metrics[mk.EPOCH]
+    comps.schedule.epoch_end(metrics[mk.VAL_LOSS], warmup_done=epoch + 1 >= spec.schedule.warmup_epochs)
     comps.safeguards.call("on_epoch_end", st, metrics)
     comps.safeguards.call("on_report", metrics)
     diverged = st.stop_reason is not None and st.stop_reason.diverged
-    metrics.update(stop_reason=str(st.stop_reason or ""), diverged=int(diverged), events=st.events[-20:])
+    metrics.update({mk.STOP_REASON: str(st.stop_reason or ""), mk.DIVERGED: int(diverged), mk.EVENTS: st.events[-20:]})
     all_events.extend(st.events)
     last = epoch == spec.run.epochs - 1 or st.stop_reason is not None
     report = stability_report(comps, all_events, metrics) if last and st.rank == 0 else None

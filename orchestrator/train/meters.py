@@ -6,6 +6,8 @@ import math
 import time
 from typing import Any, Iterable, Iterator
 
+from orchestrator import metric_keys as mk
+
 
 class EpochMeter:
     """Host-side sums of the per-step agreed values (already Python floats: no extra syncs)."""
@@ -41,12 +43,12 @@ class EpochMeter:
     def summary(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return {
-            "train_loss": self.loss_sum / self.loss_n if self.loss_n else float("nan"),
-            "grad_norm_mean": sum(self.norms) / len(self.norms) if self.norms else float("nan"),
-            "grad_norm_max": max(self.norms) if self.norms else float("nan"),
-            "samples_per_s": self.samples / elapsed,
-            "data_wait_frac": self.wait / elapsed,
-            "epoch_time_s": elapsed,
+            mk.TRAIN_LOSS: self.loss_sum / self.loss_n if self.loss_n else float("nan"),
+            mk.GRAD_NORM_MEAN: sum(self.norms) / len(self.norms) if self.norms else float("nan"),
+            mk.GRAD_NORM_MAX: max(self.norms) if self.norms else float("nan"),
+            mk.SAMPLES_PER_S: self.samples / elapsed,
+            mk.DATA_WAIT_FRAC: self.wait / elapsed,
+            mk.EPOCH_TIME_S: elapsed,
         }
 
 

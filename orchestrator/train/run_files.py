@@ -13,10 +13,9 @@ import json
 import math
 from pathlib import Path
 from typing import Optional
-from orchestrator.numbers import finite
 
-EPOCH_SCALARS = ("train_loss", "val_loss", "val_accuracy", "lr", "grad_norm_mean", "grad_norm_max", "skipped_steps",
-                 "spikes", "rollbacks", "lr_reductions", "samples_per_s", "data_wait_frac", "replica_drift")
+from orchestrator import metric_keys as mk
+from orchestrator.numbers import finite
 
 
 def _finite_or_none(value):
@@ -48,26 +47,25 @@ class MetricsLog:
                 writer.writeheader()
             writer.writerow(scalars)
         if self.writer is not None:
-            step = metrics.get("step", metrics.get("epoch", 0))
-            for key in EPOCH_SCALARS:
+            step = metrics.get(mk.STEP, metrics.get(mk.EPOCH, 0))
+            for key in mk.EPOCH_SCALARS:
                 value = metrics.get(key)
                 if finite(value):
                     self.writer.add_scalar(f"epoch/{key}", value, step)
-            for event in metrics.get("events") or []:
+            for event in metrics.get(mk.EVENTS) or []:
                 self.writer.add_scalar(f"events/{event['trigger']}", 1.0, event["step"])
                 self.writer.add_text("events", f"step {event['step']}: {event['trigger']} -> {event['action']} "
                                                f"(value {event.get('value')})", event["step"])
             self.writer.flush()
 
     def step(self, event: dict) -> None:
-        sample = {k: _finite_or_none(event.get(k)) for k in ("global_step", "epoch", "loss", "grad_norm",
-                                                              "grad_norm_post_clip", "lr")}
+        sample = {k: _finite_or_none(event.get(k)) for k in (mk.GLOBAL_STEP, mk.EPOCH, *mk.STEP_SCALARS)}
         with self.steps_path.open("a") as f:
             f.write(json.dumps(sample) + "\n")
-        if self.writer is not None and sample["global_step"] is not None:
-            for key in ("loss", "grad_norm", "grad_norm_post_clip", "lr"):
+        if self.writer is not None and sample[mk.GLOBAL_STEP] is not None:
+            for key in mk.STEP_SCALARS:
                 if sample[key] is not None:
-                    self.writer.add_scalar(f"step/{key}", sample[key], sample["global_step"])
+                    self.writer.add_scalar(f"step/{key}", sample[key], sample[mk.GLOBAL_STEP])
 
     def close(self) -> None:
         if self.writer is not None:
