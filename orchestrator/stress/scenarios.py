@@ -66,8 +66,9 @@ LONG_SEQUENCE = 100
 
 
 def transformer_job(data_dir: Path, epochs: int) -> dict:
-    """jobs/sequence-transformer.yaml's model and task (does the first token come back?) at its tuned
-    Adam LR 1e-3, without its warmup (a tuned reference needs no crutch the scenario takes away)."""
+    """jobs/sequence-transformer.yaml's model, task (does the first token come back?) and tuned Adam LR 1e-3.
+    No warmup is written: the reference (keel profile) gets Keel's default, 1 epoch for a transformer, as the
+    shipped job has; the plain profile gets none."""
     return {"model": {"kind": "transformer", "width": 64, "layers": 2, "heads": 4, "dropout": 0.0},
             "data": {"train": str(data_dir / "train.parquet"), "val": str(data_dir / "val.parquet"), "features": "tokens",
                      "shape": [12, 16], "num_classes": 2, "batch_size": 64},
@@ -85,7 +86,7 @@ class Scenario:
     both: dict = field(default_factory=dict)  # set after the profile, in both: a stabiliser measured on its own
 
 
-HIGH_LR = {"optimizer": {"lr": 0.01}}
+HIGH_LR = {"optimizer": {"lr": 0.003}}  # 3x: measured, 10x and 30x stall both profiles near chance (0.5-0.7)
 TRANSFORMER_STABILISERS = [  # each measured on its own, in the plain loop and under Keel's defaults alike
     ("warmup", "1 epoch of linear warmup", {"schedule": {"warmup_epochs": 1}}),
     ("z_loss", "PaLM's z-loss 1e-4", {"loss": {"z_loss": 1e-4}}),
@@ -113,7 +114,7 @@ SCENARIOS = [
              {"optimizer": {"lr": 0.5}}, reference="mlp16"),
     Scenario("long_lr_spike", "LR x50 for 30 steps mid-run (outlasts the rollback's skip window)", "digits",
              {"faults": [{"kind": "lr_spike", "at_step": 80, "repeat": 30, "factor": 50.0}]}),
-    Scenario("transformer_high_lr", "transformer, Adam at 10x its tuned LR, no warmup", "transformer",
+    Scenario("transformer_high_lr", "transformer, Adam at 3x its tuned LR, no warmup written", "transformer",
              HIGH_LR, reference="transformer"),
     *[Scenario(f"transformer_high_lr+{name}", f"the same, both profiles with {what}", "transformer", HIGH_LR,
                reference="transformer", both=setting) for name, what, setting in TRANSFORMER_STABILISERS],

@@ -23,8 +23,10 @@ def test_a_stabiliser_is_set_after_the_profile_so_the_plain_loop_gets_it_too(tmp
             for p in ("plain", "keel")}
     assert warm["plain"].schedule.warmup_epochs == 1 and warm["keel"].schedule.warmup_epochs == 1
     assert not warm["plain"].stability.spike.enabled and warm["keel"].stability.spike.enabled  # the profiles still differ
-    bare = JobSpec.model_validate(scenario_job(BY_NAME["transformer_high_lr"], "plain", data_dirs(tmp_path), EPOCHS, tmp_path))
-    assert bare.schedule.warmup_epochs == 0 and bare.optimizer.lr == 0.01
+    bare = {p: JobSpec.model_validate(scenario_job(BY_NAME["transformer_high_lr"], p, data_dirs(tmp_path), EPOCHS, tmp_path))
+            for p in ("plain", "keel")}
+    assert bare["plain"].schedule.warmup_epochs == 0 and bare["plain"].optimizer.lr == 0.003
+    assert bare["keel"].schedule.warmup_epochs == 1  # no warmup written: Keel's default for a transformer
     assert warm["keel"].run.name == "transformer_high_lr-warmup-keel"
 
 
