@@ -136,6 +136,11 @@ class ScheduleSpec(Section):
     plateau_patience: int = doc(3, "plateau: epochs without val_loss improvement before the LR drops.", ge=0)
     plateau_factor: float = doc(0.5, "plateau: LR factor applied on a plateau.", gt=0, lt=1)
 
+    @property
+    def warmup(self) -> float:
+        """warmup_epochs as a number: a JobSpec resolves auto by its model; a schedule on its own has none."""
+        return 0.0 if self.warmup_epochs == "auto" else self.warmup_epochs
+
     @field_validator("warmup_epochs", mode="before")
     @classmethod
     def _warmup(cls, value: Any) -> Any:
@@ -337,7 +342,7 @@ class JobSpec(Section):
                 raise ValueError(f"data.augment.{name}: needs image data (data.shape [C, H, W]), got {self.data.shape}")
         if self.schedule.warmup_epochs == "auto":  # resolved here, so every reader (and config.yaml) sees a number
             self.schedule.warmup_epochs = 1.0 if self.model.kind == "transformer" and self.schedule.kind != "one_cycle" else 0.0
-        if self.schedule.kind == "one_cycle" and self.schedule.warmup_epochs > 0:
+        if self.schedule.kind == "one_cycle" and self.schedule.warmup > 0:
             raise ValueError("schedule.warmup_epochs: one_cycle has its own warmup; set it to 0")
         for i, fault in enumerate(self.faults):
             if fault.kind == "scale_weights" and not fault.layer:

@@ -200,7 +200,7 @@ def end_epoch(comps: Components, config: WorkerConfig, progress: ProgressSender,
     """The epoch's tail on every rank: schedule and guards see the validated metrics, then one report
     (metrics, and from rank 0 a checkpoint unless the run diverged, plus the stability report at the end)."""
     st, spec, epoch = comps.state, config.spec, metrics[mk.EPOCH]
-    comps.schedule.epoch_end(metrics[mk.VAL_LOSS], warmup_done=epoch + 1 >= spec.schedule.warmup_epochs)
+    comps.schedule.epoch_end(metrics[mk.VAL_LOSS], warmup_done=epoch + 1 >= spec.schedule.warmup)
     comps.safeguards.call("on_epoch_end", st, metrics)
     comps.safeguards.call("on_report", metrics)
     diverged = st.stop_reason is not None and st.stop_reason.diverged

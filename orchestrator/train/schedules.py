@@ -36,7 +36,7 @@ class Schedule:
 
 def build_schedule(optimizer: torch.optim.Optimizer, spec, steps_per_epoch: int, epochs: int) -> Schedule:
     total = max(1, steps_per_epoch * epochs)
-    warmup = int(round(spec.warmup_epochs * steps_per_epoch))
+    warmup = int(round(spec.warmup * steps_per_epoch))
     after = max(1, total - warmup)
     kind = spec.kind
     if kind == "one_cycle":
