@@ -4,7 +4,9 @@ Both variants live in the same 2 processes (same model, data and batch; synchron
 both), and rounds alternate on/off in lockstep on both ranks, so machine noise hits both alike.
 'on': the defaults: clip.mode auto, non-finite guard, spike detection with rollback snapshots,
 diagnostics. 'off': clipping none, spike detection off, diagnostics off (the non-finite guard stays:
-it is the spine's one all-reduce). Target: median on/off <= 1.03.
+it is the spine's one all-reduce). Target: median on/off <= 1.03. A third variant, the defaults with
+per-worker BN (`stability.sync_batchnorm: false`), prices synchronized BN: one all-reduce per BN layer per
+training forward.
 
     python -m benchmarks.guards_overhead [--steps N] [--rounds R] [--job jobs/digits-resnet.yaml]
 """
@@ -22,6 +24,7 @@ from benchmarks.common import gloo_group, interleaved, machine, median, save, ta
 
 GUARDS_OFF = ["stability.clip.mode=none", "stability.spike.enabled=false", "stability.diagnostics.enabled=false"]
 GUARDS_ON: list[str] = []  # Keel's defaults
+PER_WORKER_BN = ["stability.sync_batchnorm=false"]
 WORLD = 2
 
 
@@ -55,7 +58,8 @@ def _worker(rank: int, init_file: str, out: str, job: str, rounds: int, steps: i
 
 
 def measure(job: str, rounds: int, steps: int, rank: int) -> dict[str, list[float]]:
-    variants = {"guards on": stepper(job, GUARDS_ON, rank), "guards off": stepper(job, GUARDS_OFF, rank)}
+    variants = {"guards on": stepper(job, GUARDS_ON, rank), "guards off": stepper(job, GUARDS_OFF, rank),
+                "per-worker BN": stepper(job, PER_WORKER_BN, rank)}
     for fn in variants.values():  # warm-up: allocator, first snapshot
         for _ in range(5):
             fn()
@@ -73,14 +77,18 @@ def main(argv=None) -> dict:
         mp.start_processes(_worker, args=(os.path.join(tmp, "init"), out, args.job, args.rounds, args.steps),
                            nprocs=WORLD, start_method="spawn")
         times = torch.load(out)
-    on, off = median(times["guards on"]), median(times["guards off"])
+    on, off, local_bn = median(times["guards on"]), median(times["guards off"]), median(times["per-worker BN"])
     ratios = sorted(a / b for a, b in zip(times["guards on"], times["guards off"]))
+    bn_ratios = sorted(a / b for a, b in zip(times["guards on"], times["per-worker BN"]))
     result = {"job": args.job, "world_size": WORLD, "steps_per_round": args.steps, "rounds": args.rounds,
-              "median_step_s": {"guards_on": on, "guards_off": off}, "ratio_on_off": on / off,
-              "per_round_ratio_min_max": [ratios[0], ratios[-1]], "target": 1.03}
+              "median_step_s": {"guards_on": on, "guards_off": off, "per_worker_bn": local_bn}, "ratio_on_off": on / off,
+              "per_round_ratio_min_max": [ratios[0], ratios[-1]], "target": 1.03,
+              "ratio_sync_bn": median(bn_ratios), "sync_bn_per_round_min_max": [bn_ratios[0], bn_ratios[-1]]}
     print(f"guards overhead on {args.job}, DDP with {WORLD} gloo workers ({machine()})\n")
     print(table(["variant", "median step (ms)"], [["guards on (defaults)", f"{on * 1e3:.2f}"], ["guards off", f"{off * 1e3:.2f}"],
-                                                   ["**ratio on/off**", f"**{on / off:.3f}** (per-round {ratios[0]:.3f}–{ratios[-1]:.3f}; target <= 1.03)"]]))
+                                                   ["defaults with per-worker BN", f"{local_bn * 1e3:.2f}"],
+                                                   ["**ratio on/off**", f"**{on / off:.3f}** (per-round {ratios[0]:.3f}–{ratios[-1]:.3f}; target <= 1.03)"],
+                                                   ["synchronized BN: defaults / per-worker BN", f"{median(bn_ratios):.3f} (per-round {bn_ratios[0]:.3f}–{bn_ratios[-1]:.3f})"]]))
     print(f"\nwrote {save('guards_overhead', result)}")
     return result
 

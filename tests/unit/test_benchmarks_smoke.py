@@ -11,7 +11,7 @@ def test_guards_overhead_runs(tmp_path, monkeypatch):
     from benchmarks import guards_overhead
 
     result = guards_overhead.main(["--steps", "2", "--rounds", "2"])
-    assert result["ratio_on_off"] > 0
+    assert result["ratio_on_off"] > 0 and result["ratio_sync_bn"] > 0 and result["median_step_s"]["per_worker_bn"] > 0
     assert json.loads((tmp_path / "guards_overhead.json").read_text())["median_step_s"]["guards_on"] > 0
 
 
@@ -47,3 +47,13 @@ def test_overhead_ratios_are_per_round_medians_and_a_wide_spread_is_not_a_result
     assert summary["keel/torchrun"]["rounds"] == [0.8, 90.0 / 110.0, 0.85] and summary["keel/torchrun"]["within_spread"]
     noisy = steady[:2] + [{"keel": 60.0, "ray_train": 100.0, "torchrun": 100.0, "single": 200.0}]
     assert not ratio_summary(noisy)["keel/ray_train"]["within_spread"]  # 0.6 is 25% under the median 0.8
+
+
+def test_snapshot_cost_runs_on_a_full_ring(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
+    from benchmarks import snapshot_cost
+
+    result = snapshot_cost.main(["--sizes", "1e6", "--rounds", "1", "--every", "5"])
+    (size,) = result["sizes"].values()
+    assert size["snapshot_s"][0] > 0 and size["recycled_snapshot_s"][0] > 0 and size["snapshot_bytes"] > 3 * 4 * 1e6 * 0.9
+    assert set(size["overhead"]) == {"blocking", "background"}
