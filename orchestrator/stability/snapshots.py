@@ -21,8 +21,9 @@ from orchestrator.models import unwrap
 
 def _copy_into(dst, src):
     """A CPU copy of `src` (tensors, dicts, lists), written into `dst`'s tensors wherever shape and dtype match.
-    Reusing an evicted snapshot's memory is what makes snapshots cheap: measured here, copying 0.4 GB into fresh
-    tensors took 1.1 s (first-touch page faults), into existing ones 0.05 s."""
+    Reusing a dropped snapshot's memory keeps a full ring at its size (allocating first held one snapshot more:
+    1.2 GB more at 100M parameters) and skips fresh pages (measured at 101M: 0.49 s for the first copy into new
+    memory, 0.10-0.11 s into recycled)."""
     if isinstance(src, torch.Tensor):
         if (isinstance(dst, torch.Tensor) and dst.device.type == "cpu" and dst.shape == src.shape
                 and dst.dtype == src.dtype):
