@@ -5,8 +5,8 @@ both), and rounds alternate on/off in lockstep on both ranks, so machine noise h
 'on': the defaults: clip.mode auto, non-finite guard, spike detection with rollback snapshots,
 diagnostics. 'off': clipping none, spike detection off, diagnostics off (the non-finite guard stays:
 it is the spine's one all-reduce). Target: median on/off <= 1.03. A third variant, the defaults with
-per-worker BN (`stability.sync_batchnorm: false`), prices synchronized BN: one all-reduce per BN layer per
-training forward.
+per-worker BN (`stability.sync_batchnorm: false`), prices synchronized BN: two all-reduces per BN layer per
+training step (statistics forward, gradient sums backward).
 
     python -m benchmarks.guards_overhead [--steps N] [--rounds R] [--job jobs/digits-resnet.yaml]
 """

@@ -33,7 +33,8 @@ ROLLBACKS = "rollbacks"
 LR_REDUCTIONS = "lr_reductions"
 BATCHES_SKIPPED = "batches_skipped"
 REBASELINES = "rebaselines"
-COUNTERS = (SKIPPED_STEPS, SPIKES, ROLLBACKS, LR_REDUCTIONS, BATCHES_SKIPPED, REBASELINES)
+SPIKE_COUNTERS = (SPIKES, ROLLBACKS, LR_REDUCTIONS, BATCHES_SKIPPED, REBASELINES)  # the spike guard's
+COUNTERS = (SKIPPED_STEPS, *SPIKE_COUNTERS)
 
 MONITORABLE = (VAL_LOSS, VAL_ACCURACY, TRAIN_LOSS)  # what early stopping may watch
 # The per-epoch scalars written to metrics.csv and TensorBoard (epoch/<key>)

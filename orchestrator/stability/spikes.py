@@ -107,7 +107,7 @@ class SpikeGuard:
         self.skip_batches = 0
         self.recent: list[int] = []  # steps of the recoveries inside the budget's window
         self.lr_factor, self.rewarm_start = 1.0, None
-        self.counts = {key: 0 for key in (mk.SPIKES, mk.ROLLBACKS, mk.LR_REDUCTIONS, mk.BATCHES_SKIPPED, mk.REBASELINES)}
+        self.counts = {key: 0 for key in mk.SPIKE_COUNTERS}
         self.suspect_step: Optional[int] = None  # the last lone loss spike (skipped, not rolled back)
         self.clipped_step: Optional[int] = None  # the last gradient-norm spike let through (bounded by the clip)
         self.calm = False  # this step passed the detector (set in before_step, read in after_step)
