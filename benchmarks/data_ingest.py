@@ -21,6 +21,7 @@ import torch
 
 from benchmarks.common import machine, median, save, table
 from orchestrator.data.augment import augment_batch, batch_seed
+from orchestrator.data.batches import row_bytes, shard_batches
 from orchestrator.data.generators import make_synthetic
 from orchestrator.data.pipeline import build_datasets, make_epoch_clock
 from orchestrator.data.preprocess import apply_preprocess
@@ -70,7 +71,9 @@ def main(argv=None) -> dict:
 
     def ray_epoch(epoch):
         ray.get(clock.set.remote(epoch))
-        return sum(len(b["y"]) for b in train.iter_torch_batches(batch_size=args.batch, prefetch_batches=4))
+        batches = shard_batches(train, args.batch, row_bytes=row_bytes(spec.data), drop_last=False,  # the loop's own path
+                                shuffle_rows=spec.data.shuffle_buffer, seed=epoch, prefetch_batches=4)
+        return sum(len(b["y"]) for b in batches)
 
     def torch_epoch(epoch):
         collate.epoch = epoch

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator import metric_keys as mk
+from orchestrator.data.batches import row_bytes, shard_batches
 from orchestrator.data.preprocess import FEATURES, LABEL
 from orchestrator.spec import JobSpec
 from orchestrator.stability.diagnostics import Diagnostics
@@ -120,7 +121,7 @@ def evaluate(comps: Components, shard, spec: JobSpec) -> dict[str, float]:
     st.model.eval()  # BN uses running statistics: no collectives per batch, uneven shards are fine
     sums = torch.zeros(3, device=st.device, dtype=torch.float64)
     faults = comps.safeguards.find(FaultInjector)
-    for batch in shard.iter_torch_batches(batch_size=spec.data.batch_size * 4, drop_last=False):
+    for batch in shard_batches(shard, spec.data.batch_size * 4, row_bytes=row_bytes(spec.data), drop_last=False):
         x, y = to_inputs(batch, spec.data, st.device)
         x = faults.eval_inputs(st, x) if faults else x
         with torch.autocast(st.device.type, dtype=comps.amp_dtype, enabled=comps.amp_dtype is not None):
@@ -162,11 +163,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         st.model.train()
         if clock is not None:  # before this rank asks for the epoch's data: augmentation seeds, curriculum pool
             ray.get(clock.set.remote(epoch))
-        batches = train_shard.iter_torch_batches(
-            batch_size=spec.data.batch_size, drop_last=True,  # no rank ever sees a 1-sample BN batch
-            prefetch_batches=spec.data.prefetch_batches,
-            local_shuffle_buffer_size=spec.data.shuffle_buffer or None,
-            local_shuffle_seed=spec.run.seed * 7919 + epoch * 31 + st.rank if spec.data.shuffle_buffer else None)
+        batches = shard_batches(train_shard, spec.data.batch_size, row_bytes=row_bytes(spec.data), drop_last=True,  # no 1-sample BN batch
+                                shuffle_rows=spec.data.shuffle_buffer, seed=spec.run.seed * 7919 + epoch * 31 + st.rank,
+                                prefetch_batches=spec.data.prefetch_batches)
         for i, batch in enumerate(meter.timed(batches)):
             if i == 0 and epoch == start_epoch:
                 progress.send("first_batch")  # start-up breakdown: data pipeline up

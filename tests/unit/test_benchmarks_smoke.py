@@ -49,6 +49,21 @@ def test_overhead_ratios_are_per_round_medians_and_a_wide_spread_is_not_a_result
     assert not ratio_summary(noisy)["keel/ray_train"]["within_spread"]  # 0.6 is 25% under the median 0.8
 
 
+def test_a_target_cleared_or_missed_in_every_round_is_a_result_whatever_the_spread():
+    from benchmarks.overhead import verdict
+
+    def ratio(*rounds):
+        mid = sorted(rounds)[len(rounds) // 2]
+        return {"median": mid, "min": min(rounds), "max": max(rounds),
+                "within_spread": all(abs(v - mid) <= 0.1 * mid for v in rounds)}
+
+    assert verdict(ratio(1.66, 1.72, 2.01), 1.0) == "met in every round"  # spread 17%, every round above
+    assert verdict(ratio(0.31, 0.38, 0.39), 0.8) == "missed in every round"
+    assert verdict(ratio(0.77, 0.92, 1.05), 1.0) == "spread beyond +-10% across the target: not a result"
+    assert verdict(ratio(0.78, 0.82, 0.85), 0.8) == "met"  # within +-10%, the median clears it
+    assert verdict(ratio(0.78, 0.82, 0.85), None) == "-"
+
+
 def test_snapshot_cost_runs_on_a_full_ring(tmp_path, monkeypatch):
     monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
     from benchmarks import snapshot_cost
