@@ -1,10 +1,10 @@
 """Batches for the step, cut in the worker from large chunks that Ray Data streams in.
 
-Why: Ray Data's per-batch cost (format conversion, batching, the local shuffle buffer's row-by-row
-copies) is paid per `iter_torch_batches` batch. Measured inside 2 Ray Train workers on this 2-core
-machine (benchmarks/RESULTS.md, "Where the data path's time goes"): batches of 32 with a 512-row
-shuffle buffer 12k rows/s per worker, chunks of 1024 sliced in the worker 30k rows/s. Slicing a tensor
-is a view, and shuffling a chunk is one index permutation, so both cost next to nothing here.
+Why: Ray Data's per-batch cost (the numpy -> torch conversion, the local shuffle buffer's copies) is
+paid per batch that `iter_torch_batches` hands out. Measured inside 2 Ray Train workers on this 2-core
+machine (`python -m benchmarks.data_path`, benchmarks/RESULTS.md): batches of 32 through a 512-row shuffle
+buffer 11.7k rows/s per worker, chunks of 2,048 rows permuted and sliced here 29.3k rows/s. A slice is a
+view and the shuffle one `randperm` per chunk, so both cost next to nothing.
 
 The shuffle: rows are permuted within each chunk (at least `shuffle_rows` rows), by a generator seeded
 per (seed, epoch, rank); the per-epoch pipeline stage already permutes each block (data/pipeline.py).
