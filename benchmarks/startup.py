@@ -84,8 +84,8 @@ def main(argv=None) -> dict:
           f"median of {args.rounds} ({machine()})\n")
     print(table(["phase", "seconds (median)"] + [f"round {i + 1}" for i in range(len(rounds))],
                 [[k, f"{summary[k]:.1f}"] + [f"{r[k]:.1f}" for r in rounds] for k in keys]))
-    print(f"\nto first step: **{summary['to_first_step']:.1f} s** (target <= 10 s); to exit: {summary['to_exit']:.1f} s")
-    result = {"rounds": rounds, "median": summary, "target_first_step_s": 10.0, "env": {k: v for k, v in os.environ.items() if k.startswith("RAY_")}}
+    print(f"\nto first step: **{summary['to_first_step']:.1f} s** (target <= 12 s, issue 17); to exit: {summary['to_exit']:.1f} s")
+    result = {"rounds": rounds, "median": summary, "target_first_step_s": 12.0, "env": {k: v for k, v in os.environ.items() if k.startswith("RAY_")}}
     print(f"wrote {save('startup_dashboard' if args.dashboard else 'startup', result)}")
     return result
 
