@@ -100,7 +100,7 @@ class DataSpec(Section):
     num_classes: int = doc(..., "Number of classes.", ge=2)
     batch_size: int = doc(32, "Batch size per worker; the global batch is batch_size x num_workers.", ge=2)
     shuffle_buffer: int = doc(512, "Rows each worker shuffles together: every chunk it fetches (at least this many rows) is permuted before it is cut into batches (0: only the pipeline's per-block shuffle).", ge=0)
-    prefetch_batches: int = doc(2, "Batches each worker prefetches while it computes.", ge=0)
+    prefetch_batches: int = doc(2, "Batches each worker prefetches while it computes, in whole fetched chunks (at least one).", ge=0)
     on_bad_rows: Literal["error", "drop"] = doc("error", "Rows with NaN/Inf features or out-of-range labels: refuse the data, or drop and count them.")
     preprocess: PreprocessSpec = doc(PreprocessSpec(), "Deterministic preprocessing, computed once.")
     augment: AugmentSpec = doc(AugmentSpec(), "Random augmentation, fresh every epoch (training split only).")
