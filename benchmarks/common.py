@@ -52,6 +52,19 @@ def save(name: str, payload: dict) -> Path:
     return path
 
 
+def keel_train_pipeline(spec):
+    """Keel's own training pipeline for `spec`, as `keel run` builds it: (plan, epoch clock, train dataset)
+    on the embedded local Ray. The caller sets the clock before each epoch, as the loop does."""
+    from orchestrator.data.pipeline import build_datasets, make_epoch_clock
+    from orchestrator.ray_session import ensure_ray
+    from orchestrator.train.planning import preflight
+
+    plan = preflight(spec)
+    ensure_ray(None)
+    clock = make_epoch_clock()
+    return plan, clock, build_datasets(spec, plan, clock)["train"]
+
+
 @contextmanager
 def gloo_group(rank: int = -1, world: int = -1, init_method: str = "env://") -> Iterator[None]:
     """A gloo process group for the `with` body, ended cleanly.

@@ -19,16 +19,13 @@ import numpy as np
 import ray
 import torch
 
-from benchmarks.common import machine, median, save, table
+from benchmarks.common import keel_train_pipeline, machine, median, save, table
 from orchestrator.data.augment import augment_batch, batch_seed
 from orchestrator.data.batches import row_bytes, shard_batches
 from orchestrator.data.generators import make_synthetic
-from orchestrator.data.pipeline import build_datasets, make_epoch_clock
 from orchestrator.data.preprocess import apply_preprocess
 from orchestrator.data.scan import feature_matrix
 from orchestrator.spec import AugmentSpec, load_spec
-from orchestrator.ray_session import ensure_ray
-from orchestrator.train.planning import preflight
 
 AUGMENT = AugmentSpec(random_crop_padding=4, hflip=0.5)
 
@@ -57,10 +54,7 @@ def main(argv=None) -> dict:
     make_synthetic(workdir, rows=args.rows, shape=(3, 32, 32))
     spec = load_spec("jobs/synthetic-resnet.yaml", [f"data.train={workdir}/train.parquet", f"data.val={workdir}/val.parquet",
                                                   "data.augment.random_crop_padding=4", "data.augment.hflip=0.5"])
-    plan = preflight(spec)
-    ensure_ray(None)
-    clock = make_epoch_clock()
-    train = build_datasets(spec, plan, clock)["train"]
+    plan, clock, train = keel_train_pipeline(spec)
 
     import pyarrow.parquet as pq
     raw = pq.read_table(spec.data.train)

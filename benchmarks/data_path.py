@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine, median, save, table
+from benchmarks.common import keel_train_pipeline, machine, median, save, table
 
 BATCH = 32
 
@@ -77,22 +77,17 @@ def main(argv=None) -> dict:
     from benchmarks.overhead import job
     from orchestrator.data.batches import row_bytes
     from orchestrator.data.generators import make_synthetic
-    from orchestrator.data.pipeline import build_datasets, make_epoch_clock
-    from orchestrator.ray_session import ensure_ray
-    from orchestrator.train.planning import preflight
 
     workdir = tempfile.mkdtemp(prefix="keel-data-path-")
     make_synthetic(workdir, rows=args.rows, shape=(1, 8, 8))
     spec = job(workdir, args.epochs, BATCH)
-    plan = preflight(spec)
-    ensure_ray(None)
-    clock = make_epoch_clock()
+    plan, clock, train = keel_train_pipeline(spec)
     out = Path(workdir) / "rates.json"
     TorchTrainer(read_loop, train_loop_config={"clock": clock, "rounds": args.rounds, "epochs": args.epochs,
                                                "row_bytes": row_bytes(spec.data), "out": str(out)},
                  scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": plan.cpus_per_worker}),
                  run_config=RunConfig(name=f"data-path-{time.time_ns()}", storage_path=f"{workdir}/runs"),
-                 datasets={"train": build_datasets(spec, plan, clock)["train"]}).fit()
+                 datasets={"train": train}).fit()
     measured = json.loads(out.read_text())
     rounds = measured["rates"]
     names = list(rounds[0])

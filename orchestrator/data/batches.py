@@ -38,12 +38,13 @@ def slice_batches(chunks, batch_size: int, *, drop_last: bool, shuffle: torch.Ge
     chunk so that every batch but (at most) the last is full; `drop_last` drops that last short one."""
     carry: dict | None = None
     for chunk in chunks:
+        n = len(next(iter(chunk.values())))
         if shuffle is not None:
-            order = torch.randperm(len(next(iter(chunk.values()))), generator=shuffle)
+            order = torch.randperm(n, generator=shuffle)
             chunk = {k: v[order] for k, v in chunk.items()}
         if carry is not None:
             chunk = {k: torch.cat([carry[k], v]) for k, v in chunk.items()}
-        n = len(next(iter(chunk.values())))
+            n += len(carry[next(iter(carry))])
         full = n // batch_size * batch_size
         for start in range(0, full, batch_size):
             yield {k: v[start:start + batch_size] for k, v in chunk.items()}
