@@ -145,6 +145,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point; `loop_config` carries one WorkerConfig (see train/worker_config.py)."""
     config = WorkerConfig.of(loop_config)
     spec, world, clock = config.spec, world_size(), config.clock
+    # asked for first: each split's coordinator actor starts while this worker builds its model (was serial)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    extra_val = {name: ray.train.get_dataset_shard(f"val_{name}") for name in spec.data.extra_val}
     steps_per_epoch = steps_for(config.epoch_rows, world, spec.data.batch_size)  # an elastic run: this group's size
     comps = build_components(spec, max(steps_per_epoch), ray.train.torch.get_device(), ray.train.torch.prepare_model)
     st = comps.state
@@ -153,8 +156,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     progress.send("ready", world_size=world, placement=placement)
     start_epoch, resumed = resume(comps, spec, progress, config.initial_checkpoint, steps_per_epoch, config.storage)
     warm = warm_start(st.model, spec) if resumed is None and start_epoch == 0 and spec.init_from.checkpoint else None
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    extra_val = {name: ray.train.get_dataset_shard(f"val_{name}") for name in spec.data.extra_val}
     all_events: list[dict] = []
 
     for epoch in range(start_epoch, spec.run.epochs):
