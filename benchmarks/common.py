@@ -55,13 +55,13 @@ def save(name: str, payload: dict) -> Path:
 def keel_train_pipeline(spec):
     """Keel's own training pipeline for `spec`, as `keel run` builds it: (plan, epoch clock, train dataset)
     on the embedded local Ray. The caller sets the clock before each epoch, as the loop does."""
-    from orchestrator.data.pipeline import build_datasets, make_epoch_clock
-    from orchestrator.ray_session import ensure_ray
+    from orchestrator.data.pipeline import build_datasets
+    from orchestrator.ray_session import ensure_ray, open_run_channel
     from orchestrator.train.planning import preflight
 
     plan = preflight(spec)
     ensure_ray(None)
-    clock = make_epoch_clock()
+    clock = open_run_channel()
     return plan, clock, build_datasets(spec, plan, clock)["train"]
 
 

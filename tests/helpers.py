@@ -32,6 +32,37 @@ def on_gloo_ranks(fn: Callable[[int], dict], world: int, tmp: Path) -> list[dict
     return [torch.load(tmp / f"{r}.pt", weights_only=False) for r in range(world)]
 
 
+# Many CLI cases in ONE fresh interpreter (a launch per case costs ~2 s of suite time each): every case's
+# stderr and exit code, and at the end whether anything imported Ray.
+CLI_PROBE = """
+import contextlib, io, json, sys, traceback
+from orchestrator.cli import main
+results = {}
+for case, argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except BaseException:  # a traceback is what a user would see: the case fails, the others still run
+            traceback.print_exc()
+            rc = "traceback"
+    results[case] = {"rc": rc, "stderr": err.getvalue()}
+print(json.dumps({"results": results, "ray_imported": "ray" in sys.modules}))
+"""
+
+
+def cli_cases(argvs: list[tuple[str, list[str]]], cwd: Path) -> dict:
+    """Run `keel` argv per case in one fresh interpreter: {"results": {case: {rc, stderr}}, "ray_imported"}."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", CLI_PROBE, json.dumps(argvs)], capture_output=True, text=True, cwd=cwd,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def job_tree(digits_dir: Path, storage: Path, name: str, **sections) -> dict:
     """A small digits job as a dict; `sections` replace or extend the defaults per section."""
     tree = {

@@ -41,11 +41,12 @@ def first_batches(spec: JobSpec, plan, rows: int) -> tuple[np.ndarray, np.ndarra
     """The job's first `rows` training rows of epoch 0, through its real Ray Data pipeline, read twice."""
     import ray.data
 
-    from orchestrator.data.pipeline import build_datasets, make_epoch_clock
+    from orchestrator.data.pipeline import build_datasets
     from orchestrator.data.preprocess import FEATURES, LABEL
+    from orchestrator.ray_session import open_run_channel
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    train = build_datasets(spec, plan, make_epoch_clock())["train"]  # the random per-epoch stage re-runs per read
+    train = build_datasets(spec, plan, open_run_channel())["train"]  # the random per-epoch stage re-runs per read
     reads = []
     for _ in range(2):
         batch = train.take_batch(min(rows, plan.train_rows), batch_format="numpy")

@@ -2,7 +2,8 @@
 curriculum filter and augmentation (random, re-run every epoch) -> streamed into the workers.
 
 Ray Data re-executes a dataset's plan every epoch, but the plan cannot know which epoch it is;
-an `EpochClock` actor (set by every rank before it starts an epoch) tells the per-epoch stage,
+the run channel's epoch clock (ray_session.open_run_channel, set by every rank before it starts an
+epoch) tells the per-epoch stage,
 so augmentation and the per-block shuffle are seeded per (seed, epoch, block) and the curriculum
 pool widens on schedule.
 """
@@ -23,25 +24,6 @@ DIFFICULTY = "difficulty"
 BLOCK_BYTES = 64 * 2**20
 DATA_TASK_CPUS = 0.5  # Ray Data tasks fit beside fractional workers; 1 CPU each (Ray's default) measured a deadlock
                       # on 2 cores once any other 0.5 CPU was held
-
-
-def make_epoch_clock():
-    import ray
-
-    from orchestrator.ray_session import beside_the_driver
-
-    @ray.remote
-    class EpochClock:
-        def __init__(self):
-            self.epoch = 0
-
-        def set(self, epoch: int) -> None:
-            self.epoch = epoch
-
-        def get(self) -> int:
-            return self.epoch
-
-    return EpochClock.options(**beside_the_driver()).remote()
 
 
 def preprocess_batch(table, *, state: PreprocessState, features: list[str], label: str, difficulty: str | None,

@@ -55,13 +55,15 @@ def loss_threshold(sweep: SweepSpec, num_classes: int) -> Optional[float]:
 class ForwardReports(UserCallback):
     """Runs in the Train controller: hands each report and its persisted checkpoint to the trial thread."""
 
-    def __init__(self, queue):
-        self.queue = queue
+    def __init__(self, channel):
+        self.channel = channel
 
     def after_report(self, run_context, metrics, checkpoint):
+        import ray
+
         # the checkpoint as stored (path and filesystem): on object storage its path alone names no file
         stored = (checkpoint.path, checkpoint.filesystem) if checkpoint else None
-        self.queue.put({"metrics": dict(metrics[0]), "checkpoint": stored})
+        ray.get(self.channel.put.remote({"metrics": dict(metrics[0]), "checkpoint": stored}))
 
 
 def restored_run_name(trial_id: str, trials_dir: str) -> str:
@@ -104,11 +106,10 @@ def reuses_scan(config: dict) -> bool:
 
 
 def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, base_plan=None) -> None:
+    import ray
     from ray import tune
-    from ray.util.queue import Empty, Queue
 
-    from orchestrator.data.pipeline import make_epoch_clock
-    from orchestrator.ray_session import beside_the_driver
+    from orchestrator.ray_session import open_run_channel
     from orchestrator.spec import JobSpec
     from orchestrator.train.driver import build_trainer
     from orchestrator.train.planning import preflight, resolved
@@ -122,9 +123,9 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, 
         initial = {"path": restored.path, "filesystem": restored.filesystem, "keep_hyperparameters": pbt}
         cloned_from = source_trial(restored)
         cloned_from = cloned_from if cloned_from != trial_id else None
-    reports = Queue(actor_options=beside_the_driver())  # this trial's own process is its driver
+    channel = open_run_channel()  # this trial's own process is its driver: reports, and the epoch clock
     plan = preflight(spec, same_data=base_plan if base_plan is not None and reuses_scan(config) else None)
-    trainer = build_trainer(spec, plan, None, make_epoch_clock(), callbacks=[ForwardReports(reports)],
+    trainer = build_trainer(spec, plan, None, channel, callbacks=[ForwardReports(channel)],
                             initial_checkpoint=initial)
     failure: list[BaseException] = []
 
@@ -137,27 +138,28 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, 
     fitting = threading.Thread(target=fit, daemon=True)
     fitting.start()
     first_loss, threshold, last, report_times = None, loss_threshold(sweep, spec.data.num_classes), {}, []
-    while fitting.is_alive() or not reports.empty():
-        try:
-            item = reports.get(timeout=0.5)
-        except Empty:
-            continue
-        last = metrics = item["metrics"]
-        if cloned_from:
-            metrics["cloned_from"] = cloned_from
-        if restored is not None and metrics.get(mk.RESUMED_FROM):  # what the workers loaded vs the donor's file
-            metrics["clone_loaded_donor_weights"] = int(metrics[mk.RESUMED_FROM]["fingerprint"] == fingerprint_of(restored))
-        if pbt:  # keep a diverged trial alive at the worst score; the stopper only records it
-            reason = divergence_reason(metrics, first_loss, metric=sweep.metric, loss_metric=sweep.divergence.loss_metric,
-                                       loss_factor=sweep.divergence.loss_factor, loss_threshold=threshold)
-            if reason:
-                metrics.update({sweep.metric: WORST[sweep.mode], mk.DIVERGED: 1, mk.STOP_REASON: reason})
-        loss = metrics.get(sweep.divergence.loss_metric)
-        if first_loss is None and finite(loss):
-            first_loss = loss
-        checkpoint = tune.Checkpoint(*item["checkpoint"]) if item["checkpoint"] else None
-        tune.report(metrics, checkpoint=checkpoint)
-        report_times.append(time.monotonic())
+    while True:
+        fitted = not fitting.is_alive()  # read first: every report put before fit() returned is in this take
+        for item in ray.get(channel.take.remote(wait_s=0.5)):  # each report as it arrives: Ray Train may
+            # rotate the checkpoint away once the next one is written
+            last = metrics = item["metrics"]
+            if cloned_from:
+                metrics["cloned_from"] = cloned_from
+            if restored is not None and metrics.get(mk.RESUMED_FROM):  # what the workers loaded vs the donor's file
+                metrics["clone_loaded_donor_weights"] = int(metrics[mk.RESUMED_FROM]["fingerprint"] == fingerprint_of(restored))
+            if pbt:  # keep a diverged trial alive at the worst score; the stopper only records it
+                reason = divergence_reason(metrics, first_loss, metric=sweep.metric, loss_metric=sweep.divergence.loss_metric,
+                                           loss_factor=sweep.divergence.loss_factor, loss_threshold=threshold)
+                if reason:
+                    metrics.update({sweep.metric: WORST[sweep.mode], mk.DIVERGED: 1, mk.STOP_REASON: reason})
+            loss = metrics.get(sweep.divergence.loss_metric)
+            if first_loss is None and finite(loss):
+                first_loss = loss
+            checkpoint = tune.Checkpoint(*item["checkpoint"]) if item["checkpoint"] else None
+            tune.report(metrics, checkpoint=checkpoint)
+            report_times.append(time.monotonic())
+        if fitted:
+            break
     fitting.join()
     if failure:
         raise failure[0]

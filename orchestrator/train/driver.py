@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 from orchestrator import metric_keys as mk
 from orchestrator.numbers import finite
-from orchestrator.ray_session import beside_the_driver, ensure_ray
+from orchestrator.ray_session import ensure_ray, open_run_channel
 from orchestrator.spec import JobSpec
 from orchestrator.storage import download_run, filesystem, is_remote, join, upload_dir
 from orchestrator.train.planning import Plan, preflight, resolved, wait_for_resources
@@ -47,7 +47,7 @@ class RunOutcome:
         return (max if mode == "max" else min)(values) if values else None
 
 
-def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: Any = None, callbacks: list = (),
+def build_trainer(spec: JobSpec, plan: Plan, progress: Any = None, clock: Any = None, callbacks: list = (),
                   initial_checkpoint: Optional[dict] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -66,7 +66,7 @@ def build_trainer(spec: JobSpec, plan: Plan, progress_queue: Any = None, clock: 
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=WorkerConfig(spec, plan.epoch_rows, progress_queue, clock, plan.preprocess.to_dict(),
+        train_loop_config=WorkerConfig(spec, plan.epoch_rows, progress, clock, plan.preprocess.to_dict(),
                                        initial_checkpoint, storage, plan.data_reference).as_loop_config(),
         scaling_config=ScalingConfig(num_workers=(s.min_workers, s.max_workers) if s.elastic else s.min_workers,
                                      use_gpu=s.use_gpu, resources_per_worker=resources, placement_strategy=s.placement_strategy,
@@ -105,10 +105,9 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
         plan = preflight(spec)
     spec = resolved(spec)
     ensure_ray(spec.scaling.address, verbose, dashboard)
+    import ray
     from ray.train import TrainingFailedError
-    from ray.util.queue import Empty, Queue
 
-    from orchestrator.data.pipeline import make_epoch_clock
     from orchestrator.train.run_files import MetricsLog
 
     run_uri = join(spec.run.storage_path, spec.run.name) if is_remote(spec.run.storage_path) else None
@@ -123,37 +122,40 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
     def publish() -> None:  # object storage: the mirror's small files up to the run directory there
         if run_uri:
             upload_dir(run_dir, run_uri)
-    queue = Queue(actor_options=beside_the_driver())
+    channel = open_run_channel()  # rank 0's events to this driver, and the data pipeline's epoch clock
     done = threading.Event()
 
-    def pump() -> None:  # the driver's only thread besides fit(): live view + metrics files
-        while not (done.is_set() and queue.empty()):
-            try:
-                event = queue.get(timeout=0.2)
-            except Empty:
-                continue
-            if event["type"] == "epoch":
-                outcome.history.append(event["metrics"])
-                log.append(event["metrics"])
-                publish()
-            elif event["type"] == "step":
-                log.step(event)
-            elif event["type"] == "ready":  # where each rank runs: node, host, pid
-                outcome.placement = event["placement"]
-                (run_dir / "placement.json").write_text(json.dumps(event["placement"], indent=1))
-            elif event["type"] == "warning":
-                outcome.warnings.append(event["message"])
-            elif event["type"] == "stability_report":
-                outcome.stability = event["report"]
-                (run_dir / "stability_report.json").write_text(json.dumps(event["report"], indent=1, default=str))
-            on_event(event)
+    def handle(event: dict) -> None:  # live view + metrics files
+        if event["type"] == "epoch":
+            outcome.history.append(event["metrics"])
+            log.append(event["metrics"])
+            publish()
+        elif event["type"] == "step":
+            log.step(event)
+        elif event["type"] == "ready":  # where each rank runs: node, host, pid
+            outcome.placement = event["placement"]
+            (run_dir / "placement.json").write_text(json.dumps(event["placement"], indent=1))
+        elif event["type"] == "warning":
+            outcome.warnings.append(event["message"])
+        elif event["type"] == "stability_report":
+            outcome.stability = event["report"]
+            (run_dir / "stability_report.json").write_text(json.dumps(event["report"], indent=1, default=str))
+        on_event(event)
+
+    def pump() -> None:  # the driver's only thread besides fit()
+        while True:
+            finished = done.is_set()  # read first: what was put before fit() returned is in this take
+            for event in ray.get(channel.take.remote(wait_s=0.2)):
+                handle(event)
+            if finished:
+                return
 
     pumper = threading.Thread(target=pump, daemon=True)
     pumper.start()
     try:
         on_event({"type": "start", "plan": plan, "run_dir": run_uri or str(run_dir)})
         wait_for_resources(spec, plan)
-        result = build_trainer(spec, plan, queue, make_epoch_clock()).fit()
+        result = build_trainer(spec, plan, channel, channel).fit()
         outcome.checkpoint = result.checkpoint.path if result.checkpoint else None
     except TrainingFailedError as exc:
         outcome.status, outcome.reason = "failed", failure_reason(exc, spec)
@@ -167,8 +169,7 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
         pumper.join(timeout=30)
         log.close()
         publish()
-        import ray
-        ray.kill(queue.actor)
+        ray.kill(channel)
     reason = outcome.final.get(mk.STOP_REASON, "")
     if outcome.status != "failed" and reason:
         outcome.status = "diverged" if outcome.final.get(mk.DIVERGED) else "early_stopped"

@@ -53,11 +53,11 @@ class EpochMeter:
 
 
 class ProgressSender:
-    """Rank 0 pushes small dicts to the driver's queue, fire-and-forget (never blocks a step)."""
+    """Rank 0 pushes small dicts to the driver's run channel, fire-and-forget (never blocks a step)."""
 
-    def __init__(self, queue: Any, rank: int):
-        self.actor = getattr(queue, "actor", None) if rank == 0 else None
+    def __init__(self, channel: Any, rank: int):
+        self.channel = channel if rank == 0 else None
 
     def send(self, kind: str, **payload: Any) -> None:
-        if self.actor is not None:
-            self.actor.put_nowait.remote({"type": kind, **payload})
+        if self.channel is not None:
+            self.channel.put.remote({"type": kind, **payload})

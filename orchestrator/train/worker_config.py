@@ -16,8 +16,8 @@ from orchestrator.spec import JobSpec
 class WorkerConfig:
     spec: JobSpec
     epoch_rows: list[int]                    # training rows per epoch (the curriculum pool grows); steps follow the world size
-    progress: Any = None                     # a ray.util.queue.Queue to the driver, or None
-    clock: Any = None                        # the data pipeline's EpochClock actor, or None
+    progress: Any = None                     # the run channel for rank 0's events to the driver, or None
+    clock: Any = None                        # the run channel, as the data pipeline's epoch clock, or None
     preprocess: Optional[dict] = None        # standardisation statistics, saved with checkpoints
     initial_checkpoint: Optional[dict] = None  # {path, filesystem, keep_hyperparameters}: a sweep trial's restore
     storage: Optional[dict] = None           # {fs, run_path} when the run lives on object storage

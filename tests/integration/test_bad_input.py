@@ -1,6 +1,5 @@
 """Bad input: one line naming the field or file, exit code 2, no Ray started, no run directory written."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.bad_inputs.bad_datasets import write_bad_datasets
-from tests.helpers import ROOT
+from tests.helpers import ROOT, cli_cases
 
 CASES = {  # file in tests/bad_inputs -> what the one-line error must name
     "malformed_yaml.yaml": "malformed YAML",
@@ -57,25 +56,6 @@ CASES = {  # file in tests/bad_inputs -> what the one-line error must name
     "init_from_freeze_alone.yaml": "init_from.freeze: only used with init_from.checkpoint",
     "extra_val_missing.yaml": "data.extra_val.old: ",
 }
-# Every case of one command in ONE fresh interpreter (a launch per case cost ~2 minutes of suite time):
-# each case's stderr and exit code, and at the end whether anything imported Ray.
-PROBE = """
-import contextlib, io, json, sys, traceback
-from orchestrator.cli import main
-results = {}
-for case, argv in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            rc = main(argv)
-        except BaseException:  # a traceback is what a user would see: the case fails, the others still run
-            traceback.print_exc()
-            rc = "traceback"
-    results[case] = {"rc": rc, "stderr": err.getvalue()}
-print(json.dumps({"results": results, "ray_imported": "ray" in sys.modules}))
-"""
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, digits_dir) -> Path:
     """The bad specs with DATA pointing at a real digits set, plus a file that is not Parquet."""
@@ -98,11 +78,7 @@ def outcomes(request, corpus, tmp_path_factory):
     (work / "bad_models.py").write_bytes((ROOT / "tests/bad_inputs/bad_models.py").read_bytes())  # factories import from here
     argvs = [(case, [command, str(corpus / case)] + ([] if case == "missing_run.yaml" else [f"run.storage_path={work}/runs-{case}"]))
              for case in sorted(CASES)]
-    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argvs)], capture_output=True, text=True, cwd=work,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    found = json.loads(proc.stdout.strip().splitlines()[-1])
-    return found, work
+    return cli_cases(argvs, work), work
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -146,7 +146,7 @@ def test_a_node_lost_mid_run_is_survived_through_max_failures_and_the_run_finish
         assert len({p["node"] for p in before}) == 2, before  # one rank on each node
         state = cluster_state(address, env)
         killed_node = {p["node"] for p in before} - {state["head"]}
-        helpers = [node for name, node in state["actors"] if "Queue" in name or "EpochClock" in name]
+        helpers = [node for name, node in state["actors"] if "RunChannel" in name]
         assert helpers and set(helpers) == {state["head"]}, state  # the driver's helpers live beside it, on the head
         kill_processes_with_env(node_marker)
         output, _ = submit.communicate(timeout=400)

@@ -7,7 +7,8 @@ import pytest
 import ray
 
 from orchestrator.data.generators import make_tabular
-from orchestrator.data.pipeline import build_datasets, make_epoch_clock
+from orchestrator.data.pipeline import build_datasets
+from orchestrator.ray_session import open_run_channel
 from orchestrator.data.preprocess import FEATURES, LABEL
 from orchestrator.spec import parse_spec
 from orchestrator.train.planning import preflight
@@ -24,7 +25,7 @@ def rows(ds) -> np.ndarray:
 
 def pipeline(spec, clock=None):
     plan = preflight(spec)
-    return plan, build_datasets(spec, plan, clock if clock is not None else make_epoch_clock())
+    return plan, build_datasets(spec, plan, clock if clock is not None else open_run_channel())
 
 
 @pytest.mark.timeout(300)
@@ -33,7 +34,7 @@ def test_augmentation_changes_every_epoch_is_reproducible_and_never_touches_vali
                     "preprocess": {"standardize": "per_channel"},
                     "augment": {"random_crop_padding": 1, "cutout": 2, "noise_std": 0.1}})
     spec = parse_spec(tree)
-    clock = make_epoch_clock()
+    clock = open_run_channel()
     plan, ds = pipeline(spec, clock)
     seen = {}
     for epoch in (0, 1, 0):
@@ -82,7 +83,7 @@ def test_curriculum_widens_the_pool_as_scheduled_and_bad_rows_are_dropped_and_co
         "shape": [4], "num_classes": 3, "batch_size": 16, "on_bad_rows": "drop",
         "curriculum": {"enabled": True, "score": "difficulty", "pacing": "linear", "start_fraction": 0.25, "full_epoch": 3}},
         "run": {"name": "cur", "storage_path": str(tmp_path), "epochs": 5}})
-    clock = make_epoch_clock()
+    clock = open_run_channel()
     plan, ds = pipeline(spec, clock)
     assert plan.dropped_rows == {"train": 7, "val": 0}
     sizes = []
@@ -109,7 +110,7 @@ def test_curriculum_by_the_loss_of_an_earlier_checkpoint(keel_ray, tmp_path):
     spec = parse_spec({"model": {"kind": "mlp"}, "run": {"name": "cur-loss", "storage_path": str(tmp_path), "epochs": 4},
                        "data": {**data, "curriculum": {"enabled": True, "checkpoint": str(checkpoint),
                                                        "start_fraction": 0.4, "full_epoch": 2}}})
-    clock = make_epoch_clock()
+    clock = open_run_channel()
     plan, ds = pipeline(spec, clock)
     sizes = []
     for epoch in range(4):

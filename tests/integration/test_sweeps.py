@@ -13,7 +13,7 @@ import yaml
 from orchestrator import cli
 from orchestrator.sweep.driver import run_sweep, summarize
 from orchestrator.sweep.spec import load_sweep
-from tests.helpers import ROOT, sweep_file
+from tests.helpers import ROOT, cli_cases, sweep_file
 
 pytestmark = pytest.mark.integration
 BAD_SWEEPS = {
@@ -27,17 +27,22 @@ BAD_SWEEPS = {
     "missing_base.yaml": "no-such-job.yaml: no such file",
     "invalid_base_override.yaml": "optimizer.lr: Input should be greater than 0",
 }
-PROBE = ("import sys; from orchestrator.cli import main; rc = main(sys.argv[1:]); "
-         "sys.stdout.write('RAY IMPORTED' if 'ray' in sys.modules else ''); sys.exit(rc)")
+
+
+@pytest.fixture(scope="module", params=["sweep", "validate"])
+def bad_sweep_outcomes(request, tmp_path_factory):
+    """Every bad sweep file through one command, all in one fresh interpreter."""
+    argvs = [(case, [request.param, str(ROOT / "tests/bad_inputs/sweeps" / case)]) for case in sorted(BAD_SWEEPS)]
+    return cli_cases(argvs, tmp_path_factory.mktemp(f"bad-{request.param}"))
+
 
 @pytest.mark.parametrize("case", sorted(BAD_SWEEPS))
-@pytest.mark.parametrize("command", ["sweep", "validate"])
-def test_bad_sweep_spec_is_one_line_exit_2_and_starts_nothing(case, command, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", PROBE, command, str(ROOT / "tests/bad_inputs/sweeps" / case)],
-                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
-    assert proc.returncode == 2, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and BAD_SWEEPS[case] in proc.stderr, proc.stderr
-    assert "RAY IMPORTED" not in proc.stdout
+def test_bad_sweep_spec_is_one_line_exit_2_and_starts_nothing(case, bad_sweep_outcomes):
+    result = bad_sweep_outcomes["results"][case]
+    assert result["rc"] == 2, result["stderr"]
+    assert len(result["stderr"].strip().splitlines()) == 1 and BAD_SWEEPS[case] in result["stderr"], result["stderr"]
+    assert not bad_sweep_outcomes["ray_imported"]
+
 
 @pytest.mark.timeout(600)
 def test_absurd_learning_rates_are_stopped_at_once_and_the_best_trial_is_healthy(keel_ray, digits_dir, tmp_path):
