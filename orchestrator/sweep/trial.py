@@ -140,8 +140,8 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, 
     first_loss, threshold, last, report_times = None, loss_threshold(sweep, spec.data.num_classes), {}, []
     while True:
         fitted = not fitting.is_alive()  # read first: every report put before fit() returned is in this take
-        for item in ray.get(channel.take.remote(wait_s=0.5)):  # each report as it arrives: Ray Train may
-            # rotate the checkpoint away once the next one is written
+        items = ray.get(channel.take.remote())
+        for item in items:
             last = metrics = item["metrics"]
             if cloned_from:
                 metrics["cloned_from"] = cloned_from
@@ -160,6 +160,8 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, 
             report_times.append(time.monotonic())
         if fitted:
             break
+        if not items:  # soon: Tune persists each report's checkpoint, which Ray Train rotates away later
+            time.sleep(0.05)
     fitting.join()
     if failure:
         raise failure[0]

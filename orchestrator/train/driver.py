@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -145,10 +146,13 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
     def pump() -> None:  # the driver's only thread besides fit()
         while True:
             finished = done.is_set()  # read first: what was put before fit() returned is in this take
-            for event in ray.get(channel.take.remote(wait_s=0.2)):
+            events = ray.get(channel.take.remote())
+            for event in events:
                 handle(event)
             if finished:
                 return
+            if not events:
+                time.sleep(0.1)
 
     pumper = threading.Thread(target=pump, daemon=True)
     pumper.start()

@@ -65,3 +65,16 @@ def test_inside_a_second_local_ray_the_state_api_finds_its_own_cluster(keel_ray)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found, own = proc.stdout.split("OWN")
     assert found.startswith("FOUND ") and found.split()[1] == own.strip(), proc.stdout
+
+
+def test_the_run_channel_hands_over_every_event_in_order_and_keeps_the_epoch(keel_ray):
+    from orchestrator.ray_session import open_run_channel
+
+    channel = open_run_channel()
+    for i in range(20):
+        channel.put.remote({"i": i})  # fire-and-forget, as rank 0 sends them
+    assert [e["i"] for e in keel_ray.get(channel.take.remote())] == list(range(20))  # all, in order
+    assert keel_ray.get(channel.take.remote()) == []  # taken once
+    keel_ray.get(channel.set.remote(4))
+    assert keel_ray.get(channel.get.remote()) == 4  # the epoch clock the per-epoch data stage reads
+    keel_ray.kill(channel)
