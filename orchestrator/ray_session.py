@@ -80,7 +80,7 @@ def ensure_ray(address: Optional[str], verbose: bool = False, dashboard: bool = 
 
 def beside_the_driver() -> dict:
     """Actor options for the driver's own helper (the run channel): no CPU, and on the driver's
-    node. Placed anywhere, they died with whatever node Ray put them on: a run that survived the loss of a
+    node. Placed anywhere, the helpers died with whatever node Ray put them on: a run that survived the loss of a
     worker node then lost its metrics (seen: the run finished with 2 of 6 epochs in metrics.jsonl)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
