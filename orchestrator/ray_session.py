@@ -4,7 +4,7 @@ Used by runs, sweeps, the stress suite, `keel check`, the pytest plugin and the 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Callable, Optional
 
 # Ray settings that cut start-up and shutdown of an embedded local cluster (see benchmarks/startup.py):
 # the controller polls its workers every 0.1 s instead of 2 s (a tiny fit 18 s -> 10 s), and local runs
@@ -131,3 +131,20 @@ def open_run_channel():
             return self.epoch
 
     return RunChannel.options(**beside_the_driver()).remote()
+
+
+def follow_channel(channel, done: Callable[[], bool], handle: Callable[[Any], None], poll_s: float) -> None:
+    """Hand every event put on a run channel to `handle`, in order, until `done()` and nothing is left."""
+    import time
+
+    import ray
+
+    while True:
+        finished = done()  # read first: whatever was put before done() turned true is in this take
+        events = ray.get(channel.take.remote())
+        for event in events:
+            handle(event)
+        if finished:
+            return
+        if not events:
+            time.sleep(poll_s)

@@ -106,10 +106,9 @@ def reuses_scan(config: dict) -> bool:
 
 
 def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, base_plan=None) -> None:
-    import ray
     from ray import tune
 
-    from orchestrator.ray_session import open_run_channel
+    from orchestrator.ray_session import follow_channel, open_run_channel
     from orchestrator.spec import JobSpec
     from orchestrator.train.driver import build_trainer
     from orchestrator.train.planning import preflight, resolved
@@ -138,30 +137,27 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, 
     fitting = threading.Thread(target=fit, daemon=True)
     fitting.start()
     first_loss, threshold, last, report_times = None, loss_threshold(sweep, spec.data.num_classes), {}, []
-    while True:
-        fitted = not fitting.is_alive()  # read first: every report put before fit() returned is in this take
-        items = ray.get(channel.take.remote())
-        for item in items:
-            last = metrics = item["metrics"]
-            if cloned_from:
-                metrics["cloned_from"] = cloned_from
-            if restored is not None and metrics.get(mk.RESUMED_FROM):  # what the workers loaded vs the donor's file
-                metrics["clone_loaded_donor_weights"] = int(metrics[mk.RESUMED_FROM]["fingerprint"] == fingerprint_of(restored))
-            if pbt:  # keep a diverged trial alive at the worst score; the stopper only records it
-                reason = divergence_reason(metrics, first_loss, metric=sweep.metric, loss_metric=sweep.divergence.loss_metric,
-                                           loss_factor=sweep.divergence.loss_factor, loss_threshold=threshold)
-                if reason:
-                    metrics.update({sweep.metric: WORST[sweep.mode], mk.DIVERGED: 1, mk.STOP_REASON: reason})
-            loss = metrics.get(sweep.divergence.loss_metric)
-            if first_loss is None and finite(loss):
-                first_loss = loss
-            checkpoint = tune.Checkpoint(*item["checkpoint"]) if item["checkpoint"] else None
-            tune.report(metrics, checkpoint=checkpoint)
-            report_times.append(time.monotonic())
-        if fitted:
-            break
-        if not items:  # soon: Tune persists each report's checkpoint, which Ray Train rotates away later
-            time.sleep(0.05)
+
+    def on_report(item: dict) -> None:  # soon after it is made: Ray Train rotates old checkpoints away
+        nonlocal first_loss, last
+        last = metrics = item["metrics"]
+        if cloned_from:
+            metrics["cloned_from"] = cloned_from
+        if restored is not None and metrics.get(mk.RESUMED_FROM):  # what the workers loaded vs the donor's file
+            metrics["clone_loaded_donor_weights"] = int(metrics[mk.RESUMED_FROM]["fingerprint"] == fingerprint_of(restored))
+        if pbt:  # keep a diverged trial alive at the worst score; the stopper only records it
+            reason = divergence_reason(metrics, first_loss, metric=sweep.metric, loss_metric=sweep.divergence.loss_metric,
+                                       loss_factor=sweep.divergence.loss_factor, loss_threshold=threshold)
+            if reason:
+                metrics.update({sweep.metric: WORST[sweep.mode], mk.DIVERGED: 1, mk.STOP_REASON: reason})
+        loss = metrics.get(sweep.divergence.loss_metric)
+        if first_loss is None and finite(loss):
+            first_loss = loss
+        checkpoint = tune.Checkpoint(*item["checkpoint"]) if item["checkpoint"] else None
+        tune.report(metrics, checkpoint=checkpoint)
+        report_times.append(time.monotonic())
+
+    follow_channel(channel, lambda: not fitting.is_alive(), on_report, 0.05)
     fitting.join()
     if failure:
         raise failure[0]

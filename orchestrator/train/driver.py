@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from orchestrator import metric_keys as mk
 from orchestrator.numbers import finite
-from orchestrator.ray_session import ensure_ray, open_run_channel
+from orchestrator.ray_session import ensure_ray, follow_channel, open_run_channel
 from orchestrator.spec import JobSpec
 from orchestrator.storage import download_run, filesystem, is_remote, join, upload_dir
 from orchestrator.train.planning import Plan, preflight, resolved, wait_for_resources
@@ -143,18 +142,8 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
             (run_dir / "stability_report.json").write_text(json.dumps(event["report"], indent=1, default=str))
         on_event(event)
 
-    def pump() -> None:  # the driver's only thread besides fit()
-        while True:
-            finished = done.is_set()  # read first: what was put before fit() returned is in this take
-            events = ray.get(channel.take.remote())
-            for event in events:
-                handle(event)
-            if finished:
-                return
-            if not events:
-                time.sleep(0.1)
-
-    pumper = threading.Thread(target=pump, daemon=True)
+    # the driver's only thread besides fit()
+    pumper = threading.Thread(target=follow_channel, args=(channel, done.is_set, handle, 0.1), daemon=True)
     pumper.start()
     try:
         on_event({"type": "start", "plan": plan, "run_dir": run_uri or str(run_dir)})
