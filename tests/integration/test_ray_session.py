@@ -78,3 +78,21 @@ def test_the_run_channel_hands_over_every_event_in_order_and_keeps_the_epoch(kee
     keel_ray.get(channel.set.remote(4))
     assert keel_ray.get(channel.get.remote()) == 4  # the epoch clock the per-epoch data stage reads
     keel_ray.kill(channel)
+
+
+def test_following_a_channel_hands_on_what_was_put_just_before_the_run_ended(keel_ray):
+    from orchestrator.ray_session import follow_channel, open_run_channel
+
+    channel, calls, handled = open_run_channel(), [], []
+
+    def done() -> bool:  # the run's last report lands, then fit() returns: both between two polls
+        calls.append(1)
+        if len(calls) == 2:
+            keel_ray.get(channel.put.remote("last report"))
+            return True
+        return False
+
+    keel_ray.get(channel.put.remote("first"))
+    follow_channel(channel, done, handled.append, poll_s=0.01)
+    assert handled == ["first", "last report"]
+    keel_ray.kill(channel)
