@@ -27,14 +27,6 @@ def test_the_main_job_is_distributed_correct(keel_check, digits_dir):
 
 
 @pytest.mark.timeout(300)
-def test_batch_norm_without_synchronization_is_named_with_the_fix(keel_check, digits_dir):
-    report = keel_check(ROOT / "jobs/digits-resnet.yaml", *data(digits_dir), "stability.sync_batchnorm=false", steps=4)
-    failure = report.first_failure
-    assert failure.name == "forward, step 0 (every layer)" and "(BatchNorm2d)" in failure.detail, failure
-    assert "stability.sync_batchnorm: true" in failure.cause
-
-
-@pytest.mark.timeout(300)
 def test_a_custom_layer_seeded_by_rank_is_named_and_keel_check_exits_1(keel_ray, digits_dir, capsys):
     rc = cli.main(["check", str(ROOT / "examples/custom_model/job.yaml"), *data(digits_dir),
                    "model.factory=tests.integration.check_models:rank_noise_net", "model.args={}", "--steps", "4"])
@@ -58,10 +50,13 @@ def unseeded_augmentation(batch, **kwargs):
 
 
 @pytest.mark.timeout(300)
-def test_unseeded_augmentation_fails_the_pipeline_line(keel_check, digits_dir, monkeypatch):
+def test_per_rank_batch_norm_and_an_unseeded_augmentation_are_each_named_on_their_own_line(keel_check, digits_dir, monkeypatch):
+    """Two mistakes in one job (one check run): each line names its own, with its own fix."""
     import orchestrator.data.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "epoch_stage", unseeded_augmentation)  # Ray Data's tasks import it from this module
-    report = keel_check(ROOT / "jobs/digits-resnet.yaml", *data(digits_dir), steps=2)
-    failure = report.first_failure
-    assert failure.name == "data pipeline deterministic" and "seeded by (run.seed, epoch)" in failure.cause, failure
+    report = keel_check(ROOT / "jobs/digits-resnet.yaml", *data(digits_dir), "stability.sync_batchnorm=false", steps=4)
+    failed = {line.name: line for line in report.lines if not line.ok}
+    data_line, forward = failed.pop("data pipeline deterministic"), failed.pop("forward, step 0 (every layer)")
+    assert report.first_failure is data_line and "seeded by (run.seed, epoch)" in data_line.cause, data_line
+    assert "(BatchNorm2d)" in forward.detail and "stability.sync_batchnorm: true" in forward.cause, forward

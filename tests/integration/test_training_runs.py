@@ -1,4 +1,4 @@
-"""Real 2-worker runs through the same path as `keel run`: the main job, NaN skip, divergence, resume."""
+"""Real 2-worker runs through the same path as `keel run`: the main job and fine-tuning, NaN and outlier skips, divergence."""
 
 import json
 
@@ -7,9 +7,7 @@ import yaml
 
 from orchestrator import cli
 from orchestrator.train.run_files import read_metrics
-from orchestrator.spec import parse_spec
 from orchestrator.train.checkpointing import list_checkpoints
-from orchestrator.train.driver import run_job
 from tests.helpers import ROOT, job_tree
 
 pytestmark = pytest.mark.integration
@@ -75,36 +73,29 @@ def test_main_job_reaches_95_percent_on_digits(keel_ray, tmp_path, monkeypatch, 
 
 
 @pytest.mark.timeout(300)
-def test_an_outlier_batch_on_rank_1_only_skips_then_stops_both_ranks(keel_ray, digits_dir, tmp_path):
-    """A 1e4x batch on rank 1 only: every loss and gradient stays finite (the trigger recorded below is
-    'batch_outlier', which is only chosen when no rank saw a non-finite value), so only the agreed flag
-    can tell rank 0. Reports carry rank 0's view: it skipped rank 1's steps and stopped with it."""
-    faults = [{"kind": "huge_batch", "at_step": 55, "factor": 1e4, "rank": 1},
+def test_a_nan_batch_is_skipped_and_an_outlier_on_rank_1_only_stops_both_ranks_with_exit_1(keel_ray, digits_dir, tmp_path, capsys):
+    """A NaN batch on every rank at step 40 is skipped. Then 1e4x batches on rank 1 only: every loss and
+    gradient stays finite (the trigger recorded below is 'batch_outlier', which is only chosen when no rank
+    saw a non-finite value), so only the agreed flag can tell rank 0. From step 70 rank 1's batches are all
+    outliers: after 3 consecutive skips the run ends diverged, exit 1. Reports carry rank 0's view."""
+    faults = [{"kind": "nan_batch", "at_step": 40},
+              {"kind": "huge_batch", "at_step": 55, "factor": 1e4, "rank": 1},
               {"kind": "huge_batch", "at_step": 70, "repeat": 1000, "factor": 1e4, "rank": 1}]
     tree = job_tree(digits_dir, tmp_path, "outlier", faults=faults, data={**job_tree(digits_dir, tmp_path, "x")["data"], "batch_size": 16},
                     stability={"nonfinite": {"max_consecutive_skips": 3}})
-    outcome = run_job(parse_spec(tree))
-    assert outcome.status == "diverged" and "3 consecutive non-finite steps" in outcome.reason and "at step 72" in outcome.reason
-    events = [(e["step"], e["trigger"], e["action"]) for h in outcome.history for e in h["events"] if e["trigger"] != "fault"]
-    assert events == [(55, "batch_outlier", "skip"), (70, "batch_outlier", "skip"), (71, "batch_outlier", "skip"),
-                      (72, "batch_outlier", "skip")]
-    assert all(h["replica_drift"] == 0.0 for h in outcome.history)  # no rank stepped alone
-    assert outcome.history[0]["skipped_steps"] == 0 and outcome.history[-1]["skipped_steps"] == 4
-    # remembered in the run directory by (epoch, index in the epoch), for a resume to drop them again
-    remembered = json.loads((tmp_path / "outlier" / "bad_batches.json").read_text())
-    assert [(b["step"], b["trigger"]) for b in remembered] == [(s, "batch_outlier") for s in (55, 70, 71, 72)]
-    epoch_start = {h["epoch"] + 1: h["step"] for h in outcome.history} | {0: 0}
-    assert all(b["index"] == b["step"] - epoch_start[b["epoch"]] for b in remembered)
-
-
-@pytest.mark.timeout(300)
-def test_endless_nan_stops_as_diverged_with_exit_1(keel_ray, digits_dir, tmp_path, capsys):
-    tree = job_tree(digits_dir, tmp_path, "diverge", faults=[{"kind": "nan_batch", "at_step": 3, "repeat": 1000}],
-                    stability={"nonfinite": {"max_consecutive_skips": 4}})
-    job = tmp_path / "diverge.yaml"
+    job = tmp_path / "outlier.yaml"
     job.write_text(yaml.safe_dump(tree))
     assert cli.main(["run", str(job), "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "diverged: 4 consecutive non-finite steps" in err and "at step 6" in err
-    history = read_metrics(tmp_path / "diverge")
-    assert len(history) == 1 and history[0]["diverged"] == 1 and history[0]["skipped_steps"] == 4
+    assert "diverged: 3 consecutive non-finite steps" in err and "at step 72" in err, err
+    history = read_metrics(tmp_path / "outlier")
+    events = [(e["step"], e["trigger"], e["action"]) for h in history for e in h["events"] if e["trigger"] != "fault"]
+    assert events == [(40, "nonfinite", "skip"), (55, "batch_outlier", "skip"), (70, "batch_outlier", "skip"),
+                      (71, "batch_outlier", "skip"), (72, "batch_outlier", "skip")]
+    assert all(h["replica_drift"] == 0.0 for h in history)  # no rank stepped alone
+    assert [h["skipped_steps"] for h in history] == [1, 5] and history[-1]["diverged"] == 1
+    # remembered in the run directory by (epoch, index in the epoch), for a resume to drop them again
+    remembered = json.loads((tmp_path / "outlier" / "bad_batches.json").read_text())
+    assert [(b["step"], b["trigger"]) for b in remembered] == [(s, t) for s, t, _ in events]
+    epoch_start = {h["epoch"] + 1: h["step"] for h in history} | {0: 0}
+    assert all(b["index"] == b["step"] - epoch_start[b["epoch"]] for b in remembered)
