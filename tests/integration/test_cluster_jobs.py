@@ -1,6 +1,5 @@
 """`keel submit` / `keel jobs` against a real head started with `ray start --head` on 127.0.0.1."""
 
-import contextlib
 import json
 import os
 import secrets
@@ -12,8 +11,10 @@ import tempfile
 import time
 
 import pytest
+import torch
 import yaml
 
+from orchestrator.train.checkpointing import list_checkpoints
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.integration
@@ -43,9 +44,11 @@ def keel(*args, env=None, timeout=600):
 
 
 def cluster_state(address: str, env: dict) -> dict:
-    """The head node's id and every live actor's (class, node), from Ray's state API as a client sees it."""
-    code = ("import json, sys; from ray.util.state import list_actors, list_nodes; a = sys.argv[1]; "
-            "print(json.dumps({'head': next(n.node_id for n in list_nodes(address=a) if n.is_head_node), "
+    """The head node's id, the live nodes' ids and every live actor's (class, node), from Ray's state API as a
+    client sees it."""
+    code = ("import json, sys; from ray.util.state import list_actors, list_nodes; a = sys.argv[1]; n = list_nodes(address=a); "
+            "print(json.dumps({'head': next(x.node_id for x in n if x.is_head_node), "
+            "'nodes': [x.node_id for x in n if x.state == 'ALIVE'], "
             "'actors': [(x.class_name, x.node_id) for x in list_actors(address=a, filters=[('state', '=', 'ALIVE')])]}))")
     proc = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=60,
                           env={**os.environ, **env})
@@ -53,61 +56,124 @@ def cluster_state(address: str, env: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@contextlib.contextmanager
-def two_node_cluster(head_cpus: int, node_cpus: int, second_node_now: bool = True):
-    """A token-authenticated 2-node cluster on this machine: a head and a second node (`ray start --address`),
-    each in its own temp dir; stopped by killing only the processes they started. Yields (address, client env,
-    head temp dir, the second node's marker: kill_processes_with_env(marker) takes that node down alone,
-    a function that starts the second node: at once, or later when second_node_now is False)."""
-    temp_dir = tempfile.mkdtemp(prefix="kh", dir="/tmp")  # short: Ray's socket paths have a length limit
-    token = secrets.token_hex(32)
-    dash, gcs = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    # every agent on its own port: the suite's local Ray already holds the defaults
-    agents = lambda: [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                             "metrics-export-port", "runtime-env-agent-port")]
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
-                    f"--num-cpus={head_cpus}", "--include-dashboard=true", "--disable-usage-stats",
-                    f"--ray-client-server-port={free_port()}", *agents()],
-                   check=True, env=env, capture_output=True, timeout=120)
-    # its own temp dir, as on a real second machine: sharing the head's, its runtime-env agent unpacked the job's
-    # working directory over the head's copy and deleted the data the driver had just generated there (seen)
-    node_marker = f"KEEL_TEST_NODE={secrets.token_hex(8)}"
+class TwoNodeCluster:
+    """A token-authenticated cluster on this machine that this module's tests share (one start-up, not three):
+    a 3-CPU head (`ray start --head`) and a 2-CPU second node (`ray start --address`), each in its own temp dir.
+    The elastic test adds the second node and the node-loss test, last, kills it; tests run in file order, so
+    neither waits, and a test run alone first puts the second node in the state it needs. Stopped by killing
+    only the processes it started (all inherit its unique token)."""
 
-    def start_second_node() -> None:
-        node_dir = tempfile.mkdtemp(prefix="kn", dir="/tmp")
-        subprocess.run(["ray", "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={node_cpus}",
-                        f"--temp-dir={node_dir}", "--disable-usage-stats", *agents()],
-                       check=True, env={**env, "KEEL_TEST_NODE": node_marker.split("=")[1]}, capture_output=True, timeout=120)
-    if second_node_now:
-        start_second_node()
-    address = f"http://127.0.0.1:{dash}"
-    client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": ""}
-    deadline = time.monotonic() + 60
-    while keel("jobs", "list", "--address", address, env=client_env).returncode != 0:
-        assert time.monotonic() < deadline, "head did not come up"
-        time.sleep(1)
-    try:
-        yield address, client_env, temp_dir, node_marker.encode(), start_second_node
-    finally:
-        kill_processes_with_env(f"RAY_AUTH_TOKEN={token}".encode())
+    def __init__(self, head_cpus: int = 3, node_cpus: int = 2):
+        self.node_cpus, self.gcs, dash = node_cpus, free_port(), free_port()
+        token = secrets.token_hex(32)
+        self.token_marker = f"RAY_AUTH_TOKEN={token}".encode()
+        self.server_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+        subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs}",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={short_temp_dir('kh')}",
+                        f"--num-cpus={head_cpus}", "--include-dashboard=true", "--disable-usage-stats",
+                        f"--ray-client-server-port={free_port()}", *agent_ports()],
+                       check=True, env=self.server_env, capture_output=True, timeout=120)
+        # kill_processes_with_env(node_marker) takes the second node down alone
+        self.node_marker = f"KEEL_TEST_NODE={secrets.token_hex(8)}".encode()
+        self.address = f"http://127.0.0.1:{dash}"
+        self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": ""}  # a client's
+        deadline = time.monotonic() + 60
+        while keel("jobs", "list", "--address", self.address, env=self.env).returncode != 0:
+            assert time.monotonic() < deadline, "head did not come up"
+            time.sleep(1)
+
+    def start_second_node(self) -> None:
+        # its own temp dir, as on a real second machine: sharing the head's, its runtime-env agent unpacked the
+        # job's working directory over the head's copy and deleted the data the driver had just generated (seen)
+        subprocess.run(["ray", "start", f"--address=127.0.0.1:{self.gcs}", "--node-ip-address=127.0.0.1",
+                        f"--num-cpus={self.node_cpus}", f"--temp-dir={short_temp_dir('kn')}", "--disable-usage-stats",
+                        *agent_ports()], check=True, capture_output=True, timeout=120,
+                       env={**self.server_env, "KEEL_TEST_NODE": self.node_marker.decode().split("=")[1]})
+
+    def alive_nodes(self) -> int:
+        return len(cluster_state(self.address, self.env)["nodes"])
+
+    def second_node(self, up: bool) -> None:
+        """Bring the second node up or down, if it is not already (only a test run out of order waits here)."""
+        if (self.alive_nodes() == 2) == up:
+            return
+        self.start_second_node() if up else kill_processes_with_env(self.node_marker)
+        deadline = time.monotonic() + 120  # a killed node is declared dead by the head's health checks
+        while (self.alive_nodes() == 2) != up:
+            assert time.monotonic() < deadline, f"the second node did not go {'up' if up else 'down'}"
+            time.sleep(1)
+
+    def stop(self) -> None:
+        kill_processes_with_env(self.token_marker)
+
+
+def short_temp_dir(prefix: str) -> str:
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths have a length limit
+
+
+def agent_ports() -> list[str]:
+    """Every agent on its own port: the suite's local Ray already holds the defaults."""
+    return [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                  "metrics-export-port", "runtime-env-agent-port")]
 
 
 @pytest.fixture(scope="module")
-def head():
-    """The cluster the submit tests share: a 1-CPU head and a 2-CPU second node."""
-    with two_node_cluster(1, 2) as (address, client_env, temp_dir, _, _):
-        yield address, client_env, temp_dir
+def cluster():
+    started = TwoNodeCluster()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def epochs_done(run_dir) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.mark.timeout(600)
-def test_submit_a_custom_model_job_follows_logs_and_succeeds(head, tmp_path):
-    """The user's own module travels in the uploaded working directory and is imported on the cluster; its two
-    workers run on the two Ray nodes (STRICT_SPREAD), each fitted with 1 CPU while one stays free for Ray Data."""
-    address, env, _ = head
+def test_an_elastic_run_starts_with_what_there_is_and_grows_when_a_node_joins(cluster, tmp_path):
+    """scaling.num_workers: [1, 2] with 2 CPUs a worker on a 3-CPU head: one worker fits (a CPU stays for Ray
+    Data), so the run starts with one. A second node joins after the first epoch; at Ray Train's next resize
+    check the group restarts with two workers from the last checkpoint, and the run finishes on both nodes.
+    The run is long (20 epochs, no early stop) because Ray sees the new node late: Ray Train's elastic policy
+    reads Ray Data's autoscaling coordinator, which refreshes node resources every 20 s (measured: an 8-epoch
+    run finished before it noticed)."""
+    cluster.second_node(up=False)
+    address, env = cluster.address, cluster.env
+    run_dir = tmp_path / "elastic"
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "submit", "jobs/digits-resnet.yaml", "run.name=elastic", "run.epochs=20",
+         f"run.storage_path={tmp_path}", "scaling.num_workers=[1,2]", "scaling.cpus_per_worker=2",
+         "scaling.resize_check_s=5", "stability.early_stopping.enabled=false", "--address", address],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not epochs_done(run_dir):
+        assert submit.poll() is None and time.monotonic() < deadline, "the run did not get through an epoch"
+        time.sleep(0.5)
+    assert epochs_done(run_dir)[0]["world_size"] == 1  # started with the one worker that fits
+    cluster.start_second_node()
+    output, _ = submit.communicate(timeout=420)
+    assert submit.returncode == 0 and "SUCCEEDED" in output, output[-4000:]
+    history = epochs_done(run_dir)
+    sizes = [h["world_size"] for h in history]
+    assert sizes[0] == 1 and sizes[-1] == 2 and sizes == sorted(sizes), sizes  # grew once, never shrank
+    grown = next(h for h in history if h["world_size"] == 2)
+    assert grown.get("resumed_from") and grown["resumed_from"]["ranks"] == 2, grown  # from the checkpoint, on both
+    assert history[-1]["epoch"] == 19 and history[-1]["val_accuracy"] >= 0.9 and history[-1]["replica_drift"] == 0.0
+    placement = json.loads((run_dir / "placement.json").read_text())
+    assert sorted(p["rank"] for p in placement) == [0, 1] and len({p["node"] for p in placement}) == 2, placement
+
+
+@pytest.mark.timeout(600)
+def test_submit_a_custom_model_job_follows_logs_and_succeeds(cluster, tmp_path):
+    """The README's own-model example: the user's module travels in the uploaded working directory and is
+    imported on the cluster; its two workers run on the two Ray nodes (STRICT_SPREAD); it trains with Keel's
+    guards and checkpoints, and the user's own class reloads the checkpoint."""
+    cluster.second_node(up=True)
+    address, env = cluster.address, cluster.env
     sid = f"keel-custom-{secrets.token_hex(3)}"
-    proc = keel("submit", "examples/custom_model/job.yaml", "run.epochs=2", f"run.storage_path={tmp_path}",
+    proc = keel("submit", "examples/custom_model/job.yaml", "run.epochs=4", f"run.storage_path={tmp_path}",
                 "scaling.placement_strategy=STRICT_SPREAD", "--address", address, "--submission-id", sid,
                 "--runtime-env-json", '{"env_vars": {"KEEL_TEST_MARKER": "1"}}', env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -119,7 +185,12 @@ def test_submit_a_custom_model_job_follows_logs_and_succeeds(head, tmp_path):
     placement = json.loads((run_dir / "placement.json").read_text())
     assert sorted(p["rank"] for p in placement) == [0, 1] and len({p["node"] for p in placement}) == 2  # two Ray nodes
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(history) == 2 and all(h["replica_drift"] == 0.0 for h in history)  # DDP across nodes kept them equal
+    assert len(history) == 4 and all(h["replica_drift"] == 0.0 for h in history)  # DDP across nodes kept them equal
+    assert history[-1]["val_accuracy"] >= 0.9, [h["val_accuracy"] for h in history]
+    from examples.custom_model.tiny_convnet import build
+    state = torch.load(list_checkpoints(run_dir)[-1] / "state.pt", weights_only=False)["model"]
+    build(shape=(1, 8, 8), num_classes=10).load_state_dict(state)  # the user's own class reloads Keel's checkpoint
+    assert json.loads((run_dir / "stability_report.json").read_text())["first_trouble"] is None
     status = keel("jobs", "status", sid, "--address", address, "--json", env=env)
     record = json.loads(status.stdout)
     assert status.returncode == 0 and record["status"] == "SUCCEEDED" and record["run"] == "custom-tiny-convnet"
@@ -127,90 +198,21 @@ def test_submit_a_custom_model_job_follows_logs_and_succeeds(head, tmp_path):
     assert sid in listing.stdout and "custom-tiny-convnet" in listing.stdout
 
 
-@pytest.mark.timeout(600)
-def test_a_node_lost_mid_run_is_survived_through_max_failures_and_the_run_finishes(tmp_path):
-    """Two nodes (a 3-CPU head, a 2-CPU second node), one rank on each (SPREAD). After two epochs the second
-    node is killed outright (its raylet and every process it started). Ray Train restarts the worker group
-    on what is left (run.max_failures), the workers resume from the last checkpoint, and the run finishes."""
-    with two_node_cluster(3, 2) as (address, env, _, node_marker, _):
-        run_dir = tmp_path / "node-loss"
-        submit = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "submit", "jobs/digits-resnet.yaml", "run.name=node-loss", "run.epochs=6",
-             f"run.storage_path={tmp_path}", "run.max_failures=2", "scaling.placement_strategy=SPREAD", "--address", address],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 300
-        while not ((run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2):
-            assert submit.poll() is None and time.monotonic() < deadline, "the run did not get through two epochs"
-            time.sleep(0.5)
-        before = json.loads((run_dir / "placement.json").read_text())
-        assert len({p["node"] for p in before}) == 2, before  # one rank on each node
-        state = cluster_state(address, env)
-        killed_node = {p["node"] for p in before} - {state["head"]}
-        helpers = [node for name, node in state["actors"] if "RunChannel" in name]
-        assert helpers and set(helpers) == {state["head"]}, state  # the driver's helpers live beside it, on the head
-        kill_processes_with_env(node_marker)
-        output, _ = submit.communicate(timeout=400)
-        assert submit.returncode == 0 and "SUCCEEDED" in output, output[-4000:]
-        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        resumed = [h for h in history if h.get("resumed_from")]
-        assert len(resumed) == 1 and resumed[0]["epoch"] >= 1, ([h["epoch"] for h in history], output[-3000:])  # from a checkpoint, not scratch
-        assert history[-1]["epoch"] == 5 and history[-1]["val_accuracy"] >= 0.9
-        after = json.loads((run_dir / "placement.json").read_text())
-        assert sorted(p["rank"] for p in after) == [0, 1] and not {p["node"] for p in after} & killed_node, after
-
-
-def epochs_done(run_dir) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-@pytest.mark.timeout(600)
-def test_an_elastic_run_starts_with_what_there_is_and_grows_when_a_node_joins(tmp_path):
-    """scaling.num_workers: [1, 2] with 2 CPUs a worker on a 3-CPU head: one worker fits (a CPU stays for Ray
-    Data), so the run starts with one. A second node joins after the first epoch; at Ray Train's next resize
-    check the group restarts with two workers from the last checkpoint, and the run finishes on both nodes.
-    The run is long (20 epochs, no early stop) because Ray sees the new node late: Ray Train's elastic policy
-    reads Ray Data's autoscaling coordinator, which refreshes node resources every 20 s (measured: an 8-epoch
-    run finished before it noticed)."""
-    with two_node_cluster(3, 2, second_node_now=False) as (address, env, _, _, start_second_node):
-        run_dir = tmp_path / "elastic"
-        submit = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "submit", "jobs/digits-resnet.yaml", "run.name=elastic", "run.epochs=20",
-             f"run.storage_path={tmp_path}", "scaling.num_workers=[1,2]", "scaling.cpus_per_worker=2",
-             "scaling.resize_check_s=5", "stability.early_stopping.enabled=false", "--address", address],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 300
-        while not epochs_done(run_dir):
-            assert submit.poll() is None and time.monotonic() < deadline, "the run did not get through an epoch"
-            time.sleep(0.5)
-        assert epochs_done(run_dir)[0]["world_size"] == 1  # started with the one worker that fits
-        start_second_node()
-        output, _ = submit.communicate(timeout=420)
-        assert submit.returncode == 0 and "SUCCEEDED" in output, output[-4000:]
-        history = epochs_done(run_dir)
-        sizes = [h["world_size"] for h in history]
-        assert sizes[0] == 1 and sizes[-1] == 2 and sizes == sorted(sizes), sizes  # grew once, never shrank
-        grown = next(h for h in history if h["world_size"] == 2)
-        assert grown.get("resumed_from") and grown["resumed_from"]["ranks"] == 2, grown  # from the checkpoint, on both
-        assert history[-1]["epoch"] == 19 and history[-1]["val_accuracy"] >= 0.9 and history[-1]["replica_drift"] == 0.0
-        placement = json.loads((run_dir / "placement.json").read_text())
-        assert sorted(p["rank"] for p in placement) == [0, 1] and len({p["node"] for p in placement}) == 2, placement
-
-
 @pytest.mark.timeout(300)
-def test_workers_that_would_starve_the_data_pipeline_fail_with_the_reason_instead_of_hanging(head, tmp_path):
-    """2 workers x 1.5 CPUs on the 3-CPU cluster leave nothing for Ray Data's tasks: once that hung silently."""
-    address, env, _ = head
+def test_workers_that_would_starve_the_data_pipeline_fail_with_the_reason_instead_of_hanging(cluster, tmp_path):
+    """2 workers x 2.5 CPUs on the 5-CPU cluster leave nothing for Ray Data's tasks: once that hung silently."""
+    cluster.second_node(up=True)
+    address, env = cluster.address, cluster.env
     proc = keel("submit", "jobs/digits-resnet.yaml", "run.name=starved", f"run.storage_path={tmp_path}",
-                "scaling.cpus_per_worker=1.5", "scaling.resource_wait_s=3", "--address", address, env=env, timeout=240)
+                "scaling.cpus_per_worker=2.5", "scaling.resource_wait_s=3", "--address", address, env=env, timeout=240)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "4 CPUs (1.5 each + 1 for Ray Data's tasks)" in proc.stdout and "the cluster has 3 CPUs" in proc.stdout
+    assert "6 CPUs (2.5 each + 1 for Ray Data's tasks)" in proc.stdout and "the cluster has 5 CPUs" in proc.stdout
     assert "FAILED" in proc.stdout
 
 
 @pytest.mark.timeout(300)
-def test_no_wait_then_stop(head, tmp_path):
-    address, env, _ = head
+def test_no_wait_then_stop(cluster, tmp_path):
+    address, env = cluster.address, cluster.env
     proc = keel("submit", "jobs/digits-resnet.yaml", "run.name=to-stop", "run.epochs=50", f"run.storage_path={tmp_path}",
                 "--address", address, "--no-wait", env=env)
     assert proc.returncode == 0, proc.stderr
@@ -228,8 +230,8 @@ def test_no_wait_then_stop(head, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_ctrl_c_while_following_leaves_the_job_running_and_says_how_to_reach_it(head, tmp_path):
-    address, env, _ = head
+def test_ctrl_c_while_following_leaves_the_job_running_and_says_how_to_reach_it(cluster, tmp_path):
+    address, env = cluster.address, cluster.env
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "submit", "jobs/digits-resnet.yaml", "run.name=ctrlc",
                              "run.epochs=50", f"run.storage_path={tmp_path}", "--address", address],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
@@ -251,11 +253,44 @@ def test_ctrl_c_while_following_leaves_the_job_running_and_says_how_to_reach_it(
 
 
 @pytest.mark.parametrize("client_env", [{"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}])
-def test_request_without_the_right_token_is_refused(head, client_env):
-    address, _, _ = head
-    proc = keel("jobs", "list", "--address", address, env={"RAY_AUTH_TOKEN": "", **client_env, "HOME": tempfile.mkdtemp()})
+def test_request_without_the_right_token_is_refused(cluster, client_env):
+    proc = keel("jobs", "list", "--address", cluster.address, env={"RAY_AUTH_TOKEN": "", **client_env, "HOME": tempfile.mkdtemp()})
     assert proc.returncode == 2
     assert "authentication" in proc.stderr.lower() and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.timeout(600)
+def test_a_node_lost_mid_run_is_survived_through_max_failures_and_the_run_finishes(cluster, tmp_path):
+    """Two nodes (a 3-CPU head, a 2-CPU second node), one rank on each (SPREAD). After two epochs the second
+    node is killed outright (its raylet and every process it started). Ray Train restarts the worker group
+    on what is left (run.max_failures), the workers resume from the last checkpoint, and the run finishes.
+    Last in the module: the cluster is one node after it."""
+    cluster.second_node(up=True)
+    address, env, node_marker = cluster.address, cluster.env, cluster.node_marker
+    run_dir = tmp_path / "node-loss"
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "submit", "jobs/digits-resnet.yaml", "run.name=node-loss", "run.epochs=6",
+         f"run.storage_path={tmp_path}", "run.max_failures=2", "scaling.placement_strategy=SPREAD", "--address", address],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2):
+        assert submit.poll() is None and time.monotonic() < deadline, "the run did not get through two epochs"
+        time.sleep(0.5)
+    before = json.loads((run_dir / "placement.json").read_text())
+    assert len({p["node"] for p in before}) == 2, before  # one rank on each node
+    state = cluster_state(address, env)
+    killed_node = {p["node"] for p in before} - {state["head"]}
+    helpers = [node for name, node in state["actors"] if "RunChannel" in name]
+    assert helpers and set(helpers) == {state["head"]}, state  # the driver's helpers live beside it, on the head
+    kill_processes_with_env(node_marker)
+    output, _ = submit.communicate(timeout=400)
+    assert submit.returncode == 0 and "SUCCEEDED" in output, output[-4000:]
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = [h for h in history if h.get("resumed_from")]
+    assert len(resumed) == 1 and resumed[0]["epoch"] >= 1, ([h["epoch"] for h in history], output[-3000:])  # from a checkpoint, not scratch
+    assert history[-1]["epoch"] == 5 and history[-1]["val_accuracy"] >= 0.9
+    after = json.loads((run_dir / "placement.json").read_text())
+    assert sorted(p["rank"] for p in after) == [0, 1] and not {p["node"] for p in after} & killed_node, after
 
 
 def test_unreachable_address_fails_fast_with_exit_2():

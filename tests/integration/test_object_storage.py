@@ -1,11 +1,8 @@
 """Runs on object storage: a real S3-compatible server (moto's standalone server) on 127.0.0.1, reached the
-standard AWS way (AWS_ENDPOINT_URL and keys in the environment). No Python-level mocking."""
+standard AWS way (AWS_ENDPOINT_URL and keys in the environment; tests/conftest.py starts it for the session).
+No Python-level mocking."""
 
 import json
-import socket
-import subprocess
-import sys
-import time
 import uuid
 
 import pyarrow.fs
@@ -13,40 +10,15 @@ import pytest
 import yaml
 
 from orchestrator import cli
-from tests.helpers import ROOT, job_tree, sweep_file
+from tests.helpers import job_tree, sweep_file
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("moto's S3 server did not start")
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
 @pytest.fixture
-def bucket(s3_endpoint, monkeypatch):
-    """A fresh bucket, and the environment a user sets for an S3-compatible store."""
-    for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
+def bucket(s3_endpoint):
+    """A fresh bucket on the session's S3 server (tests/conftest.py: it is named in the environment before Ray
+    starts, as a user's shell would name it, so every worker and trial sees it too)."""
     name = f"keel-{uuid.uuid4().hex[:8]}"
     store().create_dir(name)
     return name
@@ -64,28 +36,25 @@ def listing(path: str, kind=None) -> list[str]:
     return sorted(i.base_name for i in entries if kind is None or i.type == kind)
 
 
-def keel(command, path, tmp_path, timeout=540) -> subprocess.CompletedProcess:
-    """`keel run` or `keel sweep` as a user runs it, in a shell whose environment names the store (so the Ray
-    cluster it starts, and every worker and trial, sees it too)."""
-    import os
-
-    return subprocess.run([sys.executable, "-m", "orchestrator", command, str(path), "--quiet"], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=timeout)
-
-
-def keel_run(job, tmp_path) -> subprocess.CompletedProcess:
-    return keel("run", job, tmp_path)
+def keel(capsys, *argv: str) -> tuple[int, str]:
+    """`keel ...` in this process, on the suite's Ray: (exit code, what it printed)."""
+    capsys.readouterr()
+    rc = cli.main([*argv, "--quiet"])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
 
 
 @pytest.mark.timeout(600)
-def test_a_run_checkpoints_to_s3_reports_from_it_and_resumes_past_a_corrupted_object(digits_dir, tmp_path, bucket, capsys):
+def test_a_run_checkpoints_to_s3_reports_from_it_and_resumes_past_a_corrupted_object(keel_ray, digits_dir, tmp_path, bucket,
+                                                                                      capsys, monkeypatch):
     run = f"{bucket}/runs/s3run"
     tree = job_tree(digits_dir, tmp_path, "s3run", run={"name": "s3run", "storage_path": f"s3://{bucket}/runs", "epochs": 2})
     job = tmp_path / "s3run.yaml"
     job.write_text(yaml.safe_dump(tree))
-    first = keel_run(job, tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert f"s3://{run}" in first.stdout
+    monkeypatch.chdir(tmp_path)
+    rc, said = keel(capsys, "run", str(job))
+    assert rc == 0, said[-3000:]
+    assert f"s3://{run}" in said
     checkpoints = [n for n in listing(run, pyarrow.fs.FileType.Directory) if n.startswith("checkpoint_")]
     assert len(checkpoints) == 2 and {"config.yaml", "metrics.jsonl", "placement.json", "stability_report.json"} <= set(listing(run))
     assert {"state.pt", "manifest.json", "config.yaml"} <= set(listing(f"{run}/{checkpoints[-1]}"))
@@ -103,10 +72,9 @@ def test_a_run_checkpoints_to_s3_reports_from_it_and_resumes_past_a_corrupted_ob
         f.write(data[: len(data) // 2])
     tree["run"]["epochs"] = 3
     job.write_text(yaml.safe_dump(tree))
-    second = keel_run(job, tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
-    output = second.stdout + second.stderr
-    assert damaged in output and "truncated" in output, output[-3000:]
+    rc, said = keel(capsys, "run", str(job))
+    assert rc == 0, said[-3000:]
+    assert damaged in said and "truncated" in said, said[-3000:]
     # resumed from epoch 0's checkpoint (epoch 1 again, then 2), and the bucket's metrics grew across the resume
     with store().open_input_stream(f"{run}/metrics.jsonl") as f:
         assert [json.loads(line)["epoch"] for line in f.read().decode().splitlines()] == [0, 1, 1, 2]
@@ -128,7 +96,8 @@ def test_a_missing_bucket_or_a_bad_uri_is_one_line_exit_2_before_anything_starts
 
 
 @pytest.mark.timeout(900)
-def test_a_pbt_sweep_on_s3_clones_a_diverged_trial_from_its_donor_there_and_keel_results_reads_it(digits_dir, tmp_path, bucket, capsys):
+def test_a_pbt_sweep_on_s3_clones_a_diverged_trial_from_its_donor_there_and_keel_results_reads_it(keel_ray, digits_dir, tmp_path,
+                                                                                                   bucket, capsys, monkeypatch):
     # Two trials side by side: lr 0.05 trains, lr 1e4 diverges in its first epoch (Keel's guard ends its
     # run). Stock PBT ignores NaN scores; Keel's trial reports the worst score instead, so PBT's exploit
     # clones the good trial over it, from the good trial's checkpoint in the bucket.
@@ -141,8 +110,9 @@ def test_a_pbt_sweep_on_s3_clones_a_diverged_trial_from_its_donor_there_and_keel
     tree = yaml.safe_load(path.read_text())
     tree["search"]["regularization.weight_decay"] = {"choice": [0.0, 1e-5]}  # PBT needs a mutation to explore
     path.write_text(yaml.safe_dump(tree))
-    swept = keel("sweep", path, tmp_path, timeout=840)
-    assert swept.returncode == 0, (swept.stdout + swept.stderr)[-3000:]
+    monkeypatch.chdir(tmp_path)
+    rc, swept = keel(capsys, "sweep", str(path))
+    assert rc == 0, swept[-3000:]
     assert not (tmp_path / "sweeps").exists()  # the experiment lives in the bucket only
 
     with store().open_input_stream(f"{bucket}/sweeps/pbt/keel_diverged.json") as f:
@@ -162,7 +132,7 @@ def test_a_pbt_sweep_on_s3_clones_a_diverged_trial_from_its_donor_there_and_keel
     trial_runs = listing(f"{bucket}/sweeps/pbt/trials", pyarrow.fs.FileType.Directory)
     assert f"{bad_id}-r1" in trial_runs, trial_runs                # the clone's own run, checkpointing to the bucket
     assert any(n.startswith("checkpoint_") for n in listing(f"{bucket}/sweeps/pbt/trials/{bad_id}-r1"))
-    best_job = swept.stdout.split("best config as a job: ")[-1].split()[0]
+    best_job = swept.split("best config as a job: ")[-1].split()[0]
     assert yaml.safe_load(open(best_job).read())["optimizer"]["lr"] == 0.05   # a local file keel run takes
 
     assert cli.main(["report", f"s3://{bucket}/sweeps/pbt"]) == 0   # the sweep's report, from the bucket

@@ -1,64 +1,47 @@
-"""The LSTM, transformer, GCN and custom-model jobs converge as shipped, and the stress suite runs end to end."""
+"""The LSTM, transformer and GCN jobs converge as shipped (run through Keel's pytest plugin, as a user tests their
+own job), and the stress suite runs end to end. The custom-model example: tests/integration/test_cluster_jobs.py."""
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
 
 from orchestrator import cli
-from orchestrator.spec import load_spec
-from orchestrator.train.driver import run_job
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.integration
 
 
-def run_shipped_job(name: str, tmp_path, *overrides: str):
-    spec = load_spec(ROOT / "jobs" / f"{name}.yaml", [f"data.train={tmp_path}/data/train.parquet",
-                                                      f"data.val={tmp_path}/data/val.parquet",
-                                                      f"run.storage_path={tmp_path}/runs", *overrides])
-    return run_job(spec)  # data.generate writes the dataset on first use
+def run_shipped_job(keel_run, name: str, tmp_path, epochs: int):
+    """A shipped job through Keel's pytest plugin (`keel_run`), as a user tests their own; data.generate writes
+    the dataset on first use."""
+    return keel_run(ROOT / "jobs" / f"{name}.yaml", f"data.train={tmp_path}/data/train.parquet",
+                    f"data.val={tmp_path}/data/val.parquet", run__epochs=epochs)
 
 
 @pytest.mark.timeout(600)
-def test_sequence_lstm_job_learns_the_sign_of_the_sum(keel_ray, tmp_path):
+def test_sequence_lstm_job_learns_the_sign_of_the_sum(keel_run, tmp_path):
     # The label is the sign of the sum of 32 N(0,1) steps: a deterministic function of the input, so an
     # LSTM that integrates can approach 100%. Chance is 50%; the shipped job reaches ~0.98 in 6 epochs.
-    outcome = run_shipped_job("sequence-lstm", tmp_path, "run.epochs=4")
+    outcome = run_shipped_job(keel_run, "sequence-lstm", tmp_path, 4)
     assert outcome.ok and outcome.final["val_accuracy"] >= 0.93, outcome.final
 
 
 @pytest.mark.timeout(600)
-def test_sequence_transformer_job_learns_to_compare_the_first_token_with_the_rest(keel_ray, tmp_path):
+def test_sequence_transformer_job_learns_to_compare_the_first_token_with_the_rest(keel_run, tmp_path):
     # Whether the first token comes back later (chance ~51%): no token count or single position tells, the
     # first token has to be compared with every other. The shipped job sits at chance for ~2 epochs, then
     # jumps (1.0 from epoch 5 of 10, measured).
-    outcome = run_shipped_job("sequence-transformer", tmp_path, "run.epochs=6")
+    outcome = run_shipped_job(keel_run, "sequence-transformer", tmp_path, 6)
     assert outcome.ok and outcome.final["val_accuracy"] >= 0.95, outcome.final
     assert outcome.history[0]["val_accuracy"] < 0.7  # it was not solvable without learning to attend
 
 
 @pytest.mark.timeout(600)
-def test_graph_gcn_job_tells_community_structure_apart(keel_ray, tmp_path):
+def test_graph_gcn_job_tells_community_structure_apart(keel_run, tmp_path):
     # Three classes of SBM graph (assortative, disassortative, random); chance is 33%. A node's own feature
     # is a noisy community hint, so the class is only visible through message passing (~0.89 in 8 epochs).
-    outcome = run_shipped_job("graph-gcn", tmp_path, "run.epochs=6")
+    outcome = run_shipped_job(keel_run, "graph-gcn", tmp_path, 6)
     assert outcome.ok and outcome.final["val_accuracy"] >= 0.80, outcome.final
-
-
-@pytest.mark.timeout(600)
-def test_the_custom_model_example_trains_with_keels_guards_and_checkpoints(keel_run, digits_dir, monkeypatch):
-    """The README's own-model example, through Keel's pytest plugin, as a user would test theirs."""
-    monkeypatch.chdir(ROOT)  # the factory path is relative to where keel runs
-    outcome = keel_run(ROOT / "examples/custom_model/job.yaml", f"data.train={digits_dir / 'train.parquet'}",
-                       f"data.val={digits_dir / 'val.parquet'}", run__epochs=4)
-    assert outcome.ok and outcome.final["val_accuracy"] >= 0.9, (outcome.status, outcome.reason, outcome.final)
-    assert all(h["replica_drift"] == 0.0 for h in outcome.history)
-    state = torch.load(Path(outcome.checkpoint) / "state.pt", weights_only=False)["model"]
-    from examples.custom_model.tiny_convnet import build
-    build(shape=(1, 8, 8), num_classes=10).load_state_dict(state)  # the user's own class reloads Keel's checkpoint
-    assert outcome.stability["first_trouble"] is None and (outcome.run_dir / "stability_report.json").exists()
 
 
 @pytest.mark.timeout(600)
