@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from orchestrator import cli
 from orchestrator.train.checkpointing import list_checkpoints
 from tests.helpers import ROOT
 
@@ -307,9 +308,17 @@ def test_invalid_spec_is_rejected_before_anything_is_uploaded():
     assert time.monotonic() - start < 15
 
 
-def test_shipped_cluster_yaml_passes_ray_schema():
-    proc = keel("cluster", "validate", "cluster.yaml")
-    assert proc.returncode == 0 and "ok" in proc.stdout
+def validate(capsys, path) -> tuple[int, str, str]:
+    """`keel cluster validate PATH` in this process (no Ray starts): exit code, stdout, stderr."""
+    capsys.readouterr()
+    rc = cli.main(["cluster", "validate", str(path)])
+    said = capsys.readouterr()
+    return rc, said.out, said.err
+
+
+def test_shipped_cluster_yaml_passes_ray_schema(capsys):
+    rc, out, _ = validate(capsys, ROOT / "cluster.yaml")
+    assert rc == 0 and "ok" in out
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     assert not any("--shm-size" in option for option in config["docker"]["run_options"])  # Ray sizes /dev/shm itself
     nodes = config["available_node_types"]
@@ -324,17 +333,17 @@ def test_shipped_cluster_yaml_passes_ray_schema():
     (("RAY_AUTH_MODE=token ray start --head", "ray start --head"), "RAY_AUTH_MODE=token"),
     (("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"), "exposes the job API"),
 ])
-def test_cluster_validate_rejects_bad_configs(tmp_path, edit, message):
+def test_cluster_validate_rejects_bad_configs(tmp_path, capsys, edit, message):
     bad = tmp_path / "cluster.yaml"
     bad.write_text((ROOT / "cluster.yaml").read_text().replace(*edit))
-    proc = keel("cluster", "validate", str(bad))
-    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    rc, _, err = validate(capsys, bad)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_shipped_rayjob_passes_and_typos_or_unsafe_settings_are_refused_in_one_line(tmp_path):
+def test_shipped_rayjob_passes_and_typos_or_unsafe_settings_are_refused_in_one_line(tmp_path, capsys):
     # the shipped manifest: a CPU-0 head, a GPU group autoscaling from zero, token auth, cleaned up at the end
-    proc = keel("cluster", "validate", "k8s/rayjob.yaml")
-    assert proc.returncode == 0 and "RayJob keel-digits-resnet" in proc.stdout and "token auth" in proc.stdout, proc.stderr
+    rc, out, err = validate(capsys, ROOT / "k8s/rayjob.yaml")
+    assert rc == 0 and "RayJob keel-digits-resnet" in out and "token auth" in out, err
     spec = yaml.safe_load((ROOT / "k8s/rayjob.yaml").read_text())["spec"]
     cluster = spec["rayClusterSpec"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0" and cluster["enableInTreeAutoscaling"]
@@ -355,8 +364,8 @@ def test_shipped_rayjob_passes_and_typos_or_unsafe_settings_are_refused_in_one_l
         assert edit[0] in text, edit
         bad = tmp_path / "rayjob.yaml"
         bad.write_text(text.replace(*edit))
-        proc = keel("cluster", "validate", str(bad))
-        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (edit, proc.stderr)
+        rc, _, err = validate(capsys, bad)
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (edit, err)
 
 
 def test_dockerfile_pins_ray_and_python_and_stays_user_ray():
