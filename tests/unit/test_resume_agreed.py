@@ -33,6 +33,10 @@ def _resume_on_rank(rank, views):
             "after_broadcast": state_fingerprint(model.state_dict())}
 
 
+def _resume_each_case_on_rank(rank, cases):  # one pair of processes for every case (a spawn costs seconds)
+    return {case: _resume_on_rank(rank, views) for case, views in cases.items()}
+
+
 def test_every_rank_resumes_from_rank_0s_choice_with_identical_state(tmp_path):
     spec, comps = make()
     for epoch, name in enumerate(NAMES):  # two checkpoints with different weights
@@ -51,8 +55,10 @@ def test_every_rank_resumes_from_rank_0s_choice_with_identical_state(tmp_path):
             out.append(view)
         return out
 
+    ranks = on_gloo_ranks(functools.partial(_resume_each_case_on_rank, cases={"rank 1 corrupt": views(1),
+                                                                              "rank 0 corrupt": views(0)}), 2, tmp_path / "a")
     # rank 1 cannot read the newest: rank 0's choice (epoch 1) stands, rank 1 takes rank 0's copy
-    r0, r1 = on_gloo_ranks(functools.partial(_resume_on_rank, views=views(1)), 2, tmp_path / "a")
+    r0, r1 = (r["rank 1 corrupt"] for r in ranks)
     assert r0["epoch"] == r1["epoch"] == 1
     assert r0["fingerprints"] == r1["fingerprints"] == [expected[1], expected[1]]
     assert torch.equal(r0["exp_avg"], r1["exp_avg"]) and r0["step"] == r1["step"] == 2 * STEPS
@@ -61,7 +67,7 @@ def test_every_rank_resumes_from_rank_0s_choice_with_identical_state(tmp_path):
     assert r0["after_broadcast"] == r1["after_broadcast"] == expected[1]
 
     # rank 0 cannot read the newest, rank 1 can: both go back to epoch 0, as rank 0 decided
-    r0, r1 = on_gloo_ranks(functools.partial(_resume_on_rank, views=views(0)), 2, tmp_path / "b")
+    r0, r1 = (r["rank 0 corrupt"] for r in ranks)
     assert r0["epoch"] == r1["epoch"] == 0
     assert r0["fingerprints"] == r1["fingerprints"] == [expected[0], expected[0]]
     assert torch.equal(r0["exp_avg"], r1["exp_avg"]) and r0["copied"] == []
