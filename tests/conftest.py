@@ -33,5 +33,8 @@ def s3_endpoint():
         try:
             yield endpoint
         finally:
-            for key, value in saved.items():
-                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+            for key, value in saved.items():  # the environment as it was
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
