@@ -64,6 +64,16 @@ def cli_cases(argvs: list[tuple[str, list[str]]], cwd: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def cli_here(capsys, *argv: str) -> tuple[int, str, str]:
+    """`keel ARGV` in this process (on the suite's Ray, if the command starts one): exit code, stdout, stderr."""
+    from orchestrator.cli import main
+
+    capsys.readouterr()
+    rc = main(list(argv))
+    said = capsys.readouterr()
+    return rc, said.out, said.err
+
+
 def job_tree(digits_dir: Path, storage: Path, name: str, **sections) -> dict:
     """A small digits job as a dict; `sections` replace or extend the defaults per section."""
     tree = {

@@ -14,9 +14,8 @@ import pytest
 import torch
 import yaml
 
-from orchestrator import cli
 from orchestrator.train.checkpointing import list_checkpoints
-from tests.helpers import ROOT
+from tests.helpers import ROOT, cli_here
 
 pytestmark = pytest.mark.integration
 
@@ -74,13 +73,15 @@ class TwoNodeCluster:
                         f"--num-cpus={head_cpus}", "--include-dashboard=true", "--disable-usage-stats",
                         f"--ray-client-server-port={free_port()}", *agent_ports()],
                        check=True, env=self.server_env, capture_output=True, timeout=120)
-        # kill_processes_with_env(node_marker) takes the second node down alone
-        self.node_marker = f"KEEL_TEST_NODE={secrets.token_hex(8)}".encode()
+        self.node_id = secrets.token_hex(8)  # in the second node's environment: kill_processes_with_env takes it alone
+        self.node_marker = f"KEEL_TEST_NODE={self.node_id}".encode()
         self.address = f"http://127.0.0.1:{dash}"
         self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": ""}  # a client's
         deadline = time.monotonic() + 60
         while keel("jobs", "list", "--address", self.address, env=self.env).returncode != 0:
-            assert time.monotonic() < deadline, "head did not come up"
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("head did not come up")
             time.sleep(1)
 
     def start_second_node(self) -> None:
@@ -89,7 +90,7 @@ class TwoNodeCluster:
         subprocess.run(["ray", "start", f"--address=127.0.0.1:{self.gcs}", "--node-ip-address=127.0.0.1",
                         f"--num-cpus={self.node_cpus}", f"--temp-dir={short_temp_dir('kn')}", "--disable-usage-stats",
                         *agent_ports()], check=True, capture_output=True, timeout=120,
-                       env={**self.server_env, "KEEL_TEST_NODE": self.node_marker.decode().split("=")[1]})
+                       env={**self.server_env, "KEEL_TEST_NODE": self.node_id})
 
     def alive_nodes(self) -> int:
         return len(cluster_state(self.address, self.env)["nodes"])
@@ -98,7 +99,10 @@ class TwoNodeCluster:
         """Bring the second node up or down, if it is not already (only a test run out of order waits here)."""
         if (self.alive_nodes() == 2) == up:
             return
-        self.start_second_node() if up else kill_processes_with_env(self.node_marker)
+        if up:
+            self.start_second_node()
+        else:
+            kill_processes_with_env(self.node_marker)
         deadline = time.monotonic() + 120  # a killed node is declared dead by the head's health checks
         while (self.alive_nodes() == 2) != up:
             assert time.monotonic() < deadline, f"the second node did not go {'up' if up else 'down'}"
@@ -310,10 +314,7 @@ def test_invalid_spec_is_rejected_before_anything_is_uploaded():
 
 def validate(capsys, path) -> tuple[int, str, str]:
     """`keel cluster validate PATH` in this process (no Ray starts): exit code, stdout, stderr."""
-    capsys.readouterr()
-    rc = cli.main(["cluster", "validate", str(path)])
-    said = capsys.readouterr()
-    return rc, said.out, said.err
+    return cli_here(capsys, "cluster", "validate", str(path))
 
 
 def test_shipped_cluster_yaml_passes_ray_schema(capsys):

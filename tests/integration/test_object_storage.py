@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from orchestrator import cli
-from tests.helpers import job_tree, sweep_file
+from tests.helpers import cli_here, job_tree, sweep_file
 
 pytestmark = pytest.mark.integration
 
@@ -37,11 +37,9 @@ def listing(path: str, kind=None) -> list[str]:
 
 
 def keel(capsys, *argv: str) -> tuple[int, str]:
-    """`keel ...` in this process, on the suite's Ray: (exit code, what it printed)."""
-    capsys.readouterr()
-    rc = cli.main([*argv, "--quiet"])
-    out = capsys.readouterr()
-    return rc, out.out + out.err
+    """`keel ... --quiet` in this process, on the suite's Ray: (exit code, everything it printed)."""
+    rc, out, err = cli_here(capsys, *argv, "--quiet")
+    return rc, out + err
 
 
 @pytest.mark.timeout(600)

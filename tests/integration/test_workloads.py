@@ -14,8 +14,11 @@ pytestmark = pytest.mark.integration
 def run_shipped_job(keel_run, name: str, tmp_path, epochs: int):
     """A shipped job through Keel's pytest plugin (`keel_run`), as a user tests their own; data.generate writes
     the dataset on first use."""
-    return keel_run(ROOT / "jobs" / f"{name}.yaml", f"data.train={tmp_path}/data/train.parquet",
-                    f"data.val={tmp_path}/data/val.parquet", run__epochs=epochs)
+    outcome = keel_run(ROOT / "jobs" / f"{name}.yaml", f"data.train={tmp_path}/data/train.parquet",
+                       f"data.val={tmp_path}/data/val.parquet", run__epochs=epochs)
+    # the plugin applied its overrides: the run lives under the test's tmp_path and ran the epochs asked for
+    assert outcome.run_dir.parent == tmp_path and len(outcome.history) <= epochs, (outcome.run_dir, len(outcome.history))
+    return outcome
 
 
 @pytest.mark.timeout(600)
