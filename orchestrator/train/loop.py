@@ -145,9 +145,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point; `loop_config` carries one WorkerConfig (see train/worker_config.py)."""
     config = WorkerConfig.of(loop_config)
     spec, world, clock = config.spec, world_size(), config.clock
-    # asked for first: each split's coordinator actor starts while this worker builds its model (was serial)
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    extra_val = {name: ray.train.get_dataset_shard(f"val_{name}") for name in spec.data.extra_val}
+    # asked for first: the split's coordinator actor starts while this worker builds its model (was serial)
+    train_shard, rank = ray.train.get_dataset_shard("train"), ray.train.get_context().get_world_rank()
+    val_shard = config.eval_shard("val", rank, world)
+    extra_val = {name: config.eval_shard(f"val_{name}", rank, world) for name in spec.data.extra_val}
     steps_per_epoch = steps_for(config.epoch_rows, world, spec.data.batch_size)  # an elastic run: this group's size
     comps = build_components(spec, max(steps_per_epoch), ray.train.torch.get_device(), ray.train.torch.prepare_model)
     st = comps.state

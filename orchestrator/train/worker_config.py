@@ -22,6 +22,14 @@ class WorkerConfig:
     initial_checkpoint: Optional[dict] = None  # {path, filesystem, keep_hyperparameters}: a sweep trial's restore
     storage: Optional[dict] = None           # {fs, run_path} when the run lives on object storage
     data_reference: Optional[dict] = None    # the training split's drift reference, saved with checkpoints
+    eval_sets: Optional[dict] = None         # "val" and "val_<name>": materialized Ray Datasets, split per rank here
+
+    def eval_shard(self, split: str, rank: int, world: int):
+        """This rank's part of an evaluation split: its share of the split's blocks (no task, no actor).
+        Evaluation splits are materialized once by the driver, so they are not handed to Ray Train, whose
+        per-dataset split coordinator is one more actor process per run (measured: ~2.3 CPU-s of a
+        35 CPU-s one-epoch fit on 2 cores)."""
+        return self.eval_sets[split].split(world, equal=False)[rank]
 
     def as_loop_config(self) -> dict:
         return {"worker": self}

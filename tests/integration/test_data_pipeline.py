@@ -12,6 +12,7 @@ from orchestrator.ray_session import open_run_channel
 from orchestrator.data.preprocess import FEATURES, LABEL
 from orchestrator.spec import parse_spec
 from orchestrator.train.planning import preflight
+from orchestrator.train.worker_config import WorkerConfig
 from tests.helpers import job_tree
 
 pytestmark = pytest.mark.integration
@@ -68,6 +69,13 @@ def test_standardisation_statistics_come_from_the_training_split_only(keel_ray, 
     np.testing.assert_allclose(train.mean(0), 0.0, atol=1e-5)
     np.testing.assert_allclose(train.std(0), 1.0, atol=1e-3)
     assert rows(ds["val"]).mean(0)[0] > 15  # standardised with the TRAIN statistics, so far from 0
+
+    # every rank evaluates its own part of the validation split: together, each row exactly once
+    config = WorkerConfig(spec, plan.epoch_rows, eval_sets={"val": ds["val"]})
+    for world in (1, 2, 3):
+        together = np.concatenate([b[FEATURES] for rank in range(world) for b in
+                                   config.eval_shard("val", rank, world).iter_batches(batch_size=None, batch_format="numpy")])
+        assert np.array_equal(together[np.lexsort(together.T[::-1])], rows(ds["val"])), world
 
 
 @pytest.mark.timeout(300)

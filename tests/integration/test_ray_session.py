@@ -80,6 +80,24 @@ def test_the_run_channel_hands_over_every_event_in_order_and_keeps_the_epoch(kee
     keel_ray.kill(channel)
 
 
+def test_a_finished_runs_channel_serves_the_next_run_of_the_process_emptied(keel_ray):
+    from orchestrator.ray_session import borrow_run_channel, give_back_run_channel
+
+    first = borrow_run_channel()
+    keel_ray.get([first.put.remote("left over"), first.set.remote(3)])
+    give_back_run_channel(first)
+    again = borrow_run_channel()  # one actor process fewer for the next run
+    assert again._actor_id == first._actor_id
+    assert keel_ray.get(again.take.remote()) == [] and keel_ray.get(again.get.remote()) == 0  # nothing of the last run
+    other = borrow_run_channel()  # while one is lent, another run gets its own
+    assert other._actor_id != again._actor_id
+    give_back_run_channel(again, reusable=False)  # someone may still read it: ended, not kept
+    give_back_run_channel(other)
+    last = borrow_run_channel()
+    assert last._actor_id == other._actor_id
+    keel_ray.kill(last)
+
+
 def test_following_a_channel_hands_on_what_was_put_just_before_the_run_ended(keel_ray):
     from orchestrator.ray_session import follow_channel, open_run_channel
 

@@ -23,6 +23,8 @@ def test_main_job_reaches_95_percent_on_digits(keel_ray, tmp_path, monkeypatch, 
     rc = cli.main(["run", str(ROOT / "jobs/digits-resnet.yaml"), "--quiet"])
     assert rc == 0, capsys.readouterr()
     assert len(scanned) == 2, scanned  # each split's data scanned once per run (the CLI's check is reused)
+    from ray.util.state import list_actors  # on the embedded Ray: no placement-group cleaner, one process fewer per run
+    assert list_actors(filters=[("class_name", "=", "PlacementGroupCleaner")]) == []
     run_dir = tmp_path / "runs" / "digits-resnet"
     history = read_metrics(run_dir)
     assert max(h["val_accuracy"] for h in history) >= 0.95
