@@ -59,46 +59,35 @@ def test_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoint(keel_ray,
 
 
 @pytest.mark.timeout(420)
-def test_a_rerun_resumes_and_a_corrupted_latest_checkpoint_is_detected_and_the_previous_one_used(keel_ray, digits_dir, tmp_path):
-    tree = job_tree(digits_dir, tmp_path, "corrupt", run={"name": "corrupt", "storage_path": str(tmp_path), "epochs": 2})
-    first = run_job(parse_spec(tree))
-    latest = list_checkpoints(tmp_path / "corrupt")[-1]
-    state = latest / "state.pt"
-    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated
-    tree["run"]["epochs"] = 3  # re-running the same run.name with more epochs continues it
-    events = []
-    outcome = run_job(parse_spec(tree), on_event=events.append)
-    assert outcome.ok
-    assert any(str(state) in w and "truncated" in w for w in outcome.warnings), outcome.warnings
-    assert [e["epoch"] for e in events if e["type"] == "resumed"] == [1]  # epoch 0's checkpoint: the good one
-    assert [h["epoch"] for h in outcome.history] == [1, 2]
-    assert outcome.history[0]["step"] == 2 * first.history[0]["step"]  # the global step carried over
-    assert [h["epoch"] for h in read_metrics(tmp_path / "corrupt")] == [0, 1, 1, 2]  # the run's metrics continue
-    ckpt = torch.load(list_checkpoints(tmp_path / "corrupt")[-1] / "state.pt", weights_only=False)
-    assert ckpt["epoch"] == 2 and json.dumps(ckpt["safeguards"])  # guard state travels with it, as plain data
-
-
-@pytest.mark.timeout(420)
-def test_ctrl_c_on_keel_run_stops_cleanly_and_leaves_a_resumable_run(keel_ray, digits_dir, tmp_path, capsys):
+def test_ctrl_c_on_keel_run_stops_cleanly_and_the_rerun_resumes_past_a_corrupted_latest_checkpoint(keel_ray, digits_dir, tmp_path, capsys):
     tree = job_tree(digits_dir, tmp_path, "sigint", run={"name": "sigint", "storage_path": str(tmp_path), "epochs": 30})
-    job = tmp_path / "sigint.yaml"
+    job, run = tmp_path / "sigint.yaml", tmp_path / "sigint"
     job.write_text(yaml.safe_dump(tree))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(job), "--quiet"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while len(read_metrics(tmp_path / "sigint")) < 2 and time.monotonic() < deadline:
+    while len(read_metrics(run)) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "to resume" in err and f"keel run {job}" in err
-    done = len(read_metrics(tmp_path / "sigint"))
-    assert list_checkpoints(tmp_path / "sigint")
+    done = len(read_metrics(run))
+    *_, latest = list_checkpoints(run)  # two are kept
+    epoch = torch.load(latest / "state.pt", weights_only=False)["epoch"]
+    state = latest / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # and then the newest one is truncated
     # the rerun the message asks for (in this process, on the suite's warm Ray: a second cold start adds nothing)
-    assert cli.main(["run", str(job), "run.epochs=" + str(done + 1)]) == 0
-    assert "resumed from checkpoint" in capsys.readouterr().out
-    assert [h["epoch"] for h in read_metrics(tmp_path / "sigint")][-1] == done
+    assert cli.main(["run", str(job), f"run.epochs={epoch + 2}"]) == 0
+    out = capsys.readouterr().out
+    assert str(state) in out and "truncated" in out, out  # the bad checkpoint is named ...
+    assert f"resumed from checkpoint: continuing at epoch {epoch + 1}" in out, out  # ... and the one before it used
+    metrics = read_metrics(run)
+    assert [h["epoch"] for h in metrics] == [*range(done), epoch, epoch + 1]  # the run's metrics continue
+    assert metrics[-2]["step"] == (epoch + 1) * metrics[0]["step"]  # the global step carried over
+    ckpt = torch.load(list_checkpoints(run)[-1] / "state.pt", weights_only=False)
+    assert ckpt["epoch"] == epoch + 1 and json.dumps(ckpt["safeguards"])  # guard state travels with it, as plain data
 
 
 @pytest.mark.timeout(300)

@@ -45,31 +45,6 @@ def test_bad_sweep_spec_is_one_line_exit_2_and_starts_nothing(case, bad_sweep_ou
 
 
 @pytest.mark.timeout(600)
-def test_absurd_learning_rates_are_stopped_at_once_and_the_best_trial_is_healthy(keel_ray, digits_dir, tmp_path):
-    path = sweep_file(tmp_path, digits_dir, "lrs", [0.05, 1e4, 1e8])
-    sweep, base = load_sweep(path)
-    seen = []
-    outcome = run_sweep(sweep, base, on_result=lambda rows: seen.append(len(rows)))
-    rows = {r.config["optimizer.lr"]: r for r in outcome.rows}
-    assert rows[0.05].status == "TERMINATED" and rows[0.05].iterations == 3  # healthy: runs to the end
-    for lr in (1e4, 1e8):
-        assert rows[lr].status == "diverged" and rows[lr].iterations <= 2, rows[lr]  # within 2 reports of explosion
-        reasons = json.loads((outcome.exp_dir / "keel_diverged.json").read_text())
-        assert reasons[rows[lr].trial_id]["iteration"] == rows[lr].iterations
-    assert outcome.best.config["optimizer.lr"] == 0.05 and outcome.best.metric > 0.8
-    assert yaml.safe_load(outcome.best_job.read_text())["optimizer"]["lr"] == 0.05
-    assert seen  # the live table was fed
-    # results can be re-read from the experiment directory alone
-    again = summarize(outcome.exp_dir, "val_accuracy", "max")
-    assert {r.trial_id: r.status for r in again.rows} == {r.trial_id: r.status for r in outcome.rows}
-    # the sweep report marks the diverged trials and plots the metric against the searched parameter
-    assert cli.main(["report", str(outcome.exp_dir)]) == 0
-    page = (outcome.exp_dir / "report" / "index.html").read_text()
-    assert page.count("class='diverged'") == 2 and "2 diverged" in page
-    assert (outcome.exp_dir / "report" / "param_0.png").read_bytes()[:4] == b"\x89PNG"
-    assert (outcome.exp_dir / "report" / "best_trial.png").exists()
-
-@pytest.mark.timeout(600)
 def test_non_finite_metric_stops_the_trial_at_that_report(keel_ray, digits_dir, tmp_path):
     path = sweep_file(tmp_path, digits_dir, "nan", [0.05], overrides=[
         "faults=[{kind: nan_batch, at_step: 25, repeat: 100000}]", "stability.nonfinite.max_consecutive_skips=100000"])
@@ -80,10 +55,15 @@ def test_non_finite_metric_stops_the_trial_at_that_report(keel_ray, digits_dir, 
     assert row.status == "diverged" and row.iterations == 2 and "train_loss is nan" in row.reason
     assert outcome.best is None
 
-@pytest.mark.timeout(600)
-def test_interrupted_sweep_resumes_and_keel_results_rereads_it(keel_ray, digits_dir, tmp_path, capsys):
-    path = sweep_file(tmp_path, digits_dir, "resume", [0.02, 0.05])
-    exp = tmp_path / "sweeps" / "resume"
+
+@pytest.mark.timeout(900)
+def test_an_interrupted_sweep_resumes_and_stops_absurd_learning_rates_at_once_and_its_best_trial_is_healthy(
+        keel_ray, digits_dir, tmp_path, capsys):
+    # One sweep, one trial at a time: a real `keel sweep` process is interrupted (Ctrl-C) once its first,
+    # healthy trial has finished; the resumed sweep (in this process, as `keel sweep` runs it) keeps that
+    # trial and runs the absurd learning rates, each stopped within 2 reports of its explosion.
+    path = sweep_file(tmp_path, digits_dir, "lrs", [0.05, 1e4, 1e8])
+    exp = tmp_path / "sweeps" / "lrs"
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(path), "--quiet"], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
@@ -97,10 +77,31 @@ def test_interrupted_sweep_resumes_and_keel_results_rereads_it(keel_ray, digits_
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130 and b"re-run to resume: keel sweep" in out, out[-2000:]
     first_trial = done[0].parent.name
-    assert cli.main(["sweep", str(path), "--quiet"]) == 0  # resumes the same experiment
-    out = capsys.readouterr().out
-    trials = sorted(p.name for p in exp.glob("run_trial_*"))
-    assert len(trials) == 2 and first_trial in trials  # the finished trial was kept, not rerun as a new one
-    assert len((exp / first_trial / "result.json").read_text().splitlines()) == 3
+
+    sweep, base = load_sweep(path)
+    seen = []
+    outcome = run_sweep(sweep, base, on_result=lambda rows: seen.append(len(rows)))  # resumes the same experiment
+    trial_dirs = [p.name for p in exp.glob("run_trial_*")]
+    assert len(trial_dirs) == len(outcome.rows) == 3, trial_dirs  # the finished trial was not run again as a new one
+    assert all(sum(r.trial_id in name for name in trial_dirs) == 1 for r in outcome.rows), trial_dirs
+    rows = {r.config["optimizer.lr"]: r for r in outcome.rows}
+    assert rows[0.05].trial_id in first_trial and rows[0.05].status == "TERMINATED" and rows[0.05].iterations == 3
+    assert len((exp / first_trial / "result.json").read_text().splitlines()) == 3  # its results kept as they were
+    for lr in (1e4, 1e8):
+        assert rows[lr].status == "diverged" and rows[lr].iterations <= 2, rows[lr]  # within 2 reports of explosion
+        reasons = json.loads((outcome.exp_dir / "keel_diverged.json").read_text())
+        assert reasons[rows[lr].trial_id]["iteration"] == rows[lr].iterations
+    assert outcome.best.config["optimizer.lr"] == 0.05 and outcome.best.metric > 0.8
+    assert yaml.safe_load(outcome.best_job.read_text())["optimizer"]["lr"] == 0.05
+    assert seen  # the live table was fed
+    # results can be re-read from the experiment directory alone
+    again = summarize(outcome.exp_dir, "val_accuracy", "max")
+    assert {r.trial_id: r.status for r in again.rows} == {r.trial_id: r.status for r in outcome.rows}
     assert cli.main(["results", str(exp)]) == 0
     assert "best:" in capsys.readouterr().out
+    # the sweep report marks the diverged trials and plots the metric against the searched parameter
+    assert cli.main(["report", str(outcome.exp_dir)]) == 0
+    page = (outcome.exp_dir / "report" / "index.html").read_text()
+    assert page.count("class='diverged'") == 2 and "2 diverged" in page
+    assert (outcome.exp_dir / "report" / "param_0.png").read_bytes()[:4] == b"\x89PNG"
+    assert (outcome.exp_dir / "report" / "best_trial.png").exists()
