@@ -102,7 +102,7 @@ def test_a_pbt_sweep_on_s3_clones_a_diverged_trial_from_its_donor_there_and_keel
     # A ResNet, not the MLP: PBT clones only from trials still running, so the good one must outlast
     # the bad one's first reports (with the MLP, under load, it finished within 2 s of them).
     model = ["model.kind=resnet", "model.channels=[16,32]", "model.blocks_per_stage=1"]
-    path = sweep_file(tmp_path, digits_dir, "pbt", [0.05, 1e4], max_concurrent_trials=2, overrides=["run.epochs=6", *model],
+    path = sweep_file(tmp_path, digits_dir, "pbt", [0.05, 1e4], max_concurrent_trials=2, overrides=["run.epochs=4", *model],
                       scheduler={"kind": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
                       storage_path=f"s3://{bucket}/sweeps")
     tree = yaml.safe_load(path.read_text())
