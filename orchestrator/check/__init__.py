@@ -43,14 +43,19 @@ def first_batches(spec: JobSpec, plan, rows: int) -> tuple[np.ndarray, np.ndarra
 
     from orchestrator.data.pipeline import build_datasets
     from orchestrator.data.preprocess import FEATURES, LABEL
-    from orchestrator.ray_session import open_run_channel
+    from orchestrator.ray_session import borrow_run_channel, give_back_run_channel
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    train = build_datasets(spec, plan, open_run_channel())["train"]  # the random per-epoch stage re-runs per read
-    reads = []
-    for _ in range(2):
-        batch = train.take_batch(min(rows, plan.train_rows), batch_format="numpy")
-        reads.append((batch[FEATURES], batch[LABEL]))
+    options, channel = ray.data.DataContext.get_current().execution_options, borrow_run_channel()
+    ordered, options.preserve_order = options.preserve_order, True  # for these reads only, not later runs
+    try:
+        train = build_datasets(spec, plan, channel)["train"]  # the random per-epoch stage re-runs per read
+        reads = []
+        for _ in range(2):
+            batch = train.take_batch(min(rows, plan.train_rows), batch_format="numpy")
+            reads.append((batch[FEATURES], batch[LABEL]))
+    finally:
+        options.preserve_order = ordered
+        give_back_run_channel(channel)
     (x, y), (x2, y2) = reads
     same = x.shape == x2.shape and np.array_equal(x, x2) and np.array_equal(y, y2)
     if len(x) < rows:  # a small dataset: the check goes round it again (the same rows, the same order)
@@ -62,12 +67,13 @@ def first_batches(spec: JobSpec, plan, rows: int) -> tuple[np.ndarray, np.ndarra
 def fit(spec: JobSpec, workers: int, cpus: float, config: dict, out: Path) -> dict[str, list[dict]]:
     import torch
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from orchestrator.check.worker import check_loop
+    from orchestrator.train.driver import trainer_class
 
     out.mkdir(parents=True)
-    TorchTrainer(check_loop, train_loop_config={**config, "out": str(out)},
+    trainer_class()(check_loop, train_loop_config={**config, "out": str(out)},
                  scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
                  run_config=RunConfig(name=f"keel-check-{workers}", storage_path=str(out / "ray")),
                  torch_config=TorchConfig(backend="gloo", timeout_s=spec.scaling.collective_timeout_s)).fit()

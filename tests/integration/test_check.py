@@ -24,6 +24,8 @@ def test_the_main_job_is_distributed_correct(keel_check, digits_dir):
                      "replicas identical, every step", "determinism (the same run twice)",
                      "resume at k/2 from a Keel checkpoint"]
     assert "20 steps" in report.lines[2].detail and report.notes  # the job's dropout was switched off, and said so
+    import ray.data  # the check read its batches in order; the process's later runs do not pay for that
+    assert ray.data.DataContext.get_current().execution_options.preserve_order is False
 
 
 @pytest.mark.timeout(300)
