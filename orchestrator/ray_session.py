@@ -44,6 +44,7 @@ def cluster_address(address: Optional[str]) -> Optional[str]:
 
 
 def ensure_ray(address: Optional[str], verbose: bool = False, dashboard: bool = True) -> None:
+    global _started_here  # set when this call starts the embedded Ray (see in_embedded_ray)
     import ray
 
     if ray.is_initialized():
@@ -68,7 +69,6 @@ def ensure_ray(address: Optional[str], verbose: bool = False, dashboard: bool = 
                     raise
                 ray.shutdown()
                 port = free_dashboard_port(preferred=0)
-        global _started_here
         _started_here = ray.get_runtime_context().gcs_address
     else:
         # A submitted job's own runtime env is merged with this one; a setup hook of the user's own wins.

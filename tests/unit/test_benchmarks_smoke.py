@@ -72,3 +72,17 @@ def test_snapshot_cost_runs_on_a_full_ring(tmp_path, monkeypatch):
     (size,) = result["sizes"].values()
     assert size["snapshot_s"][0] > 0 and size["recycled_snapshot_s"][0] > 0 and size["snapshot_bytes"] > 3 * 4 * 1e6 * 0.9
     assert set(size["overhead"]) == {"blocking", "background"}
+
+
+def test_run_processes_sums_cpu_by_ray_title_and_counts_processes_that_started_between_marks():
+    from benchmarks.run_processes import cpu_between, process_kind, read_processes
+
+    assert process_kind("ray::TrainController.run()") == process_kind("ray::TrainController") == "ray::TrainController"
+    assert process_kind("/usr/bin/python3 -m x") == "python3"
+    before = {("1", "10"): (5.0, "ray::TrainController"), ("2", "11"): (1.0, "ray::IDLE")}
+    after = {("1", "10"): (7.5, "ray::TrainController"), ("2", "11"): (1.0, "ray::IDLE"),
+             ("3", "12"): (2.0, "ray::RayTrainWorker"), ("4", "13"): (2.5, "ray::RayTrainWorker")}
+    cpu, new = cpu_between(before, after)
+    assert cpu == {"ray::TrainController": 2.5, "ray::RayTrainWorker": 4.5}  # an idle process used nothing
+    assert new == {"ray::TrainController": 0, "ray::RayTrainWorker": 2}
+    assert any(name.startswith(("python", "/")) for _, name in read_processes().values())  # this very process
