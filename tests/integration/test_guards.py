@@ -21,16 +21,14 @@ def spike_job(digits_dir, tmp_path, name, *overrides):
 
 
 @pytest.mark.timeout(600)
-def test_spike_recovery_job_recovers_where_the_unguarded_run_collapses(keel_ray, digits_dir, tmp_path):
+def test_spike_recovery_job_rolls_back_past_a_fault_that_outlasts_the_skip_window_and_recovers(keel_ray, digits_dir, tmp_path):
+    # The same job with the guards off collapses to near chance (0.16 in CI; the stress suite's
+    # long_lr_spike row measures it, plain 0.13-0.16): that run is not repeated here.
     guarded = run_job(spike_job(digits_dir, tmp_path, "guarded"))
-    unguarded = run_job(spike_job(digits_dir, tmp_path, "unguarded", "stability.spike.enabled=false", "stability.clip.mode=none"))
-
-    final = {name: o.final["val_accuracy"] for name, o in [("guarded", guarded), ("unguarded", unguarded)]}
     assert guarded.ok
     # recovered: the fault-free job ends at 0.97-1.0 (measured; CI once saw guarded 0.967 vs clean 1.0 with the
-    # LR halved for the last 40 steps), while the unguarded run falls to near chance (0.16 in CI)
-    assert final["guarded"] >= 0.93, final
-    assert unguarded.status == "diverged" or final["unguarded"] <= 0.5, final
+    # LR halved for the last 40 steps)
+    assert guarded.final["val_accuracy"] >= 0.93, guarded.final
     rollbacks = [e for h in guarded.history for e in h["events"] if e["action"] == "rollback"]
     assert rollbacks and all(e["replica_drift"] == 0.0 for e in rollbacks)  # ranks identical right after each rollback
     assert all(h["replica_drift"] == 0.0 for h in guarded.history)
