@@ -15,8 +15,9 @@ from orchestrator import cli
 from orchestrator.errors import BadInput
 from orchestrator.train.run_files import read_metrics
 from orchestrator.spec import load_spec, parse_spec
-from orchestrator.train.checkpointing import CorruptCheckpoint, list_checkpoints, read_payload, state_fingerprint, verify_checkpoint
+from orchestrator.train.checkpointing import list_checkpoints, read_payload, state_fingerprint
 from orchestrator.train.driver import run_job
+from orchestrator.train.resume import newest_good_index
 from tests.helpers import ROOT, job_tree
 
 pytestmark = pytest.mark.integration
@@ -62,14 +63,6 @@ def test_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoint_and_early
     assert disturbed.final["val_accuracy"] >= 0.95 and disturbed.final["replica_drift"] == 0.0  # and it trained on
 
 
-def complete(checkpoint) -> bool:
-    try:
-        verify_checkpoint(checkpoint)
-        return True
-    except CorruptCheckpoint:
-        return False
-
-
 @pytest.mark.timeout(420)
 def test_ctrl_c_on_keel_run_stops_cleanly_and_the_rerun_resumes_past_a_corrupted_latest_checkpoint(keel_ray, digits_dir, tmp_path, capsys):
     tree = job_tree(digits_dir, tmp_path, "sigint", run={"name": "sigint", "storage_path": str(tmp_path), "epochs": 30})
@@ -86,7 +79,8 @@ def test_ctrl_c_on_keel_run_stops_cleanly_and_the_rerun_resumes_past_a_corrupted
     assert proc.returncode == 130, err[-2000:]
     assert "to resume" in err and f"keel run {job}" in err
     done = len(read_metrics(run))
-    *_, latest = [c for c in list_checkpoints(run) if complete(c)]  # (Ctrl-C may have cut the newest one short)
+    newest_first = list_checkpoints(run)[::-1]  # Ctrl-C may have cut the newest one short: take the newest complete one
+    latest = newest_first[newest_good_index(newest_first, warn=lambda message: None)]
     epoch = torch.load(latest / "state.pt", weights_only=False)["epoch"]
     state = latest / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # and then the newest one is truncated
