@@ -2,7 +2,8 @@
 
 On the embedded local Ray, for k steps of the job's own model, optimizer, schedule, guards and data
 (its Parquet through its preprocessing and augmentation, the first k global batches, read once in the
-driver so that every run sees them in the same order), it runs 1 worker x N*b and N workers x b and
+driver so that every run sees them in the same order), it runs 1 worker x N*b (in this process, Ray Train's
+local mode) and N workers x b (Ray Train workers) and
 compares what synchronized training promises to keep equal: every layer's output on the first batch,
 the loss and global grad norm at every step, the parameters and buffers after k steps, the replicas
 across ranks at every step; then that the same run twice is identical and that stopping at k/2 and
@@ -64,7 +65,20 @@ def first_batches(spec: JobSpec, plan, rows: int) -> tuple[np.ndarray, np.ndarra
     return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y), same
 
 
+def random_states(states: tuple | None = None) -> tuple:
+    """Python's, numpy's and torch's global generator states; with `states`, put those back."""
+    import random
+
+    import torch
+
+    if states is not None:
+        random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
 def fit(spec: JobSpec, workers: int, cpus: float, config: dict, out: Path) -> dict[str, list[dict]]:
+    """`check_loop` on `workers` Ray Train workers; with 0, Ray Train's local mode runs it once in this process
+    (the 1-worker reference needs no process group, and a Ray Train run costs ~12 s of process start-up here)."""
     import torch
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
@@ -73,10 +87,17 @@ def fit(spec: JobSpec, workers: int, cpus: float, config: dict, out: Path) -> di
     from orchestrator.train.driver import trainer_class
 
     out.mkdir(parents=True)
-    trainer_class()(check_loop, train_loop_config={**config, "out": str(out)},
-                 scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
-                 run_config=RunConfig(name=f"keel-check-{workers}", storage_path=str(out / "ray")),
-                 torch_config=TorchConfig(backend="gloo", timeout_s=spec.scaling.collective_timeout_s)).fit()
+    threads, rng = torch.get_num_threads(), random_states()
+    if not workers:  # as in a Ray worker given `cpus` CPUs: one intra-op thread per whole CPU, at least one
+        torch.set_num_threads(max(1, int(cpus)))
+    try:
+        trainer_class()(check_loop, train_loop_config={**config, "out": str(out)},
+                        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
+                        run_config=RunConfig(name=f"keel-check-{workers}", storage_path=str(out / "ray")),
+                        torch_config=TorchConfig(backend="gloo", timeout_s=spec.scaling.collective_timeout_s)).fit()
+    finally:  # this process as it was: the check reseeds the global generators as the loop does
+        torch.set_num_threads(threads)
+        random_states(rng)
     results: dict[str, list[dict]] = {}
     for tag in ("run", "repeat", "resume"):
         files = sorted(out.glob(f"{tag}-rank*.pt"), key=lambda p: int(p.stem.rsplit("rank", 1)[1]))
@@ -101,7 +122,7 @@ def run_check(spec: JobSpec, steps: int = 20, say: Callable[[str], None] = lambd
               "x": x, "y": y}
     with tempfile.TemporaryDirectory(prefix="keel-check-") as tmp:
         say(f"1 worker x {workers * batch}: {steps} steps")
-        one = fit(spec, 1, plan.cpus_per_worker, config, Path(tmp) / "one")
+        one = fit(spec, 0, plan.cpus_per_worker, config, Path(tmp) / "one")  # in this process
         say(f"{workers} workers x {batch}: {steps} steps, the same again, and a resume at step {steps // 2}")
         many = fit(spec, workers, plan.cpus_per_worker, config, Path(tmp) / "many")
     report = compare(one["run"][0], many, same)

@@ -16,7 +16,13 @@ def data(digits_dir):
 
 @pytest.mark.timeout(400)
 def test_the_main_job_is_distributed_correct(keel_check, digits_dir):
+    from ray.util.state import list_actors
+
+    def train_workers() -> int:  # Ray Train worker processes the suite's Ray has seen
+        return len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10000))
+    workers_before = train_workers()
     report = keel_check(ROOT / "jobs/digits-resnet.yaml", *data(digits_dir))
+    assert train_workers() - workers_before == 2  # the job's 2 workers; the 1-worker reference ran in this process
     assert report.ok, [(line.name, line.detail) for line in report.lines if not line.ok]
     names = [line.name for line in report.lines]
     assert names == ["data pipeline deterministic", "forward, step 0 (every layer)", "loss, every step",
