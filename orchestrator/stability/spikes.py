@@ -2,7 +2,10 @@
 
 Detection reads only the step's all-reduced loss and the global gradient norm
 (identical on every rank), so every rank reaches the same verdict with no
-extra communication. Statistics are an EMA of mean and variance with a warm-up;
+extra communication. The loss it judges leaves out each rank's worst sample: with tiny batches one hard
+or mislabelled sample makes a "spike" at every few hundred steps once the loss is low (measured: 2 samples
+per worker, 80 skipped steps, 24 rollbacks and 17 LR cuts, 0.982 where the plain loop reached 0.993),
+while a run that breaks raises every sample's loss. Statistics are an EMA of mean and variance with a warm-up;
 spikes and non-finite steps do not update them. Defaults follow published
 practice: z > 6; the window is 32 steps (a longer one kept a short run's early, falling loss
 in its statistics and hid a 150x loss spike at z 4.9).
@@ -133,7 +136,7 @@ class SpikeGuard:
         if state.skip:
             return
         first_after_restore, self.just_restored = self.just_restored, False
-        trigger, z = self.detector.check(state.global_loss, state.grad_norm_value)
+        trigger, z = self.detector.check(state.global_loss_typical, state.grad_norm_value)
         if trigger is None:
             self.calm = True
             self.restored_spikes = 0 if first_after_restore else self.restored_spikes  # the rollback cured it
@@ -144,7 +147,7 @@ class SpikeGuard:
             # back learning itself: a transformer's gradient norm jumps as its attention forms, and 15
             # rollbacks held it at 0.59 accuracy where the plain loop reached 0.87 (measured). Let it through;
             # if it was the start of trouble, the loss says so next (a loss spike, confirmed by this one).
-            self.detector.accept(state.global_loss, state.grad_norm_value)
+            self.detector.accept(state.global_loss_typical, state.grad_norm_value)
             self.clipped_step = state.step
             state.events.append({"step": state.step, "trigger": "grad_norm_spike", "value": round(z, 2), "action": "clipped"})
             return
@@ -199,7 +202,7 @@ class SpikeGuard:
     def _rebaseline(self, state, trigger: str, z: float) -> None:
         """Accept the new level: restart the statistics there, forget the streak's recoveries and LR cuts
         (they answered a shift, not a too-high LR), and take this step."""
-        self.detector.rebaseline(state.global_loss, state.grad_norm_value)
+        self.detector.rebaseline(state.global_loss_typical, state.grad_norm_value)
         self.recent, self.suspect_step, self.clipped_step, self.restored_spikes = [], None, None, 0
         self.lr_factor = self.lr_factor_before
         self.counts[mk.REBASELINES] += 1

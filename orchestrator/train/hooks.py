@@ -64,6 +64,7 @@ class StepState:
     param_grad_norms: Optional[list] = None   # pre-clip per-tensor norms (per step; diagnostics)
     grad_norm_value: float = float("nan")  # the same, as a float after the step's one host sync
     global_loss: float = float("nan")    # all-reduced mean loss (per step)
+    global_loss_typical: float = float("nan")  # the same without each rank's worst sample: what spikes are judged on
     global_nonfinite: float = 0.0        # ranks that saw NaN/Inf (per step)
     batch_outlier: Any = None            # this rank's input batch is far out of scale (a tensor flag, no sync)
     global_outlier: float = 0.0          # ranks whose batch was such an outlier (per step)
@@ -78,7 +79,7 @@ class StepState:
     def begin_step(self) -> None:
         self.loss = self.grad_norm = self.param_grad_norms = self.post_clip_norm = None
         self.lr_scale = 1.0
-        self.global_loss, self.grad_norm_value = float("nan"), float("nan")
+        self.global_loss, self.global_loss_typical, self.grad_norm_value = float("nan"), float("nan"), float("nan")
         self.global_nonfinite, self.skip = 0.0, False
         self.batch_outlier, self.global_outlier = None, 0.0
 

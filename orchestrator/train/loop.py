@@ -22,7 +22,7 @@ from orchestrator.stability.faults import FaultInjector
 from orchestrator.train.checkpointing import save_checkpoint
 from orchestrator.train.components import Components, build_components, seed_everything
 from orchestrator.train.meters import EpochMeter, ProgressSender
-from orchestrator.train.losses import compute_loss
+from orchestrator.train.losses import sample_losses, without_worst
 from orchestrator.train.resume import resume
 from orchestrator.train.optim import weight_penalty
 from orchestrator.train.warm_start import warm_start
@@ -41,17 +41,21 @@ def hard_labels(y: torch.Tensor) -> torch.Tensor:
     return y.argmax(1) if y.dim() == 2 else y
 
 
-def agree_step(st, n: int) -> None:
-    """ONE all-reduce per step of [loss*n, n, non-finite?, grad norm, BN outlier?]: the loss every rank reports and
-    the skip decision every rank takes. `.tolist()` is the step's host sync."""
+def agree_step(st, n: int, rest: tuple = (None, 0)) -> None:
+    """ONE all-reduce per step of [loss*n, n, non-finite?, grad norm, BN outlier?, the loss without each rank's
+    worst sample (sum, count)]: the losses every rank reports and the skip decision every rank takes.
+    `.tolist()` is the step's host sync."""
     zero = torch.zeros((), device=st.device)
     norm = st.grad_norm if st.grad_norm is not None else zero
     bad = (~torch.isfinite(st.loss)) | (~torch.isfinite(norm))
     outlier = st.batch_outlier.to(st.device) if st.batch_outlier is not None else zero
-    stats = torch.stack([st.loss.float() * n, torch.tensor(float(n), device=st.device), bad.float(), norm.float(), outlier.float()])
-    loss_sum, count, nonfinite, norm_sum, outliers = all_reduce_(stats).tolist()
+    rest_sum = rest[0].float() if rest[1] else zero
+    stats = torch.stack([st.loss.float() * n, torch.tensor(float(n), device=st.device), bad.float(), norm.float(),
+                         outlier.float(), rest_sum, torch.tensor(float(rest[1]), device=st.device)])
+    loss_sum, count, nonfinite, norm_sum, outliers, rest_sum, rest_count = all_reduce_(stats).tolist()
     st.global_loss, st.global_nonfinite, st.grad_norm_value = loss_sum / count, nonfinite, norm_sum / world_size()
     st.global_outlier = outliers
+    st.global_loss_typical = rest_sum / rest_count if rest_count else st.global_loss
 
 
 def worker_placement() -> list[dict]:
@@ -79,13 +83,14 @@ def train_step(comps: Components, batch: dict, spec: JobSpec) -> None:
         return
     x, y = to_inputs(batch, spec.data, st.device)
     with torch.autocast(st.device.type, dtype=comps.amp_dtype, enabled=comps.amp_dtype is not None):
-        loss = compute_loss(st.model(x).float(), y, spec.loss)
+        losses = sample_losses(st.model(x).float(), y, spec.loss)
+    loss = losses.mean()
     st.loss = loss.detach()
     total = loss + weight_penalty(comps.penalized, reg.l1, reg.l2)
     (st.scaler.scale(total) if st.scaler else total).backward()
     comps.clipper.clip(st)  # AMP unscale, the pre-clip global norm (st.grad_norm), then clip by stability.clip
     guards.call("after_backward", st)
-    agree_step(st, len(y))  # reads st.grad_norm (clip) and st.batch_outlier (NonFiniteGuard's on_batch)
+    agree_step(st, len(y), without_worst(losses.detach()))  # reads st.grad_norm (clip), st.batch_outlier (NonFiniteGuard)
     guards.decide(st)  # before_step hooks; a skip also puts back the BN statistics this forward wrote
     if not st.skip:
         with lr_scaled(st.optimizer, st.lr_scale):

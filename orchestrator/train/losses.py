@@ -24,37 +24,52 @@ def target_probs(targets: torch.Tensor, num_classes: int, smoothing: float = 0.0
 
 
 def cross_entropy(logits, targets, spec) -> torch.Tensor:
-    return F.cross_entropy(logits, targets, label_smoothing=spec.label_smoothing)
+    return F.cross_entropy(logits, targets, label_smoothing=spec.label_smoothing, reduction="none")
 
 
 def symmetric_ce(logits, targets, spec) -> torch.Tensor:
     probs = target_probs(targets, logits.shape[1], spec.label_smoothing)
     forward = -(probs * F.log_softmax(logits, 1)).sum(1)
     reverse = -(F.softmax(logits, 1) * probs.clamp_min(torch.exp(torch.tensor(spec.log_clamp)).item()).log()).sum(1)
-    return (spec.sce_alpha * forward + spec.sce_beta * reverse).mean()
+    return spec.sce_alpha * forward + spec.sce_beta * reverse
 
 
 def bootstrap(logits, targets, spec) -> torch.Tensor:
     probs = target_probs(targets, logits.shape[1], spec.label_smoothing)
     own = F.softmax(logits, 1).detach()  # the prediction is a target, not a path for gradients
     mixed = spec.bootstrap_beta * probs + (1 - spec.bootstrap_beta) * own
-    return -(mixed * F.log_softmax(logits, 1)).sum(1).mean()
+    return -(mixed * F.log_softmax(logits, 1)).sum(1)
 
 
 def huber(logits, targets, spec) -> torch.Tensor:
     probs = target_probs(targets, logits.shape[1], spec.label_smoothing)
-    return F.huber_loss(F.softmax(logits, 1), probs, delta=spec.huber_delta, reduction="none").sum(1).mean()
+    return F.huber_loss(F.softmax(logits, 1), probs, delta=spec.huber_delta, reduction="none").sum(1)
 
 
+# each returns one loss per sample
 LOSSES = {"cross_entropy": cross_entropy, "symmetric_ce": symmetric_ce, "bootstrap": bootstrap, "huber": huber}
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """PaLM's auxiliary loss (Chowdhery et al. 2022): the mean of log Z squared, Z the softmax normaliser.
+    """PaLM's auxiliary loss (Chowdhery et al. 2022): log Z squared per sample, Z the softmax normaliser.
     Zero when log Z = 0; it pulls the logits' overall level back without changing their differences."""
-    return torch.logsumexp(logits, dim=1).pow(2).mean()
+    return torch.logsumexp(logits, dim=1).pow(2)
+
+
+def sample_losses(logits: torch.Tensor, targets: torch.Tensor, spec) -> torch.Tensor:
+    """The training loss of each sample (the batch's loss is their mean)."""
+    loss = LOSSES[spec.kind](logits, targets, spec)
+    return loss + spec.z_loss * z_loss(logits) if spec.z_loss else loss
 
 
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor, spec) -> torch.Tensor:
-    loss = LOSSES[spec.kind](logits, targets, spec)
-    return loss + spec.z_loss * z_loss(logits) if spec.z_loss else loss
+    return sample_losses(logits, targets, spec).mean()
+
+
+def without_worst(losses: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum, count) of a batch's per-sample losses less its largest one (a batch of one: nothing left). A
+    batch whose loss is high because of one hard or mislabelled sample is what small batches look like,
+    not instability; when training breaks, every sample's loss rises."""
+    if losses.numel() < 2:
+        return losses.sum() * 0, 0
+    return losses.sum() - losses.max(), losses.numel() - 1

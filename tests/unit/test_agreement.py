@@ -8,6 +8,7 @@ import torch
 from orchestrator.stability.early_stopping import EarlyStopping
 from orchestrator.stability.nonfinite import NonFiniteGuard
 from orchestrator.train.hooks import Safeguards, StepState
+from orchestrator.train.losses import without_worst
 from orchestrator.train.loop import agree_step
 from tests.helpers import on_gloo_ranks
 
@@ -22,11 +23,12 @@ def _worker(rank):
     for step in range(3):  # rank 1 alone flags its input batch as out of scale at steps 1 and 2
         state.begin_step()
         state.step = step
-        state.loss, state.grad_norm = torch.tensor(1.0 + rank), torch.tensor(0.5)
+        losses = torch.tensor([1.0, 1.0, 1.0, 1.0 + 4.0 * rank])  # rank 1: one sample far above the rest
+        state.loss, state.grad_norm = losses.mean(), torch.tensor(0.5)
         state.batch_outlier = torch.tensor(1.0 if rank == 1 and step >= 1 else 0.0)
-        agree_step(state, n=4)
+        agree_step(state, 4, without_worst(losses))
         guards.decide(state)
-        decisions.append((state.skip, state.stop_reason is not None, state.global_loss))
+        decisions.append((state.skip, state.stop_reason is not None, state.global_loss, state.global_loss_typical))
     stopper = EarlyStopping("val_loss", "min", patience=5)
     stop_state = StepState(model=model, optimizer=state.optimizer, device=torch.device("cpu"), rank=rank)
     stopper.on_epoch_end(stop_state, {"val_loss": float("nan") if rank == 1 else 1.0})  # rank 1 alone sees NaN
@@ -40,7 +42,8 @@ def ranks(tmp_path_factory):
 
 @pytest.mark.timeout(120)
 def test_an_outlier_batch_on_one_rank_skips_and_then_stops_every_rank(ranks):
-    expected = [(False, False, 1.5), (True, False, 1.5), (True, True, 1.5)]  # loss: the all-reduced mean
+    # losses: the all-reduced mean (rank 0 1.0, rank 1 2.0), and without each rank's worst sample (all 1.0)
+    expected = [(False, False, 1.5, 1.0), (True, False, 1.5, 1.0), (True, True, 1.5, 1.0)]
     assert ranks[0]["decisions"] == expected and ranks[1]["decisions"] == expected
 
 

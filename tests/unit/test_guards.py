@@ -159,7 +159,7 @@ def test_a_spike_skip_also_restores_bn_buffers_the_huge_batch_wrote():
         guards.on_batch(st, {})
         huge = step == 19
         st.model(torch.randn(8, 2) * (1e4 if huge else 1.0))
-        st.global_loss, st.grad_norm_value = 1.0, (1e4 if huge else 1.0 + 0.01 * (step % 3))
+        st.global_loss, st.global_loss_typical, st.grad_norm_value = 1.0, 1.0, (1e4 if huge else 1.0 + 0.01 * (step % 3))
         guards.decide(st)
         if huge:
             assert st.skip

@@ -40,12 +40,15 @@ class FakeComps:
         self.state = StepState(model=self.model, optimizer=opt, device=torch.device("cpu"), schedule=self.schedule)
 
 
-def run_guard(guard, comps, losses):
+def run_guard(guard, comps, losses, typical=None):
+    """`losses`: each step's batch loss; `typical`: the same without each rank's worst sample (default: equal)."""
     st = comps.state
     for step, loss in enumerate(losses):
         st.step = step
         st.begin_step()
-        st.global_loss, st.grad_norm_value = loss, 1.0
+        st.global_loss = loss
+        st.global_loss_typical = loss if typical is None else typical[step]
+        st.grad_norm_value = 1.0
         if guard.on_batch(st, {}) is None:
             continue
         guard.before_step(st)
@@ -64,6 +67,24 @@ def test_skip_action_drops_the_spike_step():
     guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="skip"))
     st = run_guard(guard, comps, CALM + [50.0])
     assert st.skip and st.events[-1]["action"] == "skip" and guard.counts["spikes"] == 1
+
+
+def test_a_batch_made_high_by_one_sample_is_not_a_spike_and_one_where_every_sample_rose_is():
+    # a 4-sample batch with one mislabelled sample: loss 5.0, the other three calm (what the guard judges)
+    comps = FakeComps()
+    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="skip"))
+    st = run_guard(guard, comps, CALM + [5.0], typical=CALM + [1.0])
+    assert not st.skip and guard.counts["spikes"] == 0 and st.events == []
+    st = run_guard(guard, comps, CALM + [5.0], typical=CALM + [5.0])
+    assert st.skip and guard.counts["spikes"] == 1
+
+
+def test_the_loss_without_the_worst_sample():
+    from orchestrator.train.losses import without_worst
+
+    total, count = without_worst(torch.tensor([0.1, 0.2, 9.0, 0.3]))
+    assert count == 3 and total.item() == pytest.approx(0.6)
+    assert without_worst(torch.tensor([7.0]))[1] == 0  # a batch of one: nothing is left to judge
 
 
 def test_rollback_restores_a_snapshot_old_enough_and_skips_batches():
@@ -113,7 +134,7 @@ def test_a_lone_loss_spike_is_only_skipped_a_confirmed_one_rolls_back():
     comps.state.events.clear()
     st = comps.state
     st.begin_step()
-    st.step, st.global_loss, st.grad_norm_value = 200, 1.0, 50.0  # a gradient-norm spike needs no confirmation
+    st.step, st.global_loss, st.global_loss_typical, st.grad_norm_value = 200, 1.0, 1.0, 50.0  # a gradient-norm spike needs no confirmation
     guard.before_step(st)
     assert st.events[-1]["trigger"] == "grad_norm_spike" and st.events[-1]["action"] == "rollback"
 
@@ -123,18 +144,18 @@ def test_under_a_clip_a_gradient_norm_spike_with_a_calm_loss_is_let_through_and_
     guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=0), clipped=True)
     st = run_guard(guard, comps, CALM)
     st.begin_step()
-    st.step, st.global_loss, st.grad_norm_value = 30, 1.0, 50.0
+    st.step, st.global_loss, st.global_loss_typical, st.grad_norm_value = 30, 1.0, 1.0, 50.0
     guard.before_step(st)
     assert not st.skip and st.events[-1]["action"] == "clipped" and guard.counts["rollbacks"] == 0
     assert guard.detector.grad.mean > 1.0  # followed: a norm that keeps rising is not flagged forever
     st.begin_step()
-    st.step, st.global_loss, st.grad_norm_value = 32, 50.0, 1.0  # the loss follows within 5 steps: trouble
+    st.step, st.global_loss, st.global_loss_typical, st.grad_norm_value = 32, 50.0, 50.0, 1.0  # the loss follows within 5 steps: trouble
     guard.before_step(st)
     assert st.skip and st.events[-1]["action"] == "rollback" and guard.counts["rollbacks"] == 1
     unclipped = SpikeGuard(SpikeSpec(warmup_steps=10, action="rollback", snapshot_every=5, rollback_skip_batches=0))
     st = run_guard(unclipped, FakeComps(), CALM)
     st.begin_step()
-    st.step, st.global_loss, st.grad_norm_value = 30, 1.0, 50.0  # nothing bounded this update: roll it back
+    st.step, st.global_loss, st.global_loss_typical, st.grad_norm_value = 30, 1.0, 1.0, 50.0  # nothing bounded this update: roll it back
     unclipped.before_step(st)
     assert st.skip and st.events[-1]["action"] == "rollback"
 
@@ -213,7 +234,7 @@ def test_diagnostics_name_the_layer_where_trouble_started():
     diag = Diagnostics(model, every=1)
     st = StepState(model=model, optimizer=None, device=torch.device("cpu"))
     for step in range(5):
-        st.step, st.global_loss = step, 1.0
+        st.step, st.global_loss, st.global_loss_typical = step, 1.0, 1.0
         st.begin_step()
         diag.on_batch(st, {})
         model(torch.randn(3, 2))
