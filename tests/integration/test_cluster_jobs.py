@@ -1,5 +1,6 @@
 """`keel submit` / `keel jobs` against a real head started with `ray start --head` on 127.0.0.1."""
 
+import contextlib
 import json
 import os
 import secrets
@@ -20,10 +21,19 @@ from tests.helpers import ROOT, cli_here
 pytestmark = pytest.mark.integration
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports on 127.0.0.1. Every socket stays bound until all are picked: picked one at a
+    time, the kernel can hand the same port out twice (seen: the head's GCS and client-server ports collided
+    and `ray start` failed)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def kill_processes_with_env(marker: bytes) -> None:
@@ -64,14 +74,15 @@ class TwoNodeCluster:
     only the processes it started (all inherit its unique token)."""
 
     def __init__(self, head_cpus: int = 3, node_cpus: int = 2):
-        self.node_cpus, self.gcs, dash = node_cpus, free_port(), free_port()
+        self.node_cpus = node_cpus
+        self.gcs, dash, client, *agents = free_ports(7)
         token = secrets.token_hex(32)
         self.token_marker = f"RAY_AUTH_TOKEN={token}".encode()
         self.server_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
         subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs}",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={short_temp_dir('kh')}",
                         f"--num-cpus={head_cpus}", "--include-dashboard=true", "--disable-usage-stats",
-                        f"--ray-client-server-port={free_port()}", *agent_ports()],
+                        f"--ray-client-server-port={client}", *agent_ports(agents)],
                        check=True, env=self.server_env, capture_output=True, timeout=120)
         self.node_id = secrets.token_hex(8)  # in the second node's environment: kill_processes_with_env takes it alone
         self.node_marker = f"KEEL_TEST_NODE={self.node_id}".encode()
@@ -89,7 +100,7 @@ class TwoNodeCluster:
         # job's working directory over the head's copy and deleted the data the driver had just generated (seen)
         subprocess.run(["ray", "start", f"--address=127.0.0.1:{self.gcs}", "--node-ip-address=127.0.0.1",
                         f"--num-cpus={self.node_cpus}", f"--temp-dir={short_temp_dir('kn')}", "--disable-usage-stats",
-                        *agent_ports()], check=True, capture_output=True, timeout=120,
+                        *agent_ports(free_ports(4))], check=True, capture_output=True, timeout=120,
                        env={**self.server_env, "KEEL_TEST_NODE": self.node_id})
 
     def alive_nodes(self) -> int:
@@ -116,10 +127,10 @@ def short_temp_dir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths have a length limit
 
 
-def agent_ports() -> list[str]:
+def agent_ports(ports: list[int]) -> list[str]:
     """Every agent on its own port: the suite's local Ray already holds the defaults."""
-    return [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                  "metrics-export-port", "runtime-env-agent-port")]
+    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+    return [f"--{name}={port}" for name, port in zip(names, ports, strict=True)]
 
 
 @pytest.fixture(scope="module")
