@@ -79,11 +79,14 @@ class TwoNodeCluster:
         token = secrets.token_hex(32)
         self.token_marker = f"RAY_AUTH_TOKEN={token}".encode()
         self.server_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-        subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs}",
-                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={short_temp_dir('kh')}",
-                        f"--num-cpus={head_cpus}", "--include-dashboard=true", "--disable-usage-stats",
-                        f"--ray-client-server-port={client}", *agent_ports(agents)],
-                       check=True, env=self.server_env, capture_output=True, timeout=120)
+        started = subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs}",
+                                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={short_temp_dir('kh')}",
+                                  f"--num-cpus={head_cpus}", "--include-dashboard=true", "--disable-usage-stats",
+                                  f"--ray-client-server-port={client}", *agent_ports(agents)],
+                                 env=self.server_env, capture_output=True, text=True, timeout=120)
+        if started.returncode != 0:  # what a half-started head left behind goes too
+            self.stop()
+            raise AssertionError(f"ray start --head failed:\n{started.stderr[-3000:]}")
         self.node_id = secrets.token_hex(8)  # in the second node's environment: kill_processes_with_env takes it alone
         self.node_marker = f"KEEL_TEST_NODE={self.node_id}".encode()
         self.address = f"http://127.0.0.1:{dash}"
