@@ -41,17 +41,17 @@ def hard_labels(y: torch.Tensor) -> torch.Tensor:
     return y.argmax(1) if y.dim() == 2 else y
 
 
-def agree_step(st, n: int, rest: tuple = (None, 0)) -> None:
+def agree_step(st, losses: torch.Tensor) -> None:
     """ONE all-reduce per step of [loss*n, n, non-finite?, grad norm, BN outlier?, the loss without each rank's
     worst sample (sum, count)]: the losses every rank reports and the skip decision every rank takes.
-    `.tolist()` is the step's host sync."""
-    zero = torch.zeros((), device=st.device)
+    `losses`: this rank's per-sample losses (detached). `.tolist()` is the step's host sync."""
+    zero, n = torch.zeros((), device=st.device), losses.numel()
     norm = st.grad_norm if st.grad_norm is not None else zero
     bad = (~torch.isfinite(st.loss)) | (~torch.isfinite(norm))
     outlier = st.batch_outlier.to(st.device) if st.batch_outlier is not None else zero
-    rest_sum = rest[0].float() if rest[1] else zero
-    stats = torch.stack([st.loss.float() * n, torch.tensor(float(n), device=st.device), bad.float(), norm.float(),
-                         outlier.float(), rest_sum, torch.tensor(float(rest[1]), device=st.device)])
+    rest_sum, rest_n = without_worst(losses)
+    counts = torch.tensor([float(n), float(rest_n)], device=st.device)
+    stats = torch.stack([st.loss.float() * n, counts[0], bad.float(), norm.float(), outlier.float(), rest_sum.float(), counts[1]])
     loss_sum, count, nonfinite, norm_sum, outliers, rest_sum, rest_count = all_reduce_(stats).tolist()
     st.global_loss, st.global_nonfinite, st.grad_norm_value = loss_sum / count, nonfinite, norm_sum / world_size()
     st.global_outlier = outliers
@@ -90,7 +90,7 @@ def train_step(comps: Components, batch: dict, spec: JobSpec) -> None:
     (st.scaler.scale(total) if st.scaler else total).backward()
     comps.clipper.clip(st)  # AMP unscale, the pre-clip global norm (st.grad_norm), then clip by stability.clip
     guards.call("after_backward", st)
-    agree_step(st, len(y), without_worst(losses.detach()))  # reads st.grad_norm (clip), st.batch_outlier (NonFiniteGuard)
+    agree_step(st, losses.detach())  # reads st.grad_norm (clip) and st.batch_outlier (NonFiniteGuard's on_batch)
     guards.decide(st)  # before_step hooks; a skip also puts back the BN statistics this forward wrote
     if not st.skip:
         with lr_scaled(st.optimizer, st.lr_scale):

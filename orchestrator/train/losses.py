@@ -71,5 +71,5 @@ def without_worst(losses: torch.Tensor) -> tuple[torch.Tensor, int]:
     batch whose loss is high because of one hard or mislabelled sample is what small batches look like,
     not instability; when training breaks, every sample's loss rises."""
     if losses.numel() < 2:
-        return losses.sum() * 0, 0
+        return torch.zeros((), device=losses.device), 0
     return losses.sum() - losses.max(), losses.numel() - 1

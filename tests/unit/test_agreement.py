@@ -8,7 +8,6 @@ import torch
 from orchestrator.stability.early_stopping import EarlyStopping
 from orchestrator.stability.nonfinite import NonFiniteGuard
 from orchestrator.train.hooks import Safeguards, StepState
-from orchestrator.train.losses import without_worst
 from orchestrator.train.loop import agree_step
 from tests.helpers import on_gloo_ranks
 
@@ -26,7 +25,7 @@ def _worker(rank):
         losses = torch.tensor([1.0, 1.0, 1.0, 1.0 + 4.0 * rank])  # rank 1: one sample far above the rest
         state.loss, state.grad_norm = losses.mean(), torch.tensor(0.5)
         state.batch_outlier = torch.tensor(1.0 if rank == 1 and step >= 1 else 0.0)
-        agree_step(state, 4, without_worst(losses))
+        agree_step(state, losses)
         guards.decide(state)
         decisions.append((state.skip, state.stop_reason is not None, state.global_loss, state.global_loss_typical))
     stopper = EarlyStopping("val_loss", "min", patience=5)
