@@ -86,10 +86,9 @@ def cmd_sweep(args, console: Console) -> int:
     finally:
         if live is not None:
             live.stop()
-    unfinished = [r for r in outcome.rows if r.status in ("PENDING", "RUNNING", "PAUSED")]
-    if unfinished:  # Ctrl-C: Tune saved the experiment state
+    if outcome.unfinished:  # Ctrl-C: Tune saved the experiment state
         console.print(trial_table(outcome.rows, sweep.metric, f"interrupted: {outcome.exp_dir}"))
-        Console(stderr=True).print(f"keel: sweep interrupted with {len(unfinished)} trials unfinished; re-run to resume: "
+        Console(stderr=True).print(f"keel: sweep interrupted with {outcome.unfinished} trials unfinished; re-run to resume: "
                                    f"keel sweep {args.sweep} {' '.join(args.overrides)}".rstrip(),
                                    highlight=False, markup=False, soft_wrap=True)
         return 130

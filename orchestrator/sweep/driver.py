@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -91,6 +92,17 @@ class SweepOutcome:
     rows: list[TrialRow] = field(default_factory=list)
     best: Optional[TrialRow] = None
     best_job: Optional[Path] = None
+    unstarted: int = 0     # planned trials Tune had not yet created when the sweep ended (Ctrl-C)
+
+    @property
+    def unfinished(self) -> int:
+        """Trials a re-run would still run: those interrupted and those never started."""
+        return self.unstarted + sum(r.status in ("PENDING", "RUNNING", "PAUSED") for r in self.rows)
+
+
+def planned_trials(sweep: SweepSpec) -> int:
+    """How many trials the sweep makes: num_samples times every combination of the grids (Tune's rule)."""
+    return sweep.num_samples * math.prod(len(args) for dist in sweep.search.values() for kind, args in dist.items() if kind == "grid")
 
 
 def experiment_dir(sweep: SweepSpec) -> str | Path:
@@ -141,8 +153,14 @@ def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[Trial
             run_config=tune.RunConfig(name=sweep.name, storage_path=path.rsplit("/", 1)[0], storage_filesystem=fs, stop=stopper,
                                       callbacks=[LiveRows(sweep.name, stopper, sweep.metric), *logger_callbacks(sweep)],
                                       verbose=0))
+    started = time.monotonic()
     tuner.fit()
-    return summarize(exp_dir, sweep.metric, sweep.mode, base_tree)
+    outcome = summarize(exp_dir, sweep.metric, sweep.mode, base_tree)
+    # Tune creates a grid's trials as it goes: after a Ctrl-C the experiment may hold fewer trials than planned,
+    # all finished, and yet be unfinished. A spent time budget is an end, not an interruption.
+    budget_spent = sweep.time_budget_s is not None and time.monotonic() - started >= sweep.time_budget_s
+    outcome.unstarted = 0 if budget_spent else max(0, planned_trials(sweep) - len(outcome.rows))
+    return outcome
 
 
 def local_copy(name: str, text: str) -> Path:
@@ -168,8 +186,8 @@ class LiveRows(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._update(trial, result)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._update(trial, trial.last_result or {})
+    def on_trial_complete(self, iteration, trials, trial, **info):  # called before Tune marks it TERMINATED
+        self._update(trial, trial.last_result or {}, status="TERMINATED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._update(trial, trial.last_result or {}, status="ERROR")

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -59,25 +58,28 @@ def test_non_finite_metric_stops_the_trial_at_that_report(keel_ray, digits_dir, 
 @pytest.mark.timeout(900)
 def test_an_interrupted_sweep_resumes_and_stops_absurd_learning_rates_at_once_and_its_best_trial_is_healthy(
         keel_ray, digits_dir, tmp_path, capsys):
-    # One sweep, one trial at a time: a real `keel sweep` process is interrupted (Ctrl-C) once its first,
-    # healthy trial has finished; the resumed sweep (in this process, as `keel sweep` runs it) keeps that
-    # trial and runs the absurd learning rates, each stopped within 2 reports of its explosion.
+    # One sweep, one trial at a time: a real `keel sweep` process is interrupted (Ctrl-C) once it has said that
+    # its first, healthy trial finished (its result.json may reach the experiment directory only at the end:
+    # waiting for that file once let the whole sweep finish first). The resumed sweep (in this process, as
+    # `keel sweep` runs it) keeps that trial and runs the absurd learning rates, each stopped within 2 reports
+    # of its explosion.
     path = sweep_file(tmp_path, digits_dir, "lrs", [0.05, 1e4, 1e8])
     exp = tmp_path / "sweeps" / "lrs"
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(path), "--quiet"], cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # interrupt once the first trial has finished
-        done = [p for p in exp.glob("run_trial_*/result.json") if len(p.read_text().splitlines()) >= 3]
-        if done:
+    suite_ray = keel_ray.get_runtime_context().gcs_address  # joined as a user's RAY_ADDRESS would: no second cold start
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(path)], cwd=tmp_path, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": suite_ray},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    said = []
+    for line in proc.stdout:  # its line per trial result: interrupt once the first trial has finished
+        said.append(line)
+        if " TERMINATED " in line:
             break
-        time.sleep(1)
-    assert done, "first trial never finished"
+    assert said and " TERMINATED " in said[-1], "".join(said)[-3000:]
+    first_trial = said[-1].split()[0]
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and b"re-run to resume: keel sweep" in out, out[-2000:]
-    first_trial = done[0].parent.name
-
+    # the two trials left are unfinished whether or not Tune had created them yet (it creates a grid's lazily)
+    assert proc.returncode == 130 and "interrupted with 2 trials unfinished; re-run to resume: keel sweep" in out, out[-2000:]
     sweep, base = load_sweep(path)
     seen = []
     outcome = run_sweep(sweep, base, on_result=lambda rows: seen.append(len(rows)))  # resumes the same experiment
@@ -85,8 +87,9 @@ def test_an_interrupted_sweep_resumes_and_stops_absurd_learning_rates_at_once_an
     assert len(trial_dirs) == len(outcome.rows) == 3, trial_dirs  # the finished trial was not run again as a new one
     assert all(sum(r.trial_id in name for name in trial_dirs) == 1 for r in outcome.rows), trial_dirs
     rows = {r.config["optimizer.lr"]: r for r in outcome.rows}
-    assert rows[0.05].trial_id in first_trial and rows[0.05].status == "TERMINATED" and rows[0.05].iterations == 3
-    assert len((exp / first_trial / "result.json").read_text().splitlines()) == 3  # its results kept as they were
+    assert rows[0.05].trial_id == first_trial and rows[0.05].status == "TERMINATED" and rows[0.05].iterations == 3
+    first_dir, = exp.glob(f"run_trial_{first_trial}*")
+    assert len((first_dir / "result.json").read_text().splitlines()) == 3  # its results kept as they were
     for lr in (1e4, 1e8):
         assert rows[lr].status == "diverged" and rows[lr].iterations <= 2, rows[lr]  # within 2 reports of explosion
         reasons = json.loads((outcome.exp_dir / "keel_diverged.json").read_text())

@@ -92,3 +92,17 @@ def test_missing_logger_package_is_bad_input():
     else:
         with pytest.raises(BadInput, match=f"loggers: {missing} is not installed"):
             logger_callbacks(sweep.model_copy(update={"loggers": [missing]}))
+
+
+def test_planned_trials_are_the_samples_times_every_grid_combination_and_a_missing_one_is_unfinished():
+    from orchestrator.sweep.driver import SweepOutcome, TrialRow, planned_trials
+    from orchestrator.sweep.spec import SweepSpec
+
+    def sweep(search, samples):
+        return SweepSpec.model_validate({"name": "s", "base": "b.yaml", "search": search, "num_samples": samples})
+    assert planned_trials(sweep({"optimizer.lr": {"grid": [0.1, 1.0, 10.0]}, "data.batch_size": {"grid": [16, 32]}}, 2)) == 12
+    assert planned_trials(sweep({"optimizer.lr": {"loguniform": [1e-4, 1e-1]}}, 5)) == 5
+    done = TrialRow("a", "TERMINATED", {}, 0.9, 3, "", 0)
+    assert SweepOutcome("x", rows=[done], unstarted=2).unfinished == 2  # finished so far, yet two never started
+    assert SweepOutcome("x", rows=[done, TrialRow("b", "PENDING", {}, None, 0, "", 0)]).unfinished == 1
+    assert SweepOutcome("x", rows=[done]).unfinished == 0
