@@ -2,15 +2,26 @@
 standard AWS way (AWS_ENDPOINT_URL and keys in the environment; tests/conftest.py starts it for the session).
 No Python-level mocking."""
 
+import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
+from pathlib import Path
 
 import pyarrow.fs
 import pytest
+import torch
 import yaml
 
 from orchestrator import cli
-from tests.helpers import cli_here, job_tree, sweep_file
+from orchestrator.train.checkpointing import list_checkpoints
+from orchestrator.train.resume import newest_good_index
+from tests.helpers import ROOT, cli_here, job_tree, sweep_file
 
 pytestmark = pytest.mark.integration
 
@@ -42,40 +53,67 @@ def keel(capsys, *argv: str) -> tuple[int, str]:
     return rc, out + err
 
 
+def read_object(path: str) -> bytes:
+    with store().open_input_stream(path) as f:
+        return f.read()
+
+
+def bucket_metrics(run: str) -> list[dict]:
+    info = store().get_file_info(f"{run}/metrics.jsonl")
+    return [json.loads(line) for line in read_object(info.path).decode().splitlines()] if info.size else []
+
+
 @pytest.mark.timeout(600)
-def test_a_run_checkpoints_to_s3_reports_from_it_and_resumes_past_a_corrupted_object(keel_ray, digits_dir, tmp_path, bucket,
-                                                                                      capsys, monkeypatch):
-    run = f"{bucket}/runs/s3run"
-    tree = job_tree(digits_dir, tmp_path, "s3run", run={"name": "s3run", "storage_path": f"s3://{bucket}/runs", "epochs": 2})
-    job = tmp_path / "s3run.yaml"
+def test_ctrl_c_on_a_keel_run_to_s3_stops_cleanly_and_the_rerun_resumes_past_a_truncated_checkpoint_object(
+        keel_ray, digits_dir, tmp_path, bucket, capsys, monkeypatch):
+    """A real `keel run` process (its own embedded Ray, as from a shell) checkpoints to the bucket and is
+    interrupted (SIGINT) after two epochs: exit 130 and the command that resumes. The newest complete
+    checkpoint's state.pt object is then truncated in the bucket; the re-run the message asks for (in this
+    process, on the suite's warm Ray) names it, resumes from the one before, and the run's metrics, global
+    step and guard state carry over. Nothing is written to the local disk; `keel report` reads the bucket."""
+    run = f"{bucket}/runs/sigint"
+    tree = job_tree(digits_dir, tmp_path, "sigint", run={"name": "sigint", "storage_path": f"s3://{bucket}/runs", "epochs": 30})
+    job = tmp_path / "sigint.yaml"
     job.write_text(yaml.safe_dump(tree))
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(job), "--quiet"], cwd=tmp_path, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while len(bucket_metrics(run)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "to resume" in err and f"keel run {job}" in err and f"s3://{run}" in out + err
+    done = len(bucket_metrics(run))
+    # Ctrl-C may have cut the newest upload short: the newest checkpoint that verifies, from a copy elsewhere
+    copies = Path(tempfile.mkdtemp(prefix="keel-s3-copies-"))
+    pyarrow.fs.copy_files(run, str(copies), source_filesystem=store(), destination_filesystem=pyarrow.fs.LocalFileSystem())
+    newest_first = list_checkpoints(copies)[::-1]
+    latest = newest_first[newest_good_index(newest_first, warn=lambda message: None)]
+    assert {"state.pt", "manifest.json", "config.yaml"} <= {p.name for p in latest.iterdir()}
+    epoch = torch.load(latest / "state.pt", weights_only=False)["epoch"]
+    damaged = f"{run}/{latest.name}/state.pt"
+    data = read_object(damaged)
+    with store().open_output_stream(damaged) as f:
+        f.write(data[: len(data) // 2])
+
     monkeypatch.chdir(tmp_path)
-    rc, said = keel(capsys, "run", str(job))
+    rc, said = keel(capsys, "run", str(job), f"run.epochs={epoch + 2}")
     assert rc == 0, said[-3000:]
-    assert f"s3://{run}" in said
-    checkpoints = [n for n in listing(run, pyarrow.fs.FileType.Directory) if n.startswith("checkpoint_")]
-    assert len(checkpoints) == 2 and {"config.yaml", "metrics.jsonl", "placement.json", "stability_report.json"} <= set(listing(run))
-    assert {"state.pt", "manifest.json", "config.yaml"} <= set(listing(f"{run}/{checkpoints[-1]}"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s3run.yaml"]  # nothing written locally
+    assert damaged in said and "truncated" in said, said[-3000:]  # the bad checkpoint is named ...
+    assert f"resumed from checkpoint: continuing at epoch {epoch + 1}" in said, said[-3000:]  # ... and the one before used
+    metrics = bucket_metrics(run)
+    assert [h["epoch"] for h in metrics] == [*range(done), epoch, epoch + 1]  # the bucket's metrics continue
+    assert metrics[-2]["step"] == (epoch + 1) * metrics[0]["step"]  # the global step carried over
+    newest = [n for n in listing(run, pyarrow.fs.FileType.Directory) if n.startswith("checkpoint_")][-1]
+    state = torch.load(io.BytesIO(read_object(f"{run}/{newest}/state.pt")), weights_only=False)
+    assert state["epoch"] == epoch + 1 and json.dumps(state["safeguards"])  # guard state travels with it, as plain data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sigint.yaml"]  # nothing written locally
+    assert {"config.yaml", "metrics.jsonl", "placement.json", "stability_report.json"} <= set(listing(run))
 
     assert cli.main(["report", f"s3://{run}"]) == 0  # read from the bucket
     page = capsys.readouterr().out.split("report: ")[-1].strip()
     assert page.endswith(".html") and "val accuracy" in open(page).read().lower()
-
-    # the newest checkpoint's state.pt object is damaged in the bucket: resume falls back to the one before
-    damaged = f"{run}/{checkpoints[-1]}/state.pt"
-    with store().open_input_stream(damaged) as f:
-        data = f.read()
-    with store().open_output_stream(damaged) as f:
-        f.write(data[: len(data) // 2])
-    tree["run"]["epochs"] = 3
-    job.write_text(yaml.safe_dump(tree))
-    rc, said = keel(capsys, "run", str(job))
-    assert rc == 0, said[-3000:]
-    assert damaged in said and "truncated" in said, said[-3000:]
-    # resumed from epoch 0's checkpoint (epoch 1 again, then 2), and the bucket's metrics grew across the resume
-    with store().open_input_stream(f"{run}/metrics.jsonl") as f:
-        assert [json.loads(line)["epoch"] for line in f.read().decode().splitlines()] == [0, 1, 1, 2]
 
 
 def test_a_missing_bucket_or_a_bad_uri_is_one_line_exit_2_before_anything_starts(digits_dir, tmp_path, bucket, capsys):
