@@ -34,21 +34,13 @@ def test_data_path_times_every_stage_on_the_same_rows(bench_env):
     assert rows["keel_chunks"] == rows["torch_b32"] == rows["torch_b32_shuf"] == rows["whole_blocks"] > 0
 
 
-@pytest.mark.timeout(300)
-def test_data_wait_runs(bench_env):
-    from benchmarks import data_wait
-
-    result = data_wait.main(["--rows", "600", "--epochs", "1", "--channels", "[4,8]"])
-    assert result["status"] == "finished" and 0 <= result["steady_data_wait_frac"] <= 1
-
-
 @pytest.mark.timeout(600)
 def test_overhead_runs_its_variants_side_by_side(bench_env):
     from benchmarks import overhead
 
     # keel_local_bn is run_keel with one override: the defaults' variant adds a run, not a code path
     only = "keel_local_bn,ray_train,torchrun,single"
-    result = overhead.main(["--rows", "600", "--epochs", "2", "--batch", "32", "--rounds", "1", "--only", only])
+    result = overhead.main(["--rows", "600", "--epochs", "1", "--batch", "32", "--rounds", "1", "--only", only])
     assert set(result["samples_per_s"]) == set(only.split(","))
     assert all(v > 0 for v in result["samples_per_s"].values())
     ratio = result["ratios"]["keel_local_bn/torchrun"]
@@ -57,9 +49,12 @@ def test_overhead_runs_its_variants_side_by_side(bench_env):
 
 
 @pytest.mark.timeout(300)
-def test_startup_breakdown_runs(bench_env):
+def test_startup_breakdown_runs(bench_env, keel_ray, monkeypatch):
     from benchmarks import startup
 
+    # the child `keel run` joins the suite's Ray through RAY_ADDRESS (a cold start is what the benchmark
+    # measures, not what its smoke test needs: every phase is still timed)
+    monkeypatch.setenv("RAY_ADDRESS", keel_ray.get_runtime_context().gcs_address)
     result = startup.main(["--rounds", "1"])
     phases = result["median"]
     assert 0 < phases["to_first_step"] < phases["to_exit"]

@@ -33,7 +33,8 @@ def test_main_job_reaches_95_percent_on_digits(keel_ray, tmp_path, monkeypatch, 
     history = read_metrics(run_dir)
     assert max(h["val_accuracy"] for h in history) >= 0.95
     assert all(h["replica_drift"] == 0.0 for h in history)
-    assert {"train_loss", "val_loss", "grad_norm_mean", "grad_norm_max", "lr", "skipped_steps", "samples_per_s"} <= history[-1].keys()
+    assert {"train_loss", "val_loss", "grad_norm_mean", "grad_norm_max", "lr", "skipped_steps", "samples_per_s",
+            "data_wait_frac"} <= history[-1].keys()
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["run"]["name"] == "digits-resnet" and saved["model"]["kind"] == "resnet"
     assert saved["data"]["train"] == str(tmp_path / "data/digits/train.parquet")  # resolved, absolute

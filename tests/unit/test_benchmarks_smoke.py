@@ -86,3 +86,14 @@ def test_run_processes_sums_cpu_by_ray_title_and_counts_processes_that_started_b
     assert cpu == {"ray::TrainController": 2.5, "ray::RayTrainWorker": 4.5}  # an idle process used nothing
     assert new == {"ray::TrainController": 0, "ray::RayTrainWorker": 2}
     assert any(name.startswith(("python", "/")) for _, name in read_processes().values())  # this very process
+
+
+def test_data_wait_reports_each_epoch_and_the_worst_after_the_first():
+    from benchmarks.data_wait import summarize
+
+    history = [{"epoch": 0, "data_wait_frac": 0.5, "samples_per_s": 100.0},  # the pipeline's start-up
+               {"epoch": 1, "data_wait_frac": 0.02, "samples_per_s": 900.0},
+               {"epoch": 2, "data_wait_frac": 0.04, "samples_per_s": 950.0}]
+    summary = summarize(history)
+    assert summary["steady_data_wait_frac"] == 0.04 and [e["epoch"] for e in summary["epochs"]] == [0, 1, 2]
+    assert summarize(history[:1])["steady_data_wait_frac"] == 0.5  # one epoch: it is all there is
