@@ -138,9 +138,10 @@ def test_a_pbt_sweep_on_s3_clones_a_diverged_trial_from_its_donor_there_and_keel
     # run). Stock PBT ignores NaN scores; Keel's trial reports the worst score instead, so PBT's exploit
     # clones the good trial over it, from the good trial's checkpoint in the bucket.
     # A ResNet, not the MLP: PBT clones only from trials still running, so the good one must outlast
-    # the bad one's first reports (with the MLP, under load, it finished within 2 s of them).
+    # the bad one's first reports (with the MLP, under load, it finished within 2 s of them). 3 epochs: the
+    # good trial ends while the clone restarts, so PBT (which ranks only running trials) clones just once.
     model = ["model.kind=resnet", "model.channels=[16,32]", "model.blocks_per_stage=1"]
-    path = sweep_file(tmp_path, digits_dir, "pbt", [0.05, 1e4], max_concurrent_trials=2, overrides=["run.epochs=4", *model],
+    path = sweep_file(tmp_path, digits_dir, "pbt", [0.05, 1e4], max_concurrent_trials=2, overrides=["run.epochs=3", *model],
                       scheduler={"kind": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
                       storage_path=f"s3://{bucket}/sweeps")
     tree = yaml.safe_load(path.read_text())
