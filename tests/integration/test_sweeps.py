@@ -70,11 +70,11 @@ def test_an_interrupted_sweep_resumes_and_stops_absurd_learning_rates_at_once_an
                             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": suite_ray},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     said = []
-    for line in proc.stdout:  # its line per trial result: interrupt once the first trial has finished
+    for line in proc.stdout:  # its line per trial result ("<trial> <status> ..."): interrupt once one has finished
         said.append(line)
-        if " TERMINATED " in line:
+        if line.split()[1:2] == ["TERMINATED"]:
             break
-    assert said and " TERMINATED " in said[-1], "".join(said)[-3000:]
+    assert said and said[-1].split()[1:2] == ["TERMINATED"], "".join(said)[-3000:]
     first_trial = said[-1].split()[0]
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
