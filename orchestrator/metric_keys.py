@@ -23,6 +23,7 @@ REPLICA_DRIFT = "replica_drift"      # max parameter difference between ranks (0
 STOP_REASON = "stop_reason"          # "" while the run goes on
 DIVERGED = "diverged"                # 1 when the stop was a divergence
 EVENTS = "events"                    # the epoch's last safeguard events
+GUARD_EVENTS = "guard_events"        # a sweep trial's report: how many (Tune's loggers take numbers, not lists)
 RESUMED_FROM = "resumed_from"        # {checkpoint, fingerprint, ranks} on the first epoch after a resume
 INIT_FROM = "init_from"              # fine-tuning: the checkpoint and the layers re-initialised
 

@@ -14,6 +14,7 @@ import yaml
 
 from ray.tune import Callback
 
+from orchestrator import metric_keys as mk
 from orchestrator.data.sources import resolve
 from orchestrator.numbers import finite
 from orchestrator.storage import filesystem, is_remote, join, read_text, write_text
@@ -195,7 +196,7 @@ class LiveRows(Callback):
     def _update(self, trial, result, status=None):
         status, reason = trial_status(self.stopper.reasons.get(trial.trial_id), status or trial.status)
         self.rows[trial.trial_id] = TrialRow(trial.trial_id, status, dict(trial.config), result.get(self.metric),
-                                             result.get("training_iteration", 0), reason, len(result.get("events") or []))
+                                             result.get("training_iteration", 0), reason, result.get(mk.GUARD_EVENTS, 0))
         LIVE_HANDLERS.get(self.key, lambda rows: None)(list(self.rows.values()))
 
 
@@ -229,7 +230,7 @@ def summarize(exp_dir: str | Path, metric: str, mode: str, base_tree: Optional[d
         m = trial.last_result or {}
         status, reason = trial_status(reasons.get(trial.trial_id), trial.status)
         outcome.rows.append(TrialRow(trial.trial_id, status, dict(trial.config), m.get(metric),
-                                     m.get("training_iteration", 0), reason, len(m.get("events") or [])))
+                                     m.get("training_iteration", 0), reason, m.get(mk.GUARD_EVENTS, 0)))
     healthy = [r for r in outcome.rows if r.status == "TERMINATED" and finite(r.metric)]
     if healthy:
         outcome.best = (max if mode == "max" else min)(healthy, key=lambda r: r.metric)

@@ -154,7 +154,9 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, 
         if first_loss is None and finite(loss):
             first_loss = loss
         checkpoint = tune.Checkpoint(*item["checkpoint"]) if item["checkpoint"] else None
-        tune.report(metrics, checkpoint=checkpoint)
+        # the events themselves stay in the trial's own run directory (metrics.jsonl)
+        tune.report({**{k: v for k, v in metrics.items() if k != mk.EVENTS}, mk.GUARD_EVENTS: len(metrics.get(mk.EVENTS) or [])},
+                    checkpoint=checkpoint)
         report_times.append(time.monotonic())
 
     follow_channel(channel, lambda: not fitting.is_alive(), on_report, 0.05)
