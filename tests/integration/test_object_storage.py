@@ -8,10 +8,8 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import pyarrow.fs
 import pytest
@@ -65,7 +63,7 @@ def bucket_metrics(run: str) -> list[dict]:
 
 @pytest.mark.timeout(600)
 def test_ctrl_c_on_a_keel_run_to_s3_stops_cleanly_and_the_rerun_resumes_past_a_truncated_checkpoint_object(
-        keel_ray, digits_dir, tmp_path, bucket, capsys, monkeypatch):
+        keel_ray, digits_dir, tmp_path, tmp_path_factory, bucket, capsys, monkeypatch):
     """A real `keel run` process (its own embedded Ray, as from a shell) checkpoints to the bucket and is
     interrupted (SIGINT) after two epochs: exit 130 and the command that resumes. The newest complete
     checkpoint's state.pt object is then truncated in the bucket; the re-run the message asks for (in this
@@ -86,7 +84,7 @@ def test_ctrl_c_on_a_keel_run_to_s3_stops_cleanly_and_the_rerun_resumes_past_a_t
     assert "to resume" in err and f"keel run {job}" in err and f"s3://{run}" in out + err
     done = len(bucket_metrics(run))
     # Ctrl-C may have cut the newest upload short: the newest checkpoint that verifies, from a copy elsewhere
-    copies = Path(tempfile.mkdtemp(prefix="keel-s3-copies-"))
+    copies = tmp_path_factory.mktemp("s3-copies")  # outside tmp_path, which must stay empty
     pyarrow.fs.copy_files(run, str(copies), source_filesystem=store(), destination_filesystem=pyarrow.fs.LocalFileSystem())
     newest_first = list_checkpoints(copies)[::-1]
     latest = newest_first[newest_good_index(newest_first, warn=lambda message: None)]
