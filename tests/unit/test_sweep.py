@@ -106,3 +106,26 @@ def test_planned_trials_are_the_samples_times_every_grid_combination_and_a_missi
     assert SweepOutcome("x", rows=[done], unstarted=2).unfinished == 2  # finished so far, yet two never started
     assert SweepOutcome("x", rows=[done, TrialRow("b", "PENDING", {}, None, 0, "", 0)]).unfinished == 1
     assert SweepOutcome("x", rows=[done]).unfinished == 0
+
+
+def test_pbt_leaves_a_healthy_trial_alone_at_its_last_report_and_decides_every_other(monkeypatch):
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+
+    from orchestrator.sweep.driver import make_scheduler
+    from orchestrator.sweep.spec import SweepSpec
+
+    sweep = SweepSpec.model_validate({"name": "s", "base": "b.yaml", "search": {"optimizer.lr": {"loguniform": [1e-3, 1e-1]}},
+                                      "scheduler": {"kind": "pbt", "perturbation_interval": 1}})
+    pbt = make_scheduler(sweep, epochs=3)
+    asked = []  # what stock PBT was asked to decide (it would pause and clone a lower-quantile trial)
+    monkeypatch.setattr(PopulationBasedTraining, "on_trial_result",
+                        lambda self, controller, trial, result: asked.append(result["training_iteration"]) or TrialScheduler.PAUSE)
+    trial = SimpleNamespace(config={"optimizer.lr": 0.01})
+    assert [pbt.on_trial_result(None, trial, {"training_iteration": i}) for i in (1, 2, 3)] == ["PAUSE", "PAUSE", "CONTINUE"]
+    assert asked == [1, 2]
+    longer = SimpleNamespace(config={"optimizer.lr": 0.01, "run.epochs": 5})  # a trial's own epochs, when searched
+    assert pbt.on_trial_result(None, longer, {"training_iteration": 3}) == "PAUSE"
+    diverged = {"training_iteration": 3, "diverged": 1}  # a diverged trial's last report: its last chance of a clone
+    assert pbt.on_trial_result(None, trial, diverged) == "PAUSE" and asked[-1] == 3
