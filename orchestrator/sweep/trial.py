@@ -154,9 +154,7 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, 
         if first_loss is None and finite(loss):
             first_loss = loss
         checkpoint = tune.Checkpoint(*item["checkpoint"]) if item["checkpoint"] else None
-        # the events themselves stay in the trial's own run directory (metrics.jsonl)
-        tune.report({**{k: v for k, v in metrics.items() if k != mk.EVENTS}, mk.GUARD_EVENTS: len(metrics.get(mk.EVENTS) or [])},
-                    checkpoint=checkpoint)
+        tune.report(for_tune(metrics), checkpoint=checkpoint)
         report_times.append(time.monotonic())
 
     follow_channel(channel, lambda: not fitting.is_alive(), on_report, 0.05)
@@ -168,6 +166,12 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, 
         wait_to_be_replaced(last, spec.run.epochs, min(max(pace, IDLE_REPORT_S[0]), IDLE_REPORT_S[1]))
 
 
+def for_tune(metrics: dict) -> dict:
+    """An epoch's metrics as Tune takes them: the guard events as a count (Tune's loggers take numbers, not
+    lists; the events themselves stay in the trial's own run directory, metrics.jsonl)."""
+    return {**{k: v for k, v in metrics.items() if k != mk.EVENTS}, mk.GUARD_EVENTS: len(metrics.get(mk.EVENTS) or [])}
+
+
 def wait_to_be_replaced(last: dict, epochs: int, every_s: float) -> None:
     """A PBT trial whose run stopped as diverged (Keel's guards) reports its worst score for the epochs it
     had left, at about its own epoch pace, so PBT's next exploit can replace it with a clone of a top trial.
@@ -176,4 +180,4 @@ def wait_to_be_replaced(last: dict, epochs: int, every_s: float) -> None:
 
     for epoch in range(last.get(mk.EPOCH, 0) + 1, epochs):
         time.sleep(every_s)
-        tune.report({**{k: v for k, v in last.items() if k != mk.EVENTS}, mk.EPOCH: epoch, "waiting_for_clone": 1})
+        tune.report({**for_tune(last), mk.EPOCH: epoch, "waiting_for_clone": 1})
