@@ -38,8 +38,10 @@ def test_data_path_times_every_stage_on_the_same_rows(bench_env):
 def test_overhead_runs_its_variants_side_by_side(bench_env):
     from benchmarks import overhead
 
-    # keel_local_bn is run_keel with one override: the defaults' variant adds a run, not a code path
-    only = "keel_local_bn,ray_train,torchrun,single"
+    # keel_local_bn is run_keel with one override: the defaults' variant adds a run, not a code path. The
+    # hand-written Ray Train loop (ray_train) is left to the benchmark itself: one more Ray Train start-up
+    # (~20 s here) for a baseline that uses nothing of Keel's but build_model
+    only = "keel_local_bn,torchrun,single"
     result = overhead.main(["--rows", "600", "--epochs", "1", "--batch", "32", "--rounds", "1", "--only", only])
     assert set(result["samples_per_s"]) == set(only.split(","))
     assert all(v > 0 for v in result["samples_per_s"].values())

@@ -106,15 +106,20 @@ def test_curriculum_widens_the_pool_as_scheduled_and_bad_rows_are_dropped_and_co
 
 @pytest.mark.timeout(300)
 def test_curriculum_by_the_loss_of_an_earlier_checkpoint(keel_ray, tmp_path):
-    from orchestrator.train.checkpointing import list_checkpoints
-    from orchestrator.train.driver import run_job
+    import torch
+
+    from orchestrator.train.checkpointing import save_checkpoint
+    from orchestrator.train.components import build_components
 
     make_tabular(tmp_path, rows=1500, features=4)
     data = {"train": str(tmp_path / "train.parquet"), "val": str(tmp_path / "val.parquet"), "features": "features",
             "shape": [4], "num_classes": 3, "batch_size": 16, "preprocess": {"standardize": "per_feature"}}
-    first = run_job(parse_spec({"model": {"kind": "mlp", "hidden": [16]}, "data": data,
-                                "run": {"name": "scorer", "storage_path": str(tmp_path), "epochs": 1}}))
-    checkpoint = list_checkpoints(first.run_dir)[-1]
+    # the scorer: a Keel checkpoint as a rank writes it (model, the run's config and its standardisation
+    # statistics), written here rather than by a training run of its own (a Ray Train start-up saved); what
+    # the curriculum reads is the file, and tests/integration/test_training_runs.py loads one a run wrote
+    scorer = parse_spec({"model": {"kind": "mlp", "hidden": [16]}, "data": data, "run": {"name": "scorer", "storage_path": str(tmp_path)}})
+    checkpoint = save_checkpoint(tmp_path / "scorer" / "checkpoint_000000", build_components(scorer, 1, torch.device("cpu")),
+                                 epoch=0, spec_yaml=scorer.to_yaml(), extra={"preprocess": preflight(scorer).preprocess.to_dict()})
     spec = parse_spec({"model": {"kind": "mlp"}, "run": {"name": "cur-loss", "storage_path": str(tmp_path), "epochs": 4},
                        "data": {**data, "curriculum": {"enabled": True, "checkpoint": str(checkpoint),
                                                        "start_fraction": 0.4, "full_epoch": 2}}})
