@@ -103,6 +103,13 @@ class TrialRow:
     reason: str = ""
     events: int = 0
 
+    @classmethod
+    def of(cls, trial, result: dict, metric: str, record: Optional[dict], tune_status: str) -> "TrialRow":
+        """A Tune trial and its latest result, as the live table and a re-read experiment both show it."""
+        status, reason = trial_status(record, tune_status)
+        return cls(trial.trial_id, status, dict(trial.config), result.get(metric), result.get("training_iteration", 0),
+                   reason, result.get(mk.GUARD_EVENTS, 0))
+
 
 @dataclass
 class SweepOutcome:
@@ -211,9 +218,8 @@ class LiveRows(Callback):
         self._update(trial, trial.last_result or {}, status="ERROR")
 
     def _update(self, trial, result, status=None):
-        status, reason = trial_status(self.stopper.reasons.get(trial.trial_id), status or trial.status)
-        self.rows[trial.trial_id] = TrialRow(trial.trial_id, status, dict(trial.config), result.get(self.metric),
-                                             result.get("training_iteration", 0), reason, result.get(mk.GUARD_EVENTS, 0))
+        self.rows[trial.trial_id] = TrialRow.of(trial, result, self.metric, self.stopper.reasons.get(trial.trial_id),
+                                                status or trial.status)
         LIVE_HANDLERS.get(self.key, lambda rows: None)(list(self.rows.values()))
 
 
@@ -244,10 +250,7 @@ def summarize(exp_dir: str | Path, metric: str, mode: str, base_tree: Optional[d
     reasons = json.loads(read_text(join(str(exp_dir), DIVERGED_FILE)) or "{}")
     outcome = SweepOutcome(exp_dir)
     for trial in analysis.trials:
-        m = trial.last_result or {}
-        status, reason = trial_status(reasons.get(trial.trial_id), trial.status)
-        outcome.rows.append(TrialRow(trial.trial_id, status, dict(trial.config), m.get(metric),
-                                     m.get("training_iteration", 0), reason, m.get(mk.GUARD_EVENTS, 0)))
+        outcome.rows.append(TrialRow.of(trial, trial.last_result or {}, metric, reasons.get(trial.trial_id), trial.status))
     healthy = [r for r in outcome.rows if r.status == "TERMINATED" and finite(r.metric)]
     if healthy:
         outcome.best = (max if mode == "max" else min)(healthy, key=lambda r: r.metric)
