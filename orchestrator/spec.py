@@ -231,7 +231,7 @@ class StabilitySpec(Section):
 
 
 class ScalingSpec(Section):
-    num_workers: Union[int, list[int]] = doc(2, "Data-parallel worker processes (one per GPU with use_gpu); [min, max]: elastic, Ray Train starts with what the cluster can give (at least min) and grows toward max as nodes join (a resize restarts the workers from the last checkpoint).")
+    num_workers: Union[int, list[int]] = doc(2, "Data-parallel worker processes (one per GPU with use_gpu); [min, max]: elastic, Ray Train starts with what the cluster can give (at least min) and grows toward max as nodes join (a resize restarts the workers from the last checkpoint). 1 on the embedded local Ray (CPU, run.max_failures 0): Keel trains in its own process (Ray Train's local mode), no worker group to start.")
     use_gpu: bool = doc(False, "Train on GPUs with nccl; otherwise CPUs with gloo.")
     cpus_per_worker: Optional[float] = doc(None, "CPUs reserved per worker. Default 1, shared out on a smaller machine or cluster so that one CPU always stays free for Ray Data's tasks; an explicit value that leaves less is refused (locally at once, on a cluster after scaling.resource_wait_s).", gt=0)
     amp: Literal["none", "bf16", "fp16"] = doc("none", "Mixed precision (fp16 uses a GradScaler; clipping happens after unscale).")

@@ -21,10 +21,9 @@ from orchestrator.numbers import finite
 from orchestrator.storage import filesystem, is_remote, join, read_text, write_text
 from orchestrator.sweep.spec import SweepSpec
 from orchestrator.spec_text import set_dotted
-from orchestrator.sweep.trial import loss_threshold, run_trial
+from orchestrator.sweep.trial import loss_threshold, run_trial, trial_resources
 
 DIVERGED_FILE = "keel_diverged.json"
-TRIAL_CPU = 0.05  # the trial's own driver process; Tune refuses 0
 
 
 def param_space(search: dict) -> dict:
@@ -167,7 +166,7 @@ def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[Trial
     base_spec = base_spec or JobSpec.model_validate(base_tree)
     trainable = tune.with_parameters(run_trial, base_tree=base_tree, sweep_json=sweep.model_dump(mode="json"),
                                      trials_dir=join(str(exp_dir), "trials"), base_plan=base_plan)
-    trainable = tune.with_resources(trainable, {"cpu": TRIAL_CPU})
+    trainable = tune.with_resources(trainable, trial_resources(sweep, base_spec))
     LIVE_HANDLERS[sweep.name] = on_result
     if tune.Tuner.can_restore(path, storage_filesystem=fs):  # an interrupted sweep: resume it
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=False, storage_filesystem=fs)

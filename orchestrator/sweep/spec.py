@@ -32,7 +32,7 @@ class DivergenceSpec(Section):
 
 
 class ResourcesSpec(Section):
-    workers_per_trial: int = doc(1, "Data-parallel workers in each trial.", ge=1)
+    workers_per_trial: int = doc(1, "Data-parallel workers in each trial; 1 (CPU): the trial's own process trains (Ray Train's local mode) and holds the worker's CPUs.", ge=1)
     cpus_per_worker: float = doc(0.5, "CPUs per worker (fractional leaves room for Ray Data locally).", gt=0)
     gpus_per_worker: float = doc(0.0, "GPUs per worker (> 0 trains on GPUs).", ge=0)
 

@@ -3,6 +3,8 @@
 Each epoch's `ray.train.report` reaches Tune as one result *with its checkpoint*: a Train callback
 forwards (metrics, persisted checkpoint path) to this trial's thread, which calls `tune.report`.
 (Ray's TuneReportCallback forwards only the path, as a metric, so PBT would have nothing to clone.)
+A one-worker CPU trial trains in this process instead (Ray Train's local mode, train/in_process.py): there
+the loop itself stores each checkpoint and forwards the same item on the same channel.
 
 A trial restored by Tune (an interrupted sweep resumed, or PBT's exploit) starts a fresh Train run
 from `tune.get_checkpoint()`; under PBT it keeps its own, mutated hyper-parameters.
@@ -28,6 +30,7 @@ from orchestrator.sweep.stopping import divergence_reason
 # Under PBT a diverged trial is not stopped: it reports this score so PBT's exploit replaces it with a
 # clone of a top trial (PBT skips NaN scores, and a stopped trial can no longer be exploited).
 WORST = {"max": -1e9, "min": 1e9}
+TRIAL_CPU = 0.05  # the trial's own driver process; Tune refuses 0
 IDLE_REPORT_S = (1.0, 5.0)  # a diverged PBT trial whose run ended reports at its own epoch pace, within these bounds
 
 
@@ -64,6 +67,19 @@ class ForwardReports(UserCallback):
         # the checkpoint as stored (path and filesystem): on object storage its path alone names no file
         stored = (checkpoint.path, checkpoint.filesystem) if checkpoint else None
         ray.get(self.channel.put.remote({"metrics": dict(metrics[0]), "checkpoint": stored}))
+
+
+def trains_in_process(sweep: SweepSpec, job) -> bool:
+    """A one-worker CPU trial trains in the trial's own process (Ray Train's local mode, train/in_process.py):
+    no worker group to start per trial, or per PBT clone. The trial then holds the worker's CPUs itself."""
+    r = sweep.resources  # what runs_in_process asks of a job, as trial_job will set it
+    return r.workers_per_trial == 1 and r.gpus_per_worker == 0 and job.run.max_failures == 0
+
+
+def trial_resources(sweep: SweepSpec, base_job) -> dict:
+    """What Tune reserves for a trial's own process: little when it drives a worker group (the workers hold
+    theirs), the worker's CPUs when it trains itself."""
+    return {"cpu": TRIAL_CPU + (sweep.resources.cpus_per_worker if trains_in_process(sweep, base_job) else 0)}
 
 
 def restored_run_name(trial_id: str, trials_dir: str) -> str:
@@ -124,8 +140,9 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, 
         cloned_from = cloned_from if cloned_from != trial_id else None
     channel = open_run_channel()  # this trial's own process is its driver: reports, and the epoch clock
     plan = preflight(spec, same_data=base_plan if base_plan is not None and reuses_scan(config) else None)
-    trainer = build_trainer(spec, plan, None, channel, callbacks=[ForwardReports(channel)],
-                            initial_checkpoint=initial)
+    in_process = trains_in_process(sweep, spec)  # then the loop forwards its reports itself
+    trainer = build_trainer(spec, plan, None, channel, callbacks=[] if in_process else [ForwardReports(channel)],
+                            initial_checkpoint=initial, in_process=in_process, forward=channel if in_process else None)
     failure: list[BaseException] = []
 
     def fit() -> None:

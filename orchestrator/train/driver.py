@@ -18,6 +18,7 @@ from orchestrator.numbers import finite
 from orchestrator.ray_session import borrow_run_channel, ensure_ray, follow_channel, give_back_run_channel
 from orchestrator.spec import JobSpec
 from orchestrator.storage import download_run, filesystem, is_remote, join, upload_dir
+from orchestrator.train.in_process import newest_checkpoint, runs_in_process
 from orchestrator.train.planning import Plan, preflight, resolved, wait_for_resources
 
 
@@ -67,8 +68,19 @@ def trainer_class():
     return EmbeddedTorchTrainer
 
 
+def storage_of(spec: JobSpec) -> Optional[dict]:
+    """{fs, storage_path, run_path} when the run lives on object storage, else None. The resolved filesystem
+    (endpoint included) travels to Ray Train and the workers."""
+    if not is_remote(spec.run.storage_path):
+        return None
+    fs, storage_path = filesystem(spec.run.storage_path)
+    return {"fs": fs, "storage_path": storage_path, "run_path": join(storage_path, spec.run.name)}
+
+
 def build_trainer(spec: JobSpec, plan: Plan, progress: Any = None, clock: Any = None, callbacks: list = (),
-                  initial_checkpoint: Optional[dict] = None):
+                  initial_checkpoint: Optional[dict] = None, in_process: bool = False, forward: Any = None):
+    """in_process: Ray Train's local mode, the loop runs in this process (train/in_process.py); `forward`:
+    there, the channel that takes each report to a sweep trial's thread (a worker group uses `callbacks`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
@@ -77,10 +89,8 @@ def build_trainer(spec: JobSpec, plan: Plan, progress: Any = None, clock: Any = 
     from orchestrator.train.loop import train_loop_per_worker
     from orchestrator.train.worker_config import WorkerConfig
 
-    storage_path, storage_fs, storage = spec.run.storage_path, None, None
-    if is_remote(storage_path):  # the resolved filesystem (endpoint included) travels to Ray Train and the workers
-        storage_fs, storage_path = filesystem(spec.run.storage_path)
-        storage = {"fs": storage_fs, "run_path": join(storage_path, spec.run.name)}
+    storage = storage_of(spec)
+    storage_fs, storage_path = (storage["fs"], storage["storage_path"]) if storage else (None, spec.run.storage_path)
     datasets = build_datasets(spec, plan, clock)
     train = {"train": datasets.pop("train")}  # only the training split streams through Ray Train
     s, resources = spec.scaling, {"CPU": plan.cpus_per_worker}
@@ -89,8 +99,9 @@ def build_trainer(spec: JobSpec, plan: Plan, progress: Any = None, clock: Any = 
     return trainer_class()(
         train_loop_per_worker,
         train_loop_config=WorkerConfig(spec, plan.epoch_rows, progress, clock, plan.preprocess.to_dict(),
-                                       initial_checkpoint, storage, plan.data_reference, datasets).as_loop_config(),
-        scaling_config=ScalingConfig(num_workers=(s.min_workers, s.max_workers) if s.elastic else s.min_workers,
+                                       initial_checkpoint, storage, plan.data_reference, datasets,
+                                       in_process, forward).as_loop_config(),
+        scaling_config=ScalingConfig(num_workers=0 if in_process else (s.min_workers, s.max_workers) if s.elastic else s.min_workers,
                                      use_gpu=s.use_gpu, resources_per_worker=resources, placement_strategy=s.placement_strategy,
                                      elastic_resize_monitor_interval_s=s.resize_check_s),
         run_config=RunConfig(name=spec.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -126,6 +137,7 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
     if plan is None or plan.train_rows < 0:  # none yet, or the data is still to be generated
         plan = preflight(spec)
     spec = resolved(spec)
+    in_process = runs_in_process(spec)
     ensure_ray(spec.scaling.address, verbose, dashboard)
     from ray.train import TrainingFailedError
 
@@ -169,9 +181,13 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
     try:
         on_event({"type": "start", "plan": plan, "run_dir": run_uri or str(run_dir)})
         wait_for_resources(spec, plan)
-        result = build_trainer(spec, plan, channel, channel).fit()
+        result = build_trainer(spec, plan, channel, channel, in_process=in_process).fit()
         outcome.checkpoint = result.checkpoint.path if result.checkpoint else None
     except TrainingFailedError as exc:
+        outcome.status, outcome.reason = "failed", failure_reason(exc, spec)
+    except Exception as exc:  # in process, the loop's own error arrives as itself
+        if not in_process:
+            raise
         outcome.status, outcome.reason = "failed", failure_reason(exc, spec)
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C: Ray Train's own SIGINT handler aborts the controller gracefully (workers stopped,
@@ -184,6 +200,9 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
         log.close()
         publish()
         give_back_run_channel(channel, reusable=not pumper.is_alive())
+    if in_process:  # local mode's result holds the last report's checkpoint; Ray Train's, the newest stored
+        newest = newest_checkpoint(spec, storage_of(spec))
+        outcome.checkpoint = newest.path if newest else None
     reason = outcome.final.get(mk.STOP_REASON, "")
     if outcome.status != "failed" and reason:
         outcome.status = "diverged" if outcome.final.get(mk.DIVERGED) else "early_stopped"

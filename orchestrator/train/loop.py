@@ -17,12 +17,13 @@ from orchestrator.data.batches import row_bytes, shard_batches
 from orchestrator.data.preprocess import FEATURES, LABEL
 from orchestrator.spec import JobSpec
 from orchestrator.stability.diagnostics import Diagnostics
-from orchestrator.stability.distributed import all_reduce_, world_size
+from orchestrator.stability.distributed import all_reduce_, rank as this_rank, world_size
 from orchestrator.stability.faults import FaultInjector
 from orchestrator.train.checkpointing import save_checkpoint
 from orchestrator.train.components import Components, build_components, seed_everything
 from orchestrator.train.meters import EpochMeter, ProgressSender
 from orchestrator.train.losses import sample_losses, without_worst
+from orchestrator.train.in_process import report_epoch
 from orchestrator.train.resume import resume
 from orchestrator.train.optim import weight_penalty
 from orchestrator.train.warm_start import warm_start
@@ -65,7 +66,7 @@ def worker_placement() -> list[dict]:
 
     import torch.distributed as dist
 
-    me = {"rank": ray.train.get_context().get_world_rank(), "node": ray.get_runtime_context().get_node_id(),
+    me = {"rank": this_rank(), "node": ray.get_runtime_context().get_node_id(),
           "host": socket.gethostname(), "pid": os.getpid()}
     if world_size() == 1:
         return [me]
@@ -151,16 +152,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     config = WorkerConfig.of(loop_config)
     spec, world, clock = config.spec, world_size(), config.clock
     # asked for first: the split's coordinator actor starts while this worker builds its model (was serial)
-    train_shard, rank = ray.train.get_dataset_shard("train"), ray.train.get_context().get_world_rank()
+    train_shard, rank = ray.train.get_dataset_shard("train"), this_rank()
     val_shard = config.eval_shard("val", rank, world)
     extra_val = {name: config.eval_shard(f"val_{name}", rank, world) for name in spec.data.extra_val}
     steps_per_epoch = steps_for(config.epoch_rows, world, spec.data.batch_size)  # an elastic run: this group's size
-    comps = build_components(spec, max(steps_per_epoch), ray.train.torch.get_device(), ray.train.torch.prepare_model)
+    prepare = None if config.in_process else ray.train.torch.prepare_model  # in process: one rank, no DDP
+    comps = build_components(spec, max(steps_per_epoch), ray.train.torch.get_device(), prepare)
     st = comps.state
     progress = ProgressSender(config.progress, st.rank)
     placement = worker_placement()  # a collective: every rank takes part, rank 0 sends it
     progress.send("ready", world_size=world, placement=placement)
-    start_epoch, resumed = resume(comps, spec, progress, config.initial_checkpoint, steps_per_epoch, config.storage)
+    start_epoch, resumed = resume(comps, spec, progress, config.initial_checkpoint, steps_per_epoch, config.storage,
+                                  config.in_process)
     warm = warm_start(st.model, spec) if resumed is None and start_epoch == 0 and spec.init_from.checkpoint else None
     all_events: list[dict] = []
 
@@ -220,8 +223,9 @@ def end_epoch(comps: Components, config: WorkerConfig, progress: ProgressSender,
             save_checkpoint(tmp, comps, epoch=epoch, spec_yaml=spec.to_yaml(), extra={"preprocess": config.preprocess, "data_reference": config.data_reference})
             if report is not None:
                 (Path(tmp) / "stability_report.json").write_text(json.dumps(report, indent=1, default=str))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            checkpoint = tmp
         if report is not None:
             progress.send("stability_report", report=report)
         progress.send("epoch", metrics=metrics)
-        ray.train.report(metrics, checkpoint=checkpoint)  # a barrier: all ranks report every epoch
+        # a barrier: all ranks report every epoch
+        report_epoch(metrics, checkpoint, config.in_process, spec, config.storage, config.forward)

@@ -23,6 +23,8 @@ class WorkerConfig:
     storage: Optional[dict] = None           # {fs, run_path} when the run lives on object storage
     data_reference: Optional[dict] = None    # the training split's drift reference, saved with checkpoints
     eval_sets: Optional[dict] = None         # "val" and "val_<name>": materialized Ray Datasets, split per rank here
+    in_process: bool = False                 # Ray Train's local mode: this process trains (train/in_process.py)
+    forward: Any = None                      # in process, in a sweep trial: the channel to the trial's thread
 
     def eval_shard(self, split: str, rank: int, world: int):
         """This rank's part of an evaluation split: its share of the split's blocks (no task, no actor).

@@ -51,13 +51,11 @@ def test_overhead_runs_its_variants_side_by_side(bench_env):
 
 
 @pytest.mark.timeout(300)
-def test_startup_breakdown_runs(bench_env, keel_ray, monkeypatch):
+def test_startup_breakdown_runs(bench_env):
     from benchmarks import startup
 
-    # the child `keel run` joins the suite's Ray through RAY_ADDRESS (a cold start is what the benchmark
-    # measures, not what its smoke test needs: every phase is still timed)
-    monkeypatch.setenv("RAY_ADDRESS", keel_ray.get_runtime_context().gcs_address)
-    result = startup.main(["--rounds", "1"])
+    # the smallest job, one worker: a cold `keel run` with its own embedded Ray that trains in process
+    result = startup.main(["--rounds", "1", "--workers", "1"])
     phases = result["median"]
     assert 0 < phases["to_first_step"] < phases["to_exit"]
     assert all(phases[k] >= 0 for k in ("ray_start", "worker_group", "dataset_first_batch", "first_step"))

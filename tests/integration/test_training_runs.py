@@ -106,3 +106,33 @@ def test_a_nan_batch_is_skipped_and_an_outlier_on_rank_1_only_stops_both_ranks_w
     assert [(b["step"], b["trigger"]) for b in remembered] == [(s, t) for s, t, _ in events]
     epoch_start = {h["epoch"] + 1: h["step"] for h in history} | {0: 0}
     assert all(b["index"] == b["step"] - epoch_start[b["epoch"]] for b in remembered)
+
+
+@pytest.mark.timeout(300)
+def test_a_one_worker_run_trains_in_this_process_keeps_its_newest_checkpoints_and_a_rerun_resumes_from_them(
+        keel_ray, digits_dir, tmp_path, capsys):
+    import os
+
+    from orchestrator.train.checkpointing import read_payload, verify_checkpoint
+    from tests.helpers import cli_here
+
+    storage = tmp_path / "runs"
+    tree = job_tree(digits_dir, storage, "solo", model={"kind": "mlp", "hidden": [64]}, scaling={"num_workers": 1},
+                    run={"name": "solo", "storage_path": str(storage), "epochs": 3, "keep_checkpoints": 2})
+    job = tmp_path / "solo.yaml"
+    job.write_text(yaml.safe_dump(tree))
+    rc, out, err = cli_here(capsys, "run", str(job), "--quiet")
+    assert rc == 0, err
+    run_dir = storage / "solo"
+    placement = json.loads((run_dir / "placement.json").read_text())
+    assert [p["pid"] for p in placement] == [os.getpid()]  # Ray Train's local mode: no worker process was started
+    kept = list_checkpoints(run_dir)  # stored under Ray Train's names, the oldest dropped as Ray Train would
+    assert [read_payload(c)["epoch"] for c in kept] == [1, 2], kept
+    verify_checkpoint(kept[-1])
+    assert not list(run_dir.glob(".checkpoint_*"))  # nothing left half-copied
+    rc, out, err = cli_here(capsys, "run", str(job), "run.epochs=4", "--quiet")
+    assert rc == 0, err
+    history = read_metrics(run_dir)
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert history[-1]["resumed_from"]["checkpoint"] == str(kept[-1])
+    assert read_payload(list_checkpoints(run_dir)[-1])["epoch"] == 3

@@ -150,3 +150,48 @@ def test_which_trials_reuse_the_base_scan(config, reuses):
     from orchestrator.sweep.trial import reuses_scan
 
     assert reuses_scan(config) is reuses
+
+
+@pytest.mark.parametrize("scaling, run, in_process", [
+    ({"num_workers": 1}, {}, True),                                   # nothing to synchronize: train right here
+    ({"num_workers": 2}, {}, False),
+    ({"num_workers": [1, 2]}, {}, False),                             # elastic: a worker group that can grow
+    ({"num_workers": 1, "use_gpu": True}, {}, False),                 # the GPU is the workers', not the driver's
+    ({"num_workers": 1}, {"max_failures": 1}, False),                 # restarts need a worker group
+    ({"num_workers": 1, "address": "127.0.0.1:6379"}, {}, False),     # on a cluster the driver may be a laptop
+])
+def test_which_runs_train_in_keels_own_process(scaling, run, in_process, monkeypatch):
+    from orchestrator.train.in_process import runs_in_process
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    spec = parse_spec({"model": {"kind": "mlp"}, "data": {"train": "t", "val": "v", "shape": [4], "num_classes": 2},
+                       "scaling": scaling, "run": {"name": "r", **run}})
+    assert runs_in_process(spec) is in_process
+
+
+@pytest.mark.parametrize("resources, max_failures, cpu", [
+    ({"workers_per_trial": 1, "cpus_per_worker": 0.5}, 0, 0.55),  # the trial's process trains: it holds the CPUs
+    ({"workers_per_trial": 2, "cpus_per_worker": 0.5}, 0, 0.05),  # its workers hold theirs
+    ({"workers_per_trial": 1, "gpus_per_worker": 1}, 0, 0.05),
+    ({"workers_per_trial": 1, "cpus_per_worker": 0.5}, 2, 0.05),
+])
+def test_a_sweep_trial_that_trains_in_its_own_process_reserves_its_workers_cpus(resources, max_failures, cpu):
+    from orchestrator.sweep.spec import SweepSpec
+    from orchestrator.sweep.trial import trial_resources
+
+    sweep = SweepSpec.model_validate({"name": "s", "base": {}, "search": {"optimizer.lr": {"grid": [0.1]}}, "resources": resources})
+    base = parse_spec({"model": {"kind": "mlp"}, "data": {"train": "t", "val": "v", "shape": [4], "num_classes": 2},
+                       "scaling": {"num_workers": 2}, "run": {"name": "r", "max_failures": max_failures}})
+    assert trial_resources(sweep, base) == {"cpu": pytest.approx(cpu)}
+
+
+def test_a_one_worker_job_submitted_to_a_cluster_trains_on_a_worker_not_in_the_jobs_entrypoint(monkeypatch):
+    from orchestrator.train.in_process import runs_in_process
+
+    spec = parse_spec({"model": {"kind": "mlp"}, "data": {"train": "t", "val": "v", "shape": [4], "num_classes": 2},
+                       "scaling": {"num_workers": 1}, "run": {"name": "r"}})
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # what Ray Jobs sets for an entrypoint
+    assert not runs_in_process(spec)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # keel submit's Jobs API address: a local run
+    assert runs_in_process(spec)
