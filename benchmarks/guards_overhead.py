@@ -18,9 +18,8 @@ import os
 import tempfile
 
 import torch
-import torch.multiprocessing as mp
 
-from benchmarks.common import gloo_group, interleaved, machine, median, save, table
+from benchmarks.common import gloo_group, interleaved, machine, median, save, start_ranks, table
 
 GUARDS_OFF = ["stability.clip.mode=none", "stability.spike.enabled=false", "stability.diagnostics.enabled=false"]
 GUARDS_ON: list[str] = []  # Keel's defaults
@@ -74,8 +73,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.pt")
-        mp.start_processes(_worker, args=(os.path.join(tmp, "init"), out, args.job, args.rounds, args.steps),
-                           nprocs=WORLD, start_method="spawn")
+        start_ranks(_worker, (os.path.join(tmp, "init"), out, args.job, args.rounds, args.steps), WORLD,
+                    ["orchestrator.train.loop", "benchmarks.guards_overhead"])
         times = torch.load(out)
     on, off, local_bn = median(times["guards on"]), median(times["guards off"]), median(times["per-worker BN"])
     ratios = sorted(a / b for a, b in zip(times["guards on"], times["guards off"]))

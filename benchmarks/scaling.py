@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from benchmarks.common import gloo_group, machine, median, save, table
+from benchmarks.common import gloo_group, machine, median, save, start_ranks, table
 from orchestrator.models import build_model
 from orchestrator.spec import load_spec
 
@@ -103,10 +103,9 @@ def main(argv=None) -> dict:
     with FlopCounterMode(display=False) as counter:
         model(torch.randn(1, *spec.data.shape))
     flops_per_step = 3 * counter.get_total_flops() * args.batch
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
+    out = mp.get_context("forkserver").Queue()
     init_file = os.path.join(tempfile.mkdtemp(prefix="keel-scaling-"), "init")
-    mp.start_processes(worker, args=(2, init_file, args.batch, args.steps, out), nprocs=2, join=True, start_method="spawn")
+    start_ranks(worker, (2, init_file, args.batch, args.steps, out), 2, ["orchestrator.models", "benchmarks.scaling"])
     measured = {"t_step1": t_step1, **out.get()}
     bandwidth, alpha = args.bandwidth_gbit * 1e9 / 8, args.alpha_us * 1e-6
     t_gpu = max(flops_per_step / (args.gpu_tflops * 1e12), args.launch_floor_ms * 1e-3)

@@ -9,7 +9,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,9 +26,12 @@ def _gloo_entry(rank: int, fn: Callable[[int], dict], init_file: str, out_dir: s
 
 def on_gloo_ranks(fn: Callable[[int], dict], world: int, tmp: Path) -> list[dict]:
     """Run `fn(rank)` (a module-level function) in `world` real processes joined by a gloo process
-    group; return each rank's dict, rank order."""
+    group; return each rank's dict, rank order. The processes are forked from a clean fork server that
+    has imported what the ranks import (benchmarks.common.start_ranks)."""
+    from benchmarks.common import start_ranks
+
     tmp.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_gloo_entry, args=(fn, str(tmp / "init"), str(tmp), world), nprocs=world, start_method="spawn")
+    start_ranks(_gloo_entry, (fn, str(tmp / "init"), str(tmp), world), world, ["orchestrator.train.loop", "tests.helpers"])
     return [torch.load(tmp / f"{r}.pt", weights_only=False) for r in range(world)]
 
 
