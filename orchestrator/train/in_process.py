@@ -51,12 +51,17 @@ def stored_checkpoints(spec: JobSpec, storage: Optional[dict]) -> list[str]:
                   if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith("checkpoint_"))
 
 
-def newest_checkpoint(spec: JobSpec, storage: Optional[dict]):
-    """The run's newest stored checkpoint as a `ray.train.Checkpoint`, or None."""
+def stored_checkpoint(path: str, spec: JobSpec, storage: Optional[dict]):
+    """A checkpoint directory of the run as a `ray.train.Checkpoint` on the run's filesystem."""
     import ray.train
 
+    return ray.train.Checkpoint(path, filesystem=_run_location(spec, storage)[0])
+
+
+def newest_checkpoint(spec: JobSpec, storage: Optional[dict]):
+    """The run's newest stored checkpoint as a `ray.train.Checkpoint`, or None."""
     paths = stored_checkpoints(spec, storage)
-    return ray.train.Checkpoint(paths[-1], filesystem=_run_location(spec, storage)[0]) if paths else None
+    return stored_checkpoint(paths[-1], spec, storage) if paths else None
 
 
 def persist_checkpoint(directory: str, spec: JobSpec, storage: Optional[dict]):

@@ -24,7 +24,7 @@ from orchestrator.train.components import Components, build_components, seed_eve
 from orchestrator.train.meters import EpochMeter, ProgressSender
 from orchestrator.train.losses import sample_losses, without_worst
 from orchestrator.train.in_process import report_epoch
-from orchestrator.train.resume import resume
+from orchestrator.train.resume import latest_checkpoint, resume
 from orchestrator.train.optim import weight_penalty
 from orchestrator.train.warm_start import warm_start
 from orchestrator.train.worker_config import WorkerConfig, steps_for
@@ -147,23 +147,33 @@ def stability_report(comps: Components, events: list[dict], metrics: dict) -> di
     return {mk.STOP_REASON: metrics[mk.STOP_REASON], **diagnostics.report(events[-1000:], counters)}
 
 
+def epoch_batches(config: WorkerConfig, train_shard, epoch: int, rank: int):
+    """This rank's batches of `epoch`, whole batches only (no 1-sample BN batch)."""
+    spec = config.spec
+    if config.clock is not None:  # before this rank asks for the epoch's data: augmentation seeds, curriculum pool
+        ray.get(config.clock.set.remote(epoch))
+    return shard_batches(train_shard, spec.data.batch_size, row_bytes=row_bytes(spec.data), drop_last=True,
+                         shuffle_rows=spec.data.shuffle_buffer, seed=spec.run.seed * 7919 + epoch * 31 + rank,
+                         prefetch_batches=spec.data.prefetch_batches)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point; `loop_config` carries one WorkerConfig (see train/worker_config.py)."""
     config = WorkerConfig.of(loop_config)
-    spec, world, clock = config.spec, world_size(), config.clock
+    spec, world = config.spec, world_size()
     # asked for first: the split's coordinator actor starts while this worker builds its model (was serial)
     train_shard, rank = ray.train.get_dataset_shard("train"), this_rank()
     val_shard = config.eval_shard("val", rank, world)
     extra_val = {name: config.eval_shard(f"val_{name}", rank, world) for name in spec.data.extra_val}
     steps_per_epoch = steps_for(config.epoch_rows, world, spec.data.batch_size)  # an elastic run: this group's size
+    latest = latest_checkpoint(spec, config.storage, config.in_process)  # agreed by every rank
     prepare = None if config.in_process else ray.train.torch.prepare_model  # in process: one rank, no DDP
     comps = build_components(spec, max(steps_per_epoch), ray.train.torch.get_device(), prepare)
     st = comps.state
     progress = ProgressSender(config.progress, st.rank)
     placement = worker_placement()  # a collective: every rank takes part, rank 0 sends it
     progress.send("ready", world_size=world, placement=placement)
-    start_epoch, resumed = resume(comps, spec, progress, config.initial_checkpoint, steps_per_epoch, config.storage,
-                                  config.in_process)
+    start_epoch, resumed = resume(comps, spec, progress, latest, config.initial_checkpoint, steps_per_epoch, config.storage)
     warm = warm_start(st.model, spec) if resumed is None and start_epoch == 0 and spec.init_from.checkpoint else None
     all_events: list[dict] = []
 
@@ -171,11 +181,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         seed_everything(spec.run.seed, epoch, st.rank)
         st.epoch, meter, steps = epoch, EpochMeter(), steps_per_epoch[epoch]
         st.model.train()
-        if clock is not None:  # before this rank asks for the epoch's data: augmentation seeds, curriculum pool
-            ray.get(clock.set.remote(epoch))
-        batches = shard_batches(train_shard, spec.data.batch_size, row_bytes=row_bytes(spec.data), drop_last=True,  # no 1-sample BN batch
-                                shuffle_rows=spec.data.shuffle_buffer, seed=spec.run.seed * 7919 + epoch * 31 + st.rank,
-                                prefetch_batches=spec.data.prefetch_batches)
+        batches = epoch_batches(config, train_shard, epoch, st.rank)
         for i, batch in enumerate(meter.timed(batches)):
             if i == 0 and epoch == start_epoch:
                 progress.send("first_batch")  # start-up breakdown: data pipeline up

@@ -24,7 +24,7 @@ from orchestrator.models import unwrap
 from orchestrator.stability.bad_batches import BadBatches
 from orchestrator.storage import remote_checkpoints
 from orchestrator.stability.distributed import all_gather_objects, broadcast_module_state, broadcast_object, rank
-from orchestrator.train.in_process import newest_checkpoint
+from orchestrator.train.in_process import newest_checkpoint, stored_checkpoint
 from orchestrator.train.checkpointing import (CorruptCheckpoint, apply_payload, list_checkpoints, read_payload,
                                               state_fingerprint, verify_checkpoint)
 
@@ -98,16 +98,27 @@ def restore_agreed(candidates: list[Path], comps, warn: Callable[[str], None], k
     return Restored(candidates[index] if rank() == 0 else Path(name), epoch, fingerprints, problems)
 
 
-def resume(comps, spec, progress, initial: dict | None, steps_per_epoch: list[int],
-           storage: dict | None = None, in_process: bool = False) -> tuple[int, dict | None]:
-    """(the epoch to start at, what was loaded): after this run's newest intact checkpoint (Ray's latest,
-    then its older ones), or, without one of its own, after `initial` = {path, keep_hyperparameters} (a
-    sweep trial's restore: PBT's clone of a better trial). (0, None): from scratch. storage = {fs, run_path}
-    when the run lives on object storage (older checkpoints are listed there, fetched only if looked at)."""
+def latest_checkpoint(spec, storage: dict | None = None, in_process: bool = False):
+    """This run's latest checkpoint, the same on every rank (a collective), or None: Ray Train's (a worker
+    group), else the newest stored in the run directory as rank 0 lists it (a run in process,
+    train/in_process.py, or a worker group after one)."""
+    latest = None if in_process else ray.train.get_checkpoint()
+    if latest is not None:
+        return latest
+    newest = newest_checkpoint(spec, storage) if rank() == 0 else None
+    path = broadcast_object(newest.path if newest is not None else None)
+    return stored_checkpoint(path, spec, storage) if path else None
+
+
+def resume(comps, spec, progress, latest, initial: dict | None, steps_per_epoch: list[int],
+           storage: dict | None = None) -> tuple[int, dict | None]:
+    """(the epoch to start at, what was loaded): after this run's newest intact checkpoint (`latest`, from
+    latest_checkpoint, then its older ones), or, without one of its own, after `initial` = {path,
+    keep_hyperparameters} (a sweep trial's restore: PBT's clone of a better trial). (0, None): from scratch.
+    storage = {fs, run_path} when the run lives on object storage (older checkpoints are listed there,
+    fetched only if looked at)."""
     if (bad_batches := comps.safeguards.find(BadBatches)) is not None:
         bad_batches.recall()  # a crash after the last checkpoint must not forget a rejected batch
-    # Ray's latest (a worker group); in process (train/in_process.py), or after such a run, the newest stored
-    latest = (None if in_process else ray.train.get_checkpoint()) or newest_checkpoint(spec, storage)
     keep_hyperparameters = False
     if latest is None and initial:
         latest = ray.train.Checkpoint(initial["path"], filesystem=initial.get("filesystem"))
