@@ -38,7 +38,9 @@ def child(workdir: str, dashboard: bool, workers: int) -> None:
     spec = load_spec("jobs/digits-resnet.yaml", [f"data.train={workdir}/train.parquet", f"data.val={workdir}/val.parquet",
                                                  f"run.storage_path={workdir}/runs", f"run.name=startup-{time.time_ns()}", *SMALLEST,
                                                  f"scaling.num_workers={workers}"])
-    ensure_ray(None, dashboard=dashboard)  # what `keel run` does (no dashboard unless --dashboard)
+    from orchestrator.train.in_process import runs_in_process
+    # what `keel run` does: no dashboard unless --dashboard, no idle workers prestarted for a run in process
+    ensure_ray(None, dashboard=dashboard, prestart_workers=not runs_in_process(spec))
     marks["ray_started"] = time.time()
 
     def on_event(event: dict) -> None:

@@ -138,7 +138,7 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
         plan = preflight(spec)
     spec = resolved(spec)
     in_process = runs_in_process(spec)
-    ensure_ray(spec.scaling.address, verbose, dashboard)
+    ensure_ray(spec.scaling.address, verbose, dashboard, prestart_workers=not in_process)
     from ray.train import TrainingFailedError
 
     from orchestrator.train.run_files import MetricsLog
