@@ -233,5 +233,5 @@ def end_epoch(comps: Components, config: WorkerConfig, progress: ProgressSender,
         if report is not None:
             progress.send("stability_report", report=report)
         progress.send("epoch", metrics=metrics)
-        # a barrier: all ranks report every epoch
+        # every rank reports every epoch (in a worker group, a barrier)
         report_epoch(metrics, checkpoint, config.in_process, spec, config.storage, config.forward)
