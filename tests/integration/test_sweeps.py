@@ -44,15 +44,22 @@ def test_bad_sweep_spec_is_one_line_exit_2_and_starts_nothing(case, bad_sweep_ou
 
 
 @pytest.mark.timeout(600)
-def test_non_finite_metric_stops_the_trial_at_that_report(keel_ray, digits_dir, tmp_path):
+def test_non_finite_metric_stops_the_trial_at_that_report_from_a_trials_worker_group(keel_ray, digits_dir, tmp_path):
+    # Two workers per trial: the trial drives a Ray Train worker group, whose reports reach Tune through the
+    # trial's Train callback (the other sweep tests' one-worker trials train in their own process)
     path = sweep_file(tmp_path, digits_dir, "nan", [0.05], overrides=[
-        "faults=[{kind: nan_batch, at_step: 25, repeat: 100000}]", "stability.nonfinite.max_consecutive_skips=100000"])
-    # every step from 25 on is NaN: the guard skips them, epoch 2's train loss is NaN (no finite step)
+        "faults=[{kind: nan_batch, at_step: 12, repeat: 100000}]", "stability.nonfinite.max_consecutive_skips=100000"],
+        resources={"workers_per_trial": 2, "cpus_per_worker": 0.5})
+    # 22 steps per epoch on 2 workers; every step from 12 on is NaN: the guard skips them, epoch 2's train
+    # loss is NaN (no finite step)
     sweep, base = load_sweep(path)
     outcome = run_sweep(sweep, base)
     row = outcome.rows[0]
     assert row.status == "diverged" and row.iterations == 2 and "train_loss is nan" in row.reason
     assert outcome.best is None
+    reports = [json.loads(line) for trial in (tmp_path / "sweeps" / "nan").glob("run_trial_*")
+               for line in (trial / "result.json").read_text().splitlines()]
+    assert [r["world_size"] for r in reports] == [2, 2]  # a worker group's reports, not the trial's own process
 
 
 @pytest.mark.timeout(900)
