@@ -47,6 +47,8 @@ def child(workdir: str, dashboard: bool, workers: int) -> None:
         kind = {"ready": "ready", "first_batch": "first_batch", "step": "first_step"}.get(event["type"])
         if kind and kind not in marks:
             marks[kind] = time.time()
+        if event["type"] == "ready":  # trained in this process (one worker), or by a worker group
+            marks["in_process"] = [p["pid"] for p in event["placement"]] == [os.getpid()]
     outcome = run_job(spec, on_event=on_event)
     marks["finished"] = time.time()
     print("MARKS " + json.dumps({**marks, "status": outcome.status}), flush=True)
@@ -67,7 +69,7 @@ def one_round(workdir: str, dashboard: bool, workers: int) -> dict:
     phases.update({name: marks[b] - marks[a] for name, a, b in PHASES})
     phases["to_first_step"] = marks["first_step"] - start
     phases["to_exit"] = end - start
-    return phases
+    return {**phases, "in_process": marks["in_process"]}
 
 
 def main(argv=None) -> dict:

@@ -72,8 +72,10 @@ class ForwardReports(UserCallback):
 def trains_in_process(sweep: SweepSpec, job) -> bool:
     """A one-worker CPU trial trains in the trial's own process (Ray Train's local mode, train/in_process.py):
     no worker group to start per trial, or per PBT clone. The trial then holds the worker's CPUs itself."""
-    r = sweep.resources  # what runs_in_process asks of a job, as trial_job will set it
-    return r.workers_per_trial == 1 and r.gpus_per_worker == 0 and job.run.max_failures == 0
+    from orchestrator.train.in_process import one_cpu_worker
+
+    r = sweep.resources  # the trial's job as trial_job will set it; a trial runs wherever Tune placed it
+    return one_cpu_worker(r.workers_per_trial, r.gpus_per_worker > 0, job.run.max_failures)
 
 
 def trial_resources(sweep: SweepSpec, base_job) -> dict:

@@ -24,13 +24,18 @@ from orchestrator.spec import JobSpec
 from orchestrator.storage import join
 
 
+def one_cpu_worker(workers, gpu: bool, max_failures: int) -> bool:
+    """What a run must be to train in process, wherever it runs: one CPU worker, no restarts asked for."""
+    return workers == 1 and not gpu and max_failures == 0
+
+
 def runs_in_process(spec: JobSpec) -> bool:
-    """A `keel run` of one CPU worker, no restarts asked for, on the embedded local Ray (the driver is on
-    the machine that trains; on a cluster the driver may be a laptop). Sweep trials: sweep/trial.py."""
+    """A `keel run` of one CPU worker on the embedded local Ray (the driver is on the machine that trains;
+    on a cluster the driver may be a laptop). Sweep trials: sweep/trial.py, trains_in_process."""
     from orchestrator.ray_session import cluster_address
 
     s = spec.scaling  # the address may also come from RAY_ADDRESS: inside a submitted job, the cluster's
-    return s.num_workers == 1 and not s.use_gpu and spec.run.max_failures == 0 and cluster_address(s.address) is None
+    return one_cpu_worker(s.num_workers, s.use_gpu, spec.run.max_failures) and cluster_address(s.address) is None
 
 
 def _run_location(spec: JobSpec, storage: Optional[dict]):

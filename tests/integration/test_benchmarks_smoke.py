@@ -56,6 +56,7 @@ def test_startup_breakdown_runs(bench_env):
 
     # the smallest job, one worker: a cold `keel run` with its own embedded Ray that trains in process
     result = startup.main(["--rounds", "1", "--workers", "1"])
+    assert result["rounds"][0]["in_process"]  # a cold `keel run` of one worker trains where it runs
     phases = result["median"]
     assert 0 < phases["to_first_step"] < phases["to_exit"]
     assert all(phases[k] >= 0 for k in ("ray_start", "worker_group", "dataset_first_batch", "first_step"))
