@@ -50,7 +50,9 @@ class ModelSpec(Section):
     width: int = doc(64, "transformer: model width (embedding and residual stream).", ge=1)
     layers: int = doc(2, "transformer: encoder blocks.", ge=1)
     heads: int = doc(4, "transformer: attention heads (model.width must divide by it).", ge=1)
-    qk_norm: bool = doc(False, "transformer: LayerNorm on each head's queries and keys (QK-layernorm), which bounds the attention logits.")
+    qk_norm: Union[bool, Literal["auto"]] = doc(
+        "auto", "transformer: LayerNorm on each head's queries and keys (QK-layernorm), which bounds the attention "
+        "logits; auto: on for a transformer (measured: see the stress suite's transformer rows), off for other models.")
     zero_init_residual: bool = doc(False, "Start each residual branch's last BN at zero so blocks begin as identities (off by default: with weights x10 it cost 15 points in the stress suite).")
 
 
@@ -340,6 +342,8 @@ class JobSpec(Section):
         for name, value in image_only.items():
             if value and len(self.data.shape) != 3:
                 raise ValueError(f"data.augment.{name}: needs image data (data.shape [C, H, W]), got {self.data.shape}")
+        if self.model.qk_norm == "auto":
+            self.model.qk_norm = self.model.kind == "transformer"
         if self.schedule.warmup_epochs == "auto":  # resolved here, so every reader (and config.yaml) sees a number
             self.schedule.warmup_epochs = 1.0 if self.model.kind == "transformer" and self.schedule.kind != "one_cycle" else 0.0
         if self.schedule.kind == "one_cycle" and self.schedule.warmup > 0:

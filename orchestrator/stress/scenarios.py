@@ -2,9 +2,9 @@
 
 Every scenario is run twice, the same model and data under two profiles:
 - plain: what a hand-written loop does: no clipping, NaN steps applied, no spike guard, per-worker
-  ("stock") batch norm, no warmup, torch's default init;
+  ("stock") batch norm, no warmup, torch's default init, no QK-layernorm (torch's nn.TransformerEncoderLayer has none);
 - keel: the spec's defaults and nothing else (clip.mode auto, the agreed non-finite skip, spike
-  rollback, synchronized BN, init auto).
+  rollback, synchronized BN, init auto, QK-layernorm and 1 warmup epoch for a transformer).
 Each workload also gets a tuned reference run (keel profile, no fault; the same model and data), the
 bar for "converged".
 """
@@ -20,7 +20,7 @@ import numpy as np
 
 PLAIN = {"stability": {"clip": {"mode": "none"}, "nonfinite": {"enabled": False}, "spike": {"enabled": False},
                        "sync_batchnorm": False, "diagnostics": {"enabled": False}},
-         "schedule": {"warmup_epochs": 0}, "model": {"init": "default", "zero_init_residual": False}}
+         "schedule": {"warmup_epochs": 0}, "model": {"init": "default", "zero_init_residual": False, "qk_norm": False}}
 KEEL: dict = {}  # the spec's defaults, nothing else
 
 

@@ -108,8 +108,14 @@ def test_auto_init_is_kaiming_without_normalisation_and_torch_default_with_it():
 def test_transformer_attends_across_positions_and_qk_norm_bounds_the_logits():
     from orchestrator.models.transformer import SelfAttention
 
-    spec = parse_spec({**MINIMAL, "model": {"kind": "transformer", "width": 16, "layers": 2, "heads": 4, "qk_norm": True},
+    # a transformer gets QK-layernorm by default (model.qk_norm: auto); other models have no use for it
+    spec = parse_spec({**MINIMAL, "model": {"kind": "transformer", "width": 16, "layers": 2, "heads": 4},
                        "data": {**MINIMAL["data"], "shape": [6, 5], "num_classes": 3}})
+    assert spec.model.qk_norm is True and parse_spec(MINIMAL).model.qk_norm is False
+    off = parse_spec({**MINIMAL, "model": {**spec.model.model_dump(), "qk_norm": False},
+                      "data": {**MINIMAL["data"], "shape": [6, 5], "num_classes": 3}})
+    assert not any(isinstance(m, nn.LayerNorm) for name, m in build_model(off.model, off.data).named_modules()
+                   if name.endswith(("q_norm", "k_norm")))
     torch.manual_seed(0)
     net = build_model(spec.model, spec.data).eval()
     x = torch.randn(2, 6, 5)
