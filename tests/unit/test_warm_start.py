@@ -66,6 +66,18 @@ def test_what_cannot_fit_is_refused_in_one_line_naming_the_field(run_dir, tmp_pa
         check_warm_start(job(checkpoint=str(run)), build_model(job().model, job().data))
 
 
+def test_a_transformer_checkpoint_from_before_the_qk_norm_default_names_the_setting_that_loads_it():
+    tokens = {"train": "t.parquet", "val": "v.parquet", "shape": [6, 5], "num_classes": 2}
+    spec = lambda **model: parse_spec({"model": {"kind": "transformer", "width": 16, "heads": 4, **model}, "data": tokens, "run": {"name": "ft"}})
+    without = build_model(spec(qk_norm=False).model, spec().data).state_dict()
+    with pytest.raises(ValueError, match=r"has no blocks.0.attention.q_norm.weight \(trained without QK-layernorm\? set model.qk_norm: false\)"):
+        weights_to_load(build_model(spec().model, spec().data), without, "auto")
+    weights, reset = weights_to_load(build_model(spec(qk_norm=False).model, spec().data), without, "auto")
+    assert set(weights) == set(without) and reset == []
+    with pytest.raises(ValueError, match=r"has blocks.0.attention.k_norm.bias, which this model does not \(trained with QK-layernorm\? set model.qk_norm: true\)"):
+        weights_to_load(build_model(spec(qk_norm=False).model, spec().data), build_model(spec().model, spec().data).state_dict(), "auto")
+
+
 def test_frozen_prefixes_get_no_gradient_and_multiplied_ones_their_own_lr(run_dir):
     run, _ = run_dir
     spec = job(checkpoint=str(run), freeze=["stem."], lr_multipliers={"blocks.": 0.1})
