@@ -66,11 +66,15 @@ def make_scheduler(sweep: SweepSpec, epochs: int):
         return ASHAScheduler(max_t=max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
     if s.kind == "hyperband":
         return HyperBandScheduler(max_t=max_t, reduction_factor=s.reduction_factor)
+    # Every interval in the sweep spec counts reports (epochs). Tune's median rule and PBT count seconds
+    # (time_total_s) unless told otherwise: PBT with perturbation_interval 1 then perturbed once a second, and
+    # with epochs shorter than that a diverged trial was never cloned (its good donor saved no checkpoint
+    # while ranked above it before it finished; seen on a 2-trial sweep with 0.5 s epochs).
     if s.kind == "median":
-        return MedianStoppingRule(grace_period=s.grace_period)
+        return MedianStoppingRule(time_attr="training_iteration", grace_period=s.grace_period)
     if s.kind == "pbt":
         numeric = {k: v for k, v in param_space(sweep.search).items() if not isinstance(v, dict)}
-        return LastReportKeptPBT(epochs, perturbation_interval=s.perturbation_interval,
+        return LastReportKeptPBT(epochs, time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
                                  quantile_fraction=s.quantile_fraction, hyperparam_mutations=numeric)
     return FIFOScheduler()
 

@@ -129,3 +129,76 @@ def test_pbt_leaves_a_healthy_trial_alone_at_its_last_report_and_decides_every_o
     assert pbt.on_trial_result(None, longer, {"training_iteration": 3}) == "PAUSE"
     diverged = {"training_iteration": 3, "diverged": 1}  # a diverged trial's last report: its last chance of a clone
     assert pbt.on_trial_result(None, trial, diverged) == "PAUSE" and asked[-1] == 3
+
+
+def test_pbt_counts_its_perturbation_interval_in_reports_so_fast_epochs_still_get_a_diverged_trial_cloned(monkeypatch):
+    # Epochs of 0.3 s, as a small model has: counted in seconds (Tune's default time_attr), PBT perturbed
+    # once a second, the good trial saved no checkpoint while ranked above the diverged one, and the diverged
+    # trial was never cloned (the PBT-on-S3 integration test failed that way on an idle machine).
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from orchestrator.sweep.driver import make_scheduler
+    from orchestrator.sweep.spec import SweepSpec
+
+    sweep = SweepSpec.model_validate({"name": "s", "base": "b.yaml", "search": {"optimizer.lr": {"loguniform": [1e-3, 1e-1]}},
+                                      "scheduler": {"kind": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5}})
+    pbt = make_scheduler(sweep, epochs=3)
+    pbt.set_search_properties("val_accuracy", "max", config={})
+
+    class FakeTrial:  # what PBT reads of a running trial
+        def __init__(self, name):
+            self.trial_id, self.config, self.status, self.experiment_tag = name, {"optimizer.lr": 0.01}, Trial.RUNNING, name
+            self.run_metadata = SimpleNamespace(checkpoint_manager=SimpleNamespace(checkpoint_config=SimpleNamespace(num_to_keep=None)))
+
+        def is_finished(self):
+            return False
+
+    good, bad = FakeTrial("good"), FakeTrial("bad")
+    saved, cloned = [], []
+
+    class FakeController:
+        search_alg = None  # Tune's own variant generator
+
+        def get_trials(self):
+            return [good, bad]
+
+        def _schedule_trial_save(self, trial, result=None):
+            saved.append((trial.trial_id, result["training_iteration"]))
+            return f"checkpoint of {trial.trial_id}"
+
+    monkeypatch.setattr(PopulationBasedTraining, "_exploit", lambda self, controller, trial, donor: cloned.append((trial.trial_id, donor.trial_id)))
+    controller = FakeController()
+    for trial in (good, bad):
+        pbt.on_trial_add(controller, trial)
+    for trial, report, accuracy in ((good, 1, 0.6), (bad, 1, -1e9), (good, 2, 0.9), (bad, 2, -1e9)):
+        pbt.on_trial_result(controller, trial, {"training_iteration": report, "time_total_s": 0.3 * report,
+                                                "val_accuracy": accuracy})
+    assert saved == [("good", 2)] and cloned == [("bad", "good")]
+
+
+def test_the_median_rules_grace_period_counts_reports_not_seconds():
+    # The spec says reports (grace_period: 1): a trial far below the median at its first report is stopped
+    # there even when that report came 0.3 s in (counted in seconds it ran on past its grace period).
+    from orchestrator.sweep.driver import make_scheduler
+    from orchestrator.sweep.spec import SweepSpec
+
+    sweep = SweepSpec.model_validate({"name": "s", "base": "b.yaml", "search": {"optimizer.lr": {"loguniform": [1e-3, 1e-1]}},
+                                      "scheduler": {"kind": "median", "grace_period": 1}})
+    rule = make_scheduler(sweep, epochs=3)
+    rule.set_search_properties("val_accuracy", "max", config={})
+
+    class FakeTrial:
+        status = "RUNNING"
+
+        def __init__(self, name):
+            self.trial_id = name
+
+    trials = [FakeTrial(name) for name in ("a", "b", "c", "slow")]
+    controller = type("FakeController", (), {"get_live_trials": lambda self: trials})()
+    first = {"training_iteration": 1, "time_total_s": 0.3}
+    decisions = [rule.on_trial_result(controller, trial, {**first, "val_accuracy": accuracy})
+                 for trial, accuracy in zip(trials, (0.9, 0.9, 0.9, 0.1))]
+    assert decisions == ["CONTINUE", "CONTINUE", "CONTINUE", "STOP"]
