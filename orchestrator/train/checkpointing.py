@@ -126,6 +126,29 @@ def read_payload(directory: str | os.PathLike) -> dict:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
+def model_mismatch(ours: dict, saved: dict) -> str | None:
+    """The first way a checkpoint's model state does not fit this model's state dict, in words, or None."""
+    for key, tensor in ours.items():
+        if key not in saved:
+            return f"the checkpoint has no {key} {_why_keys_differ(key, in_checkpoint=False)}"
+        if saved[key].shape != tensor.shape:
+            return (f"{key} is {tuple(saved[key].shape)} in the checkpoint, {tuple(tensor.shape)} in this model "
+                    "(a different model?)")
+    extra = sorted(set(saved) - set(ours))
+    if extra:
+        return f"the checkpoint has {extra[0]}, which this model does not {_why_keys_differ(extra[0], in_checkpoint=True)}"
+    return None
+
+
+def _why_keys_differ(key: str, in_checkpoint: bool) -> str:
+    """A transformer's QK-layernorm (on by default since model.qk_norm: auto) is the likely reason a key is on
+    one side only, and one setting mends it; anything else is a different model."""
+    if key.endswith(("q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias")):
+        return (f"(trained {'with' if in_checkpoint else 'without'} QK-layernorm? "
+                f"set model.qk_norm: {str(in_checkpoint).lower()})")
+    return "(a different model?)"
+
+
 PLATEAU_PROGRESS = ("best", "num_bad_epochs", "cooldown_counter", "last_epoch")  # not its factor or patience
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from orchestrator.errors import BadInput
 from orchestrator.models import unwrap
+from orchestrator.train.checkpointing import model_mismatch
 
 
 def head_names(model: nn.Module) -> set[str]:
@@ -25,14 +26,6 @@ def head_names(model: nn.Module) -> set[str]:
         if isinstance(module, nn.Linear):
             last = name
     return {f"{last}.{p}" for p, _ in unwrap(model).get_submodule(last).named_parameters()} if last is not None else set()
-
-
-def _differs(key: str, in_checkpoint: bool) -> str:
-    """Why a key is on one side only: a transformer's QK-layernorm (on by default since model.qk_norm: auto)
-    is the likely reason, and one setting mends it; anything else is a different model."""
-    if key.endswith(("q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias")):
-        return f"(trained {'with' if in_checkpoint else 'without'} QK-layernorm? set model.qk_norm: {str(in_checkpoint).lower()})"
-    return "(a different model?)"
 
 
 def weights_to_load(model: nn.Module, saved: dict, reset_head: str) -> tuple[dict, list[str]]:
@@ -45,18 +38,9 @@ def weights_to_load(model: nn.Module, saved: dict, reset_head: str) -> tuple[dic
         shapes = ", ".join(f"{k} {tuple(saved[k].shape)} -> {tuple(ours[k].shape)}" for k in sorted(head) if k in saved)
         raise ValueError(f"init_from.reset_head: no, but the classifier's shape differs ({shapes})")
     reset = sorted(head) if reset_head == "yes" or head_differs else []
-    for key, tensor in ours.items():
-        if key in reset:
-            continue
-        if key not in saved:
-            raise ValueError(f"init_from.checkpoint: the checkpoint has no {key} {_differs(key, False)}")
-        if saved[key].shape != tensor.shape:
-            raise ValueError(f"init_from.checkpoint: {key} is {tuple(saved[key].shape)} in the checkpoint, "
-                             f"{tuple(tensor.shape)} in this model (a different model?)")
-    extra = sorted(set(saved) - set(ours))
-    if extra:
-        raise ValueError(f"init_from.checkpoint: the checkpoint has {extra[0]}, which this model does not "
-                         f"{_differs(extra[0], True)}")
+    mismatch = model_mismatch(*({k: v for k, v in state.items() if k not in reset} for state in (ours, saved)))
+    if mismatch:
+        raise ValueError(f"init_from.checkpoint: {mismatch}")
     return {k: v for k, v in saved.items() if k not in reset}, reset
 
 

@@ -128,3 +128,27 @@ def test_the_manifest_catches_a_flipped_byte_in_any_piece_and_still_reads_old_ma
     state.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
     with pytest.raises(CorruptCheckpoint, match="checksum"):
         verify_checkpoint(tmp_path)
+
+
+def test_resuming_a_checkpoint_of_another_model_stops_with_one_line_naming_the_difference(tmp_path):
+    # A transformer run checkpointed before QK-layernorm became its default, resumed by the same job now: the
+    # line names the setting that fits (torch's own error lists every key over pages).
+    import pytest
+
+    def transformer(**model):
+        spec = JobSpec.model_validate({
+            "model": {"kind": "transformer", "width": 16, "heads": 4, **model},
+            "data": {"train": "t.parquet", "val": "v.parquet", "shape": [6, 5], "num_classes": 2, "batch_size": 4},
+            "run": {"name": "ckpt", "epochs": 4}})
+        return spec, build_components(spec, STEPS, torch.device("cpu"))
+
+    spec, before = transformer(qk_norm=False)
+    save_checkpoint(tmp_path / "checkpoint_000001", before, epoch=1, spec_yaml=spec.to_yaml())
+    _, now = transformer()
+    with pytest.raises(ValueError) as refused:
+        restore_agreed([tmp_path / "checkpoint_000001"], now, print)
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1 and str(tmp_path / "checkpoint_000001") in message
+    assert "has no blocks.0.attention.q_norm.weight (trained without QK-layernorm? set model.qk_norm: false)" in message
+    _, same = transformer(qk_norm=False)  # the model it was written with resumes
+    assert restore_agreed([tmp_path / "checkpoint_000001"], same, print).epoch == 1
