@@ -131,9 +131,9 @@ def model_mismatch(ours: dict, saved: dict) -> str | None:
     for key, tensor in ours.items():
         if key not in saved:
             return f"the checkpoint has no {key} {_why_keys_differ(key, in_checkpoint=False)}"
-        if saved[key].shape != tensor.shape:
-            return (f"{key} is {tuple(saved[key].shape)} in the checkpoint, {tuple(tensor.shape)} in this model "
-                    "(a different model?)")
+        if getattr(saved[key], "shape", None) != getattr(tensor, "shape", None):  # a module's extra state has none
+            return (f"{key} is {tuple(getattr(saved[key], 'shape', ()))} in the checkpoint, "
+                    f"{tuple(getattr(tensor, 'shape', ()))} in this model (a different model?)")
     extra = sorted(set(saved) - set(ours))
     if extra:
         return f"the checkpoint has {extra[0]}, which this model does not {_why_keys_differ(extra[0], in_checkpoint=True)}"
