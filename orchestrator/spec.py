@@ -55,6 +55,12 @@ class ModelSpec(Section):
         "logits; auto: on for a transformer (measured: see the stress suite's transformer rows), off for other models.")
     zero_init_residual: bool = doc(False, "Start each residual branch's last BN at zero so blocks begin as identities (off by default: with weights x10 it cost 15 points in the stress suite).")
 
+    @model_validator(mode="after")
+    def _resolve_qk_norm(self) -> "ModelSpec":  # resolved here, so the model builder and config.yaml see a bool
+        if self.qk_norm == "auto":
+            self.qk_norm = self.kind == "transformer"
+        return self
+
 
 class PreprocessSpec(Section):
     standardize: Literal["none", "per_feature", "per_channel"] = doc("none", "Standardise with mean/std of the TRAINING split (stored in checkpoints).")
@@ -342,8 +348,6 @@ class JobSpec(Section):
         for name, value in image_only.items():
             if value and len(self.data.shape) != 3:
                 raise ValueError(f"data.augment.{name}: needs image data (data.shape [C, H, W]), got {self.data.shape}")
-        if self.model.qk_norm == "auto":
-            self.model.qk_norm = self.model.kind == "transformer"
         if self.schedule.warmup_epochs == "auto":  # resolved here, so every reader (and config.yaml) sees a number
             self.schedule.warmup_epochs = 1.0 if self.model.kind == "transformer" and self.schedule.kind != "one_cycle" else 0.0
         if self.schedule.kind == "one_cycle" and self.schedule.warmup > 0:
