@@ -60,14 +60,14 @@ def agree_step(st, losses: torch.Tensor) -> None:
 
 
 def worker_placement() -> list[dict]:
-    """Where every rank runs (Ray node, host, pid): one all_gather_object at start-up, for placement.json."""
+    """Where every rank runs (Ray node, host, pid, CPU niceness): one all_gather_object at start-up, for placement.json."""
     import os
     import socket
 
     import torch.distributed as dist
 
     me = {"rank": this_rank(), "node": ray.get_runtime_context().get_node_id(),
-          "host": socket.gethostname(), "pid": os.getpid()}
+          "host": socket.gethostname(), "pid": os.getpid(), "niceness": os.getpriority(os.PRIO_PROCESS, 0)}
     if world_size() == 1:
         return [me]
     everyone: list = [None] * world_size()

@@ -33,6 +33,9 @@ def test_main_job_reaches_95_percent_on_digits(keel_ray, tmp_path, monkeypatch, 
     history = read_metrics(run_dir)
     assert max(h["val_accuracy"] for h in history) >= 0.95
     assert all(h["replica_drift"] == 0.0 for h in history)
+    # the workers run at niceness 0, not Ray's 15 (preempted by any nice-0 process, a rank stalls its peers)
+    placement = json.loads((run_dir / "placement.json").read_text())
+    assert [p["niceness"] for p in placement] == [0, 0], placement
     assert {"train_loss", "val_loss", "grad_norm_mean", "grad_norm_max", "lr", "skipped_steps", "samples_per_s",
             "data_wait_frac"} <= history[-1].keys()
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
