@@ -7,6 +7,7 @@ a run directory is written, so a typo costs a second and leaves nothing behind.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -79,9 +80,11 @@ def storage_of(spec: JobSpec) -> Optional[dict]:
 
 # Ray starts every worker process at niceness 15 (RAY_worker_niceness), below its own nice-0 processes. A
 # training worker preempted by any of them stalls its peers at the next collective: measured on 2 cores
-# (benchmarks.overhead, 3 rounds), Keel with per-worker BN ran at 0.72 of torchrun's DDP (0.70-0.75) at
-# niceness 15 and at 0.86 (0.84-1.04) at 0, as torchrun's processes run. Ray's own job supervisor sets 0 too.
-TRAINING_WORKER_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
+# (benchmarks.overhead, 3 interleaved rounds, benchmarks/RESULTS.md), Keel with per-worker BN ran at 0.72 of
+# torchrun's DDP (0.70-0.75) at niceness 15 and at 0.80 (0.77-0.88) at 0, as torchrun's processes run. Ray's
+# own job supervisor sets 0 for itself. A RAY_worker_niceness the user set in the environment is kept.
+def training_worker_env() -> dict:
+    return {"env_vars": {"RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}}
 
 
 def build_trainer(spec: JobSpec, plan: Plan, progress: Any = None, clock: Any = None, callbacks: list = (),
@@ -114,7 +117,7 @@ def build_trainer(spec: JobSpec, plan: Plan, progress: Any = None, clock: Any = 
         run_config=RunConfig(name=spec.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=spec.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
-                             callbacks=list(callbacks), worker_runtime_env=TRAINING_WORKER_ENV),
+                             callbacks=list(callbacks), worker_runtime_env=training_worker_env()),
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo",
                                  timeout_s=spec.scaling.collective_timeout_s),
         datasets=train,

@@ -67,7 +67,8 @@ def worker_placement() -> list[dict]:
     import torch.distributed as dist
 
     me = {"rank": this_rank(), "node": ray.get_runtime_context().get_node_id(),
-          "host": socket.gethostname(), "pid": os.getpid(), "niceness": os.getpriority(os.PRIO_PROCESS, 0)}
+          "host": socket.gethostname(), "pid": os.getpid(),
+          "niceness": os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None}
     if world_size() == 1:
         return [me]
     everyone: list = [None] * world_size()

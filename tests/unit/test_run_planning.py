@@ -195,3 +195,12 @@ def test_a_one_worker_job_submitted_to_a_cluster_trains_on_a_worker_not_in_the_j
     assert not runs_in_process(spec)
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # keel submit's Jobs API address: a local run
     assert runs_in_process(spec)
+
+
+def test_training_workers_start_at_niceness_0_unless_the_user_set_ray_worker_niceness(monkeypatch):
+    from orchestrator.train.driver import training_worker_env
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    assert training_worker_env() == {"env_vars": {"RAY_worker_niceness": "0"}}  # Ray's own default is 15
+    monkeypatch.setenv("RAY_worker_niceness", "10")  # e.g. a shared node where training should yield
+    assert training_worker_env() == {"env_vars": {"RAY_worker_niceness": "10"}}
