@@ -38,12 +38,11 @@ def weights_to_load(model: nn.Module, saved: dict, reset_head: str) -> tuple[dic
         shapes = ", ".join(f"{k} {tuple(saved[k].shape)} -> {tuple(ours[k].shape)}" for k in sorted(head) if k in saved)
         raise ValueError(f"init_from.reset_head: no, but the classifier's shape differs ({shapes})")
     reset = sorted(head) if reset_head == "yes" or head_differs else []
-    compared_ours = {k: v for k, v in ours.items() if k not in reset}
-    compared_saved = {k: v for k, v in saved.items() if k not in reset}
-    mismatch = model_mismatch(compared_ours, compared_saved)
+    loaded = {k: v for k, v in saved.items() if k not in reset}
+    mismatch = model_mismatch({k: v for k, v in ours.items() if k not in reset}, loaded)
     if mismatch:
         raise ValueError(f"init_from.checkpoint: {mismatch}")
-    return {k: v for k, v in saved.items() if k not in reset}, reset
+    return loaded, reset
 
 
 def prefix_for(name: str, prefixes) -> Optional[str]:
