@@ -126,6 +126,11 @@ def read_payload(directory: str | os.PathLike) -> dict:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
+def saved_model_state(directory: str | os.PathLike) -> dict:
+    """The checkpoint's model state dict with its tensors mapped from disk, not read: its shapes, cheaply."""
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)["model"]
+
+
 def model_mismatch(ours: dict, saved: dict) -> str | None:
     """The first way a checkpoint's model state does not fit this model's state dict, in words, or None."""
     for key, tensor in ours.items():

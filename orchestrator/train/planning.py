@@ -63,7 +63,7 @@ def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = 
     data, scaling = spec.data, spec.scaling
     if is_remote(spec.run.storage_path):
         check_storage(spec.run.storage_path)  # the URI, the endpoint, the bucket: before any worker starts
-    warm = None
+    warm, model = None, None
     if spec.model.kind == "custom" or spec.init_from.checkpoint:
         from orchestrator.models import build_model
 
@@ -76,6 +76,7 @@ def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = 
             from orchestrator.train.warm_start import check_warm_start
 
             warm = check_warm_start(spec, model)
+    check_resume_fits(spec, model)
     local = scaling.address is None
     cpus = os.cpu_count() or 1
     if local and scaling.min_workers > cpus:
@@ -106,6 +107,34 @@ def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = 
         raise BadInput(f"data.curriculum.start_fraction: the first epochs' pool is smaller than one global batch "
                        f"({data.batch_size} x {scaling.max_workers})")
     return replace(scanned, steps_per_epoch=steps, cpus_per_worker=cpus_per_worker)
+
+
+def check_resume_fits(spec: JobSpec, model=None) -> None:
+    """A run whose directory holds checkpoints resumes from the newest: this job's model must fit it. Checked
+    here, before Ray starts and before the run directory's config.yaml is rewritten; the workers' own check
+    (train/resume.py) remains for runs on object storage, whose state files are not read twice."""
+    if is_remote(spec.run.storage_path):
+        return
+    from orchestrator.train.checkpointing import list_checkpoints, model_mismatch, saved_model_state
+
+    for directory in reversed(list_checkpoints(Path(spec.run.storage_path) / spec.run.name)):
+        try:
+            saved = saved_model_state(directory)
+        except Exception:  # unreadable or corrupt: resume verifies it and falls back to an older one
+            continue
+        if model is None:
+            import torch
+
+            from orchestrator.models import build_model
+
+            with torch.device("meta"):  # shapes only: nothing allocated, however large the model
+                model = build_model(spec.model, spec.data)
+        mismatch = model_mismatch(model.state_dict(), saved)
+        if mismatch:
+            raise BadInput(f"{directory}: the job's model does not fit this run's checkpoint (run.name "
+                           f"{spec.run.name} resumes from it): {mismatch}; use the model it was written with, "
+                           "or a new run.name")
+        return
 
 
 def scan_data(spec: JobSpec, generate: bool, against: Optional[dict] = None) -> Optional[Plan]:

@@ -133,6 +133,12 @@ def test_a_one_worker_run_trains_in_this_process_keeps_its_newest_checkpoints_an
     assert [read_payload(c)["epoch"] for c in kept] == [1, 2], kept
     verify_checkpoint(kept[-1])
     assert not list(run_dir.glob(".checkpoint_*"))  # nothing left half-copied
+    # a rerun whose model no longer fits the checkpoint it would resume from: bad input, before anything is touched
+    files_before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    rc, out, err = cli_here(capsys, "run", str(job), "run.epochs=4", "model.hidden=[32]", "--quiet")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{kept[-1]}: the job's model does not fit" in err and "1.weight is (64, 64) in the checkpoint, (32, 64)" in err, err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files_before  # config.yaml too
     rc, out, err = cli_here(capsys, "run", str(job), "run.epochs=4", "--quiet")
     assert rc == 0, err
     history = read_metrics(run_dir)
