@@ -90,6 +90,8 @@ class Diagnostics:
         if self.sampling and self.before and not state.skip:
             params = [p.detach() for p in unwrap(state.model).parameters() if p.requires_grad]
             for name, old, new in zip(self.names, self.before, params):
+                if old.dim() < 2:  # a bias or norm scale starts at 0 or 1, so |dw|/|w| of a zero bias is huge and
+                    continue       # means nothing (a healthy run's report said 4.7e9); the rule of thumb is for weights
                 ratio = (torch.linalg.vector_norm(new - old) / torch.linalg.vector_norm(old).clamp_min(1e-12)).item()
                 self.layers.setdefault(name, {})["update_ratio"] = ratio
         self.before = []

@@ -284,3 +284,23 @@ def test_a_background_snapshot_is_the_state_when_taken_though_the_next_forward_a
     moments = lambda s: [t for p in s["optimizer"]["state"].values() for t in p.values()]
     assert all(torch.equal(a, b) for a, b in zip(moments(snap), moments(expected)))
     assert not torch.equal(snap["model"]["0.weight"], model[0].weight.detach())  # the update moved the live ones
+
+
+def test_the_largest_update_ratio_is_a_weights_not_a_zero_bias_whose_ratio_means_nothing():
+    model = nn.Linear(4, 4)
+    nn.init.zeros_(model.bias)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    diag = Diagnostics(model, every=1)
+    st = StepState(model=model, optimizer=optimizer, device=torch.device("cpu"))
+    st.step, st.global_loss = 0, 1.0
+    st.begin_step()
+    diag.on_batch(st, {})
+    model(torch.randn(8, 4)).square().mean().backward()
+    st.param_grad_norms = [p.grad.norm() for p in model.parameters()]
+    diag.after_backward(st)
+    before = model.weight.detach().clone()
+    optimizer.step()
+    diag.after_step(st)
+    worst = diag.report([], {})["largest_update_ratio"]
+    expected = ((model.weight.detach() - before).norm() / before.norm()).item()
+    assert worst["layer"] == "weight" and worst["update_ratio"] == pytest.approx(expected), worst
