@@ -126,9 +126,9 @@ def read_payload(directory: str | os.PathLike) -> dict:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def saved_model_state(directory: str | os.PathLike) -> dict:
-    """The checkpoint's model state dict with its tensors mapped from disk, not read: its shapes, cheaply."""
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)["model"]
+def mapped_payload(directory: str | os.PathLike) -> dict:
+    """The checkpoint's state with its tensors mapped from disk, not read: shapes and structure, cheaply."""
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
 
 
 def model_mismatch(ours: dict, saved: dict) -> str | None:

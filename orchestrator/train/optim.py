@@ -33,14 +33,9 @@ def scaled_lr(lr: float, rule: str, world_size: int) -> float:
 
 def build_optimizer(model: nn.Module, opt_spec, reg_spec, world_size: int = 1,
                     lr_multipliers: dict[str, float] | None = None) -> torch.optim.Optimizer:
-    """Decay and no-decay groups; with lr_multipliers (name prefix -> factor, fine-tuning) each of those is
-    split further by factor, and a group's lr is the scaled base LR times its factor (schedules keep it)."""
-    decay, no_decay = split_decay_parameters(model, reg_spec.exclude_norm_and_bias)
+    """The optimizer over `parameter_groups`."""
+    groups = parameter_groups(model, opt_spec, reg_spec, world_size, lr_multipliers)
     lr = scaled_lr(opt_spec.lr, opt_spec.scale_lr, world_size)
-    groups = []
-    for params, weight_decay in ((decay, reg_spec.weight_decay), (no_decay, 0.0)):
-        for factor, members in by_lr_factor(model, params, lr_multipliers or {}).items():
-            groups.append({"params": members, "weight_decay": weight_decay, **({"lr": lr * factor} if factor != 1.0 else {})})
     if opt_spec.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=opt_spec.momentum, nesterov=opt_spec.nesterov and opt_spec.momentum > 0)
     if opt_spec.name == "adam":
@@ -50,6 +45,20 @@ def build_optimizer(model: nn.Module, opt_spec, reg_spec, world_size: int = 1,
     if opt_spec.name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr, momentum=opt_spec.momentum, eps=opt_spec.eps)
     raise ValueError(f"unknown optimizer {opt_spec.name!r}")
+
+
+def parameter_groups(model: nn.Module, opt_spec, reg_spec, world_size: int = 1,
+                     lr_multipliers: dict[str, float] | None = None) -> list[dict]:
+    """Decay and no-decay groups; with lr_multipliers (name prefix -> factor, fine-tuning) each of those is
+    split further by factor, and a group's lr is the scaled base LR times its factor (schedules keep it).
+    A resumed run's optimizer state must have the same groups (train/planning.py checks before Ray starts)."""
+    decay, no_decay = split_decay_parameters(model, reg_spec.exclude_norm_and_bias)
+    lr = scaled_lr(opt_spec.lr, opt_spec.scale_lr, world_size)
+    groups = []
+    for params, weight_decay in ((decay, reg_spec.weight_decay), (no_decay, 0.0)):
+        for factor, members in by_lr_factor(model, params, lr_multipliers or {}).items():
+            groups.append({"params": members, "weight_decay": weight_decay, **({"lr": lr * factor} if factor != 1.0 else {})})
+    return groups
 
 
 def by_lr_factor(model: nn.Module, params: list, multipliers: dict[str, float]) -> dict[float, list]:

@@ -109,19 +109,25 @@ def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = 
     return replace(scanned, steps_per_epoch=steps, cpus_per_worker=cpus_per_worker)
 
 
+STATE_KIND = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "rmsprop": "rmsprop"}  # optimizers whose states interchange
+
+
 def check_resume_fits(spec: JobSpec, model=None) -> None:
-    """A run whose directory holds checkpoints resumes from the newest: this job's model must fit it. Checked
-    here, before Ray starts and before the run directory's config.yaml is rewritten; the workers' own check
-    (train/resume.py) remains for runs on object storage, whose state files are not read twice."""
+    """A run whose directory holds checkpoints resumes from the newest: this job's model and optimizer must fit
+    it. Checked here, before Ray starts and before the run directory's config.yaml is rewritten; the workers'
+    own model check (train/resume.py) remains for runs on object storage, whose state files are not read twice."""
     if is_remote(spec.run.storage_path):
         return
-    from orchestrator.train.checkpointing import list_checkpoints, model_mismatch, saved_model_state
+    import yaml
+
+    from orchestrator.train.checkpointing import CONFIG_FILE, list_checkpoints, mapped_payload, model_mismatch
 
     for directory in reversed(list_checkpoints(Path(spec.run.storage_path) / spec.run.name)):
         try:
-            saved = saved_model_state(directory)
-        except Exception:  # unreadable or corrupt: resume verifies it and falls back to an older one
+            saved, written_with = mapped_payload(directory), yaml.safe_load((directory / CONFIG_FILE).read_text())
+        except Exception:  # unreadable or damaged: resume verifies it and falls back to an older one
             continue
+        resumes = f"run.name {spec.run.name} resumes from {directory}"
         if model is None:
             import torch
 
@@ -129,11 +135,27 @@ def check_resume_fits(spec: JobSpec, model=None) -> None:
 
             with torch.device("meta"):  # shapes only: nothing allocated, however large the model
                 model = build_model(spec.model, spec.data)
-        mismatch = model_mismatch(model.state_dict(), saved)
+        mismatch = model_mismatch(model.state_dict(), saved["model"])
         if mismatch:
             raise BadInput(f"{directory}: the job's model does not fit this run's checkpoint (run.name "
                            f"{spec.run.name} resumes from it): {mismatch}; use the model it was written with, "
                            "or a new run.name")
+        before = ((written_with or {}).get("optimizer") or {}).get("name")
+        if before and STATE_KIND.get(before) != STATE_KIND.get(spec.optimizer.name):  # fails at the first step
+            raise BadInput(f"optimizer.name: {spec.optimizer.name}, but {resumes}, written with {before}, whose "
+                           f"state does not load into {spec.optimizer.name}; use {before}, or a new run.name")
+        from orchestrator.train.optim import parameter_groups
+        from orchestrator.train.warm_start import freeze
+
+        if spec.init_from.freeze:
+            freeze(model, spec.init_from.freeze)
+        ours = [len(g["params"]) for g in parameter_groups(model, spec.optimizer, spec.regularization,
+                                                           lr_multipliers=spec.init_from.lr_multipliers)]
+        theirs = [len(g["params"]) for g in saved["optimizer"]["param_groups"]]
+        if ours != theirs:
+            raise BadInput(f"regularization.exclude_norm_and_bias: this job groups the optimizer's parameters as "
+                           f"{ours}, but {resumes}, whose groups are {theirs} (that, init_from.freeze or "
+                           "init_from.lr_multipliers changed?); put it back, or a new run.name")
         return
 
 

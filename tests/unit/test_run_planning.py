@@ -204,3 +204,42 @@ def test_training_workers_start_at_niceness_0_unless_the_user_set_ray_worker_nic
     assert training_worker_env() == {"env_vars": {"RAY_worker_niceness": "0"}}  # Ray's own default is 15
     monkeypatch.setenv("RAY_worker_niceness", "10")  # e.g. a shared node where training should yield
     assert training_worker_env() == {"env_vars": {"RAY_worker_niceness": "10"}}
+
+
+def _resnet_tree(tmp_path, **sections) -> dict:
+    tree = {"model": {"kind": "resnet", "channels": [8, 16], "blocks_per_stage": 1},
+            "data": {"train": "t", "val": "v", "shape": [1, 8, 8], "num_classes": 10},
+            "optimizer": {"name": "adam", "lr": 0.001}, "regularization": {"weight_decay": 1e-4},
+            "run": {"name": "r", "storage_path": str(tmp_path)}}
+    for key, value in sections.items():
+        tree[key] = {**tree.get(key, {}), **value}
+    return tree
+
+
+@pytest.mark.parametrize("change, error", [
+    ({}, None),
+    ({"optimizer": {"name": "adamw"}}, None),  # the same state (exp_avg, exp_avg_sq, step): it loads and steps
+    ({"optimizer": {"lr": 0.1, "betas": [0.9, 0.95]}}, None),  # hyper-parameters may change on resume
+    ({"model": {"channels": [8, 32]}}, r"checkpoint_x: the job's model does not fit this run's checkpoint \(run.name r "
+                                       r"resumes from it\): .* is \(16, 8, 3, 3\) in the checkpoint, \(32, 8, 3, 3\) in this model"),
+    ({"optimizer": {"name": "sgd"}}, r"^optimizer.name: sgd, but run.name r resumes from .*checkpoint_x, written with adam"),
+    ({"regularization": {"exclude_norm_and_bias": False}},
+     r"^regularization.exclude_norm_and_bias: this job groups the optimizer's parameters as \[\d+, 0\], but .*whose groups are \[\d+, \d+\]"),
+])
+def test_a_rerun_that_would_resume_into_a_model_or_optimizer_that_does_not_fit_is_bad_input_before_ray(tmp_path, change, error):
+    """What the first step after resuming would fail on (torch's 'step' KeyError, a page of shapes), as one line."""
+    from orchestrator.errors import BadInput
+    from orchestrator.train.checkpointing import save_checkpoint
+    from orchestrator.train.components import build_components
+    from orchestrator.train.planning import check_resume_fits
+
+    spec = parse_spec(_resnet_tree(tmp_path))
+    comps = build_components(spec, steps_per_epoch=4, device=__import__("torch").device("cpu"))
+    save_checkpoint(tmp_path / "r" / "checkpoint_x", comps, epoch=0, spec_yaml=spec.to_yaml())
+    rerun = parse_spec(_resnet_tree(tmp_path, **change))
+    if error is None:
+        check_resume_fits(rerun)
+    else:
+        with pytest.raises(BadInput, match=error):
+            check_resume_fits(rerun)
+    check_resume_fits(parse_spec(_resnet_tree(tmp_path, run={"name": "another"})))  # a new run.name: nothing to resume
