@@ -47,7 +47,11 @@ class RunDisplay:
         elif kind == "warning":
             self.console.print(f"[yellow]warning:[/] {event['message']}", highlight=False, soft_wrap=True)
         elif kind == "resumed":
-            self.console.print(f"resumed from checkpoint: continuing at epoch {event['epoch'] + 1}")
+            if event["epoch"] >= self.epochs:  # a re-run of a finished run: say so, not "continuing at epoch 3" of 1
+                self.console.print(f"resumed from checkpoint: {event['epoch']} epochs already trained, run.epochs is "
+                                   f"{self.epochs}: nothing to train (raise run.epochs to train on)")
+            else:
+                self.console.print(f"resumed from checkpoint: continuing at epoch {event['epoch'] + 1}")
         elif kind == "step" and self.progress:
             self.progress.update(self.task, total=event["steps"], completed=event["step"], epoch=event["epoch"] + 1,
                                  loss=fmt(event[mk.LOSS]), gnorm=fmt(event[mk.GRAD_NORM]), lr=fmt(event[mk.LR], "{:.3g}"))

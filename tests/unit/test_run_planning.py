@@ -243,3 +243,19 @@ def test_a_rerun_that_would_resume_into_a_model_or_optimizer_that_does_not_fit_i
         with pytest.raises(BadInput, match=error):
             check_resume_fits(rerun)
     check_resume_fits(parse_spec(_resnet_tree(tmp_path, run={"name": "another"})))  # a new run.name: nothing to resume
+
+
+@pytest.mark.parametrize("next_epoch, said", [
+    (2, "resumed from checkpoint: continuing at epoch 3"),
+    (4, "resumed from checkpoint: 4 epochs already trained, run.epochs is 4: nothing to train (raise run.epochs to train on)"),
+])
+def test_a_resume_says_where_it_continues_or_that_a_finished_run_has_nothing_left_to_train(next_epoch, said):
+    import io
+
+    from rich.console import Console
+
+    from orchestrator.report.console import RunDisplay
+
+    out = io.StringIO()
+    RunDisplay(Console(file=out, width=200), epochs=4)({"type": "resumed", "epoch": next_epoch})
+    assert out.getvalue().strip() == said
