@@ -63,6 +63,8 @@ def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = 
     data, scaling = spec.data, spec.scaling
     if is_remote(spec.run.storage_path):
         check_storage(spec.run.storage_path)  # the URI, the endpoint, the bucket: before any worker starts
+    else:
+        check_local_storage(Path(spec.run.storage_path) / spec.run.name)
     warm, model = None, None
     if spec.model.kind == "custom" or spec.init_from.checkpoint:
         from orchestrator.models import build_model
@@ -107,6 +109,15 @@ def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = 
         raise BadInput(f"data.curriculum.start_fraction: the first epochs' pool is smaller than one global batch "
                        f"({data.batch_size} x {scaling.max_workers})")
     return replace(scanned, steps_per_epoch=steps, cpus_per_worker=cpus_per_worker)
+
+
+def check_local_storage(run_dir: Path) -> None:
+    """The run directory can be made: no part of its path is a file (found here, not as a traceback in the driver)."""
+    for part in (run_dir, *run_dir.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise BadInput(f"run.storage_path: {part} is a file, not a directory")
+            return
 
 
 STATE_KIND = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "rmsprop": "rmsprop"}  # optimizers whose states interchange

@@ -259,3 +259,14 @@ def test_a_resume_says_where_it_continues_or_that_a_finished_run_has_nothing_lef
     out = io.StringIO()
     RunDisplay(Console(file=out, width=200), epochs=4)({"type": "resumed", "epoch": next_epoch})
     assert out.getvalue().strip() == said
+
+
+@pytest.mark.parametrize("under", ["", "x/y"])
+def test_a_storage_path_through_a_file_is_bad_input_naming_the_field_not_a_traceback(tmp_path, under):
+    from orchestrator.errors import BadInput
+    from orchestrator.train.planning import preflight
+
+    (tmp_path / "afile").write_text("")
+    spec = parse_spec(_resnet_tree(tmp_path, run={"storage_path": str(tmp_path / "afile" / under)}))
+    with pytest.raises(BadInput, match=f"^run.storage_path: {tmp_path / 'afile'} is a file, not a directory$"):
+        preflight(spec)
