@@ -66,7 +66,7 @@ def cmd_sweep(args, console: Console) -> int:
     if is_remote(sweep.storage_path):  # the URI, the endpoint, the bucket: before Ray or any trial starts
         check_storage(sweep.storage_path, "storage_path")
     base_spec = parse_spec(base, args.sweep)
-    base_plan = preflight(base_spec, generate=True)  # the base job's data, before any trial or Ray starts; trials reuse its scan
+    base_plan = preflight(base_spec, generate=True, resumes=False)  # the base job's data, before any trial or Ray starts; trials reuse its scan
     from orchestrator.sweep.driver import logger_callbacks, run_sweep
     logger_callbacks(sweep)  # a missing mlflow/wandb is bad input, found before the sweep starts
     live = Live(console=console, auto_refresh=False) if console.is_terminal and not args.quiet else None
@@ -158,7 +158,7 @@ def cmd_validate(args, console: Console) -> int:
 
     if is_sweep_file(args.job):
         sweep, base = load_sweep(args.job, args.overrides)
-        preflight(parse_spec(base, args.job), generate=False)
+        preflight(parse_spec(base, args.job), generate=False, resumes=False)
         console.print(f"{args.job}: ok (sweep over {', '.join(sweep.search)}, {sweep.scheduler.kind}, "
                       f"{sweep.num_samples} samples)", highlight=False)
         return 0

@@ -113,7 +113,7 @@ def run_check(spec: JobSpec, steps: int = 20, say: Callable[[str], None] = lambd
     if steps < 2 or steps % 2:
         raise BadInput(f"--steps: {steps}; needs an even number >= 2 (the resume check stops half-way)")
     spec = resolved(check_spec(spec))
-    plan = preflight(spec)
+    plan = preflight(spec, resumes=False)  # its runs have names of their own
     workers, batch = spec.scaling.num_workers, spec.data.batch_size
     ensure_ray(None, dashboard=False)
     say(f"reading the first {steps} global batches ({workers} x {batch}) through the job's pipeline, twice")

@@ -110,9 +110,24 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepSpec, 
         base_tree, source = read_yaml(base_path), str(base_path)
     else:
         base_tree, source = dict(sweep.base), f"{path}: base"
-    base_tree = apply_overrides(base_tree, list(sweep.overrides))
+    base_tree = absolute_paths(apply_overrides(base_tree, list(sweep.overrides)))
     parse_spec(base_tree, source)  # BadInput if the base job is invalid
     return sweep, base_tree
+
+
+def absolute_paths(tree: dict) -> dict:
+    """The job's local files made absolute against this working directory, as `keel run` reads them: a trial
+    runs in a process whose working directory is not necessarily the user's."""
+    from orchestrator.data.sources import resolve
+
+    data, init_from = tree.get("data") or {}, tree.get("init_from") or {}
+    for section, key in ((data, "train"), (data, "val"), (data.get("curriculum") or {}, "checkpoint"), (init_from, "checkpoint")):
+        if isinstance(section.get(key), str):
+            section[key] = resolve(section[key])
+    extra = data.get("extra_val")
+    if isinstance(extra, dict):
+        data["extra_val"] = {name: resolve(path) if isinstance(path, str) else path for name, path in extra.items()}
+    return tree
 
 
 def is_sweep_tree(tree: dict) -> bool:

@@ -55,11 +55,13 @@ def check_rows(scan, data, field_name: str) -> int:
     return scan.bad_rows_imputed if imputed else scan.bad_rows
 
 
-def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = None) -> Plan:
+def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = None, resumes: bool = True) -> Plan:
     """Every check that needs no cluster: data present and well-formed, resources possible.
     With generate=False (keel validate) a missing dataset that `data.generate` would write is fine.
     same_data: a plan already made for this very data (a sweep's base job, for a trial whose searched
-    fields leave the scan alone): its scan is reused, the rest is checked for this spec."""
+    fields leave the scan alone): its scan is reused, the rest is checked for this spec.
+    resumes: this spec runs under its run.name, continuing that run's checkpoints (not a sweep's base job, whose
+    trials have their own names, nor keel check's runs)."""
     data, scaling = spec.data, spec.scaling
     if is_remote(spec.run.storage_path):
         check_storage(spec.run.storage_path)  # the URI, the endpoint, the bucket: before any worker starts
@@ -78,7 +80,8 @@ def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = 
             from orchestrator.train.warm_start import check_warm_start
 
             warm = check_warm_start(spec, model)
-    check_resume_fits(spec, model)
+    if resumes:
+        check_resume_fits(spec, model)
     local = scaling.address is None
     cpus = os.cpu_count() or 1
     if local and scaling.min_workers > cpus:

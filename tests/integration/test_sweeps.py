@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from orchestrator import cli
@@ -64,13 +65,27 @@ def test_non_finite_metric_stops_the_trial_at_that_report_from_a_trials_worker_g
 
 @pytest.mark.timeout(900)
 def test_an_interrupted_sweep_resumes_and_stops_absurd_learning_rates_at_once_and_its_best_trial_is_healthy(
-        keel_ray, digits_dir, tmp_path, capsys):
+        keel_ray, digits_dir, tmp_path, capsys, monkeypatch):
     # One sweep, one trial at a time: a real `keel sweep` process is interrupted (Ctrl-C) once it has said that
     # its first, healthy trial finished (its result.json may reach the experiment directory only at the end:
     # waiting for that file once let the whole sweep finish first). The resumed sweep (in this process, as
     # `keel sweep` runs it) keeps that trial and runs the absurd learning rates, each stopped within 2 reports
     # of its explosion.
     path = sweep_file(tmp_path, digits_dir, "lrs", [0.05, 1e4, 1e8])
+    # the data given as a user's job gives it, relative to where `keel sweep` runs: trials run elsewhere
+    (tmp_path / "data").symlink_to(digits_dir)
+    tree = yaml.safe_load(path.read_text())
+    tree["base"]["data"].update(train="data/train.parquet", val="data/val.parquet")
+    path.write_text(yaml.safe_dump(tree))
+    monkeypatch.chdir(tmp_path)  # the resumed sweep below runs here too, as the user re-runs it
+    # a run of the base job's name with another model: trials have their own names and never resume from it
+    from orchestrator.spec import parse_spec
+    from orchestrator.train.checkpointing import save_checkpoint
+    from orchestrator.train.components import build_components
+
+    other = parse_spec({**tree["base"], "model": {"kind": "mlp", "hidden": [8]}})
+    save_checkpoint(tmp_path / "base" / "checkpoint_old", build_components(other, 4, torch.device("cpu")), epoch=0,
+                    spec_yaml=other.to_yaml())
     exp = tmp_path / "sweeps" / "lrs"
     suite_ray = keel_ray.get_runtime_context().gcs_address  # joined as a user's RAY_ADDRESS would: no second cold start
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(path)], cwd=tmp_path, text=True,

@@ -270,3 +270,19 @@ def test_a_storage_path_through_a_file_is_bad_input_naming_the_field_not_a_trace
     spec = parse_spec(_resnet_tree(tmp_path, run={"storage_path": str(tmp_path / "afile" / under)}))
     with pytest.raises(BadInput, match=f"^run.storage_path: {tmp_path / 'afile'} is a file, not a directory$"):
         preflight(spec)
+
+
+def test_only_a_run_that_resumes_is_held_to_its_checkpoint_not_a_sweeps_base_job_or_keel_checks_runs(tmp_path):
+    from orchestrator.errors import BadInput
+    from orchestrator.train.checkpointing import save_checkpoint
+    from orchestrator.train.components import build_components
+    from orchestrator.train.planning import preflight
+
+    spec = parse_spec(_resnet_tree(tmp_path))
+    save_checkpoint(tmp_path / "r" / "checkpoint_x", build_components(spec, 4, __import__("torch").device("cpu")),
+                    epoch=0, spec_yaml=spec.to_yaml())
+    other_model = parse_spec(_resnet_tree(tmp_path, model={"channels": [4, 4]}))
+    with pytest.raises(BadInput, match="does not fit this run's checkpoint"):
+        preflight(other_model)
+    with pytest.raises(BadInput, match="^data.train: "):  # on to the next check: the (absent) data
+        preflight(other_model, resumes=False)
