@@ -112,7 +112,31 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepSpec, 
         base_tree, source = dict(sweep.base), f"{path}: base"
     base_tree = absolute_paths(apply_overrides(base_tree, list(sweep.overrides)))
     parse_spec(base_tree, source)  # BadInput if the base job is invalid
+    check_search_values(sweep, base_tree, str(path))
     return sweep, base_tree
+
+
+def check_search_values(sweep: SweepSpec, base_tree: dict, source: str) -> None:
+    """Every value the search can give makes a valid job (a range's bounds, each listed value): an lr drawn
+    from uniform [-1, 1] would otherwise start trials that fail one by one."""
+    import copy
+
+    from pydantic import ValidationError
+
+    from orchestrator.spec_text import set_dotted
+
+    for path, dist in sweep.search.items():
+        (kind, args), = dist.items()
+        values = args if DISTRIBUTIONS[kind] is None else [args[0], args[1] - 1 if kind == "randint" else args[1]]
+        for value in values:
+            try:
+                JobSpec.model_validate(set_dotted(copy.deepcopy(base_tree), path, value))
+            except ValidationError as exc:
+                raise BadInput(f"{source}: search.{path}.{kind}: {value!r} is not a valid {path}: "
+                               f"{exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
+LOCAL_FILE_FIELDS = ("data.train", "data.val", "data.curriculum.checkpoint", "init_from.checkpoint")
 
 
 def absolute_paths(tree: dict) -> dict:
@@ -120,13 +144,16 @@ def absolute_paths(tree: dict) -> dict:
     runs in a process whose working directory is not necessarily the user's."""
     from orchestrator.data.sources import resolve
 
-    data, init_from = tree.get("data") or {}, tree.get("init_from") or {}
-    for section, key in ((data, "train"), (data, "val"), (data.get("curriculum") or {}, "checkpoint"), (init_from, "checkpoint")):
-        if isinstance(section.get(key), str):
-            section[key] = resolve(section[key])
-    extra = data.get("extra_val")
+    for dotted in LOCAL_FILE_FIELDS:
+        *sections, key = dotted.split(".")
+        node = tree
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            node[key] = resolve(node[key])
+    extra = (tree.get("data") or {}).get("extra_val")
     if isinstance(extra, dict):
-        data["extra_val"] = {name: resolve(path) if isinstance(path, str) else path for name, path in extra.items()}
+        tree["data"]["extra_val"] = {name: resolve(path) if isinstance(path, str) else path for name, path in extra.items()}
     return tree
 
 

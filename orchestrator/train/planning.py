@@ -141,7 +141,7 @@ def check_resume_fits(spec: JobSpec, model=None) -> None:
             saved, written_with = mapped_payload(directory), yaml.safe_load((directory / CONFIG_FILE).read_text())
         except Exception:  # unreadable or damaged: resume verifies it and falls back to an older one
             continue
-        resumes = f"run.name {spec.run.name} resumes from {directory}"
+        resuming_from = f"run.name {spec.run.name} resumes from {directory}"
         if model is None:
             import torch
 
@@ -156,7 +156,7 @@ def check_resume_fits(spec: JobSpec, model=None) -> None:
                            "or a new run.name")
         before = ((written_with or {}).get("optimizer") or {}).get("name")
         if before and STATE_KIND.get(before) != STATE_KIND.get(spec.optimizer.name):  # fails at the first step
-            raise BadInput(f"optimizer.name: {spec.optimizer.name}, but {resumes}, written with {before}, whose "
+            raise BadInput(f"optimizer.name: {spec.optimizer.name}, but {resuming_from}, written with {before}, whose "
                            f"state does not load into {spec.optimizer.name}; use {before}, or a new run.name")
         from orchestrator.train.optim import parameter_groups
         from orchestrator.train.warm_start import freeze
@@ -168,7 +168,7 @@ def check_resume_fits(spec: JobSpec, model=None) -> None:
         theirs = [len(g["params"]) for g in saved["optimizer"]["param_groups"]]
         if ours != theirs:
             raise BadInput(f"regularization.exclude_norm_and_bias: this job groups the optimizer's parameters as "
-                           f"{ours}, but {resumes}, whose groups are {theirs} (that, init_from.freeze or "
+                           f"{ours}, but {resuming_from}, whose groups are {theirs} (that, init_from.freeze or "
                            "init_from.lr_multipliers changed?); put it back, or a new run.name")
         return
 

@@ -26,6 +26,7 @@ BAD_SWEEPS = {
     "quniform_two_args.yaml": "quniform: expected 3 numbers",
     "missing_base.yaml": "no-such-job.yaml: no such file",
     "invalid_base_override.yaml": "optimizer.lr: Input should be greater than 0",
+    "value_out_of_range.yaml": "search.optimizer.lr.uniform: -1.0 is not a valid optimizer.lr: Input should be greater than 0",
 }
 
 
