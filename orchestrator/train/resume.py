@@ -107,10 +107,13 @@ def latest_checkpoint(spec, storage: dict | None = None, in_process: bool = Fals
     group), else the newest stored in the run directory as rank 0 lists it (a run in process,
     train/in_process.py, or a worker group after one)."""
     latest = None if in_process else ray.train.get_checkpoint()
-    if latest is not None:
-        return latest
     newest = newest_checkpoint(spec, storage) if rank() == 0 else None
     path = broadcast_object(newest.path if newest is not None else None)
+    # Ray Train knows only the checkpoints its own runs reported: after a 1-worker run in process stored a newer
+    # one, a worker group resumed from Ray's older one and trained an epoch twice (found by trying it). The names
+    # are Ray Train's timestamps, so the later name is the newer checkpoint.
+    if latest is not None and (path is None or Path(latest.path).name >= Path(path).name):
+        return latest
     return stored_checkpoint(path, spec, storage) if path else None
 
 

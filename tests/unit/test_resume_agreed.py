@@ -72,3 +72,23 @@ def test_every_rank_resumes_from_rank_0s_choice_with_identical_state(tmp_path):
     assert r0["fingerprints"] == r1["fingerprints"] == [expected[0], expected[0]]
     assert torch.equal(r0["exp_avg"], r1["exp_avg"]) and r0["copied"] == []
     assert any("falling back to an older one" in w for w in r0["warnings"])
+
+
+def test_a_worker_group_resumes_from_the_newest_checkpoint_even_one_that_ray_train_did_not_report(tmp_path, monkeypatch):
+    """A 1-worker run in process stores its checkpoints itself; Ray Train's own record of the run still names the
+    older one its worker group reported. Resuming from Ray's trained an epoch twice."""
+    import ray.train
+
+    from orchestrator.spec import parse_spec
+    from orchestrator.train.resume import latest_checkpoint
+
+    spec = parse_spec({"model": {"kind": "mlp"}, "data": {"train": "t", "val": "v", "shape": [4], "num_classes": 2},
+                       "run": {"name": "r", "storage_path": str(tmp_path)}})
+    older, newer = (tmp_path / "r" / f"checkpoint_2026-11-24_08-0{m}-00.000000" for m in (1, 2))
+    older.mkdir(parents=True)
+    reported = ray.train.Checkpoint(str(older))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: reported)  # a fake of Ray Train's record, nothing else
+    assert latest_checkpoint(spec) is reported  # the newest there is: Ray Train's own
+    newer.mkdir()  # then a run in process stored a newer one
+    assert latest_checkpoint(spec).path == str(newer)
+    assert latest_checkpoint(spec, in_process=True).path == str(newer)
