@@ -103,9 +103,9 @@ def restore_agreed(candidates: list[Path], comps, warn: Callable[[str], None], k
 
 
 def latest_checkpoint(spec, storage: dict | None = None, in_process: bool = False):
-    """This run's latest checkpoint, the same on every rank (a collective), or None: Ray Train's (a worker
-    group), else the newest stored in the run directory as rank 0 lists it (a run in process,
-    train/in_process.py, or a worker group after one)."""
+    """This run's latest checkpoint, the same on every rank (a collective), or None: the newer of Ray Train's
+    own (a worker group) and the newest stored in the run directory as rank 0 lists it (a run in process,
+    train/in_process.py, stores its checkpoints there itself)."""
     latest = None if in_process else ray.train.get_checkpoint()
     newest = newest_checkpoint(spec, storage) if rank() == 0 else None
     path = broadcast_object(newest.path if newest is not None else None)
