@@ -193,7 +193,7 @@ def cmd_check(args, console: Console) -> int:
 
 
 def cmd_spec(args, console: Console) -> int:
-    from orchestrator.spec import field_reference
+    from orchestrator.spec_text import field_reference
 
     print(spec_reference_markdown(field_reference()))
     return 0

@@ -387,17 +387,3 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     """Read a job YAML, apply overrides, validate. Raises BadInput with one line."""
     tree = apply_overrides(read_yaml(path), list(overrides))
     return parse_spec(tree, str(path))
-
-
-def field_reference(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted field, default, description) for every leaf field: the spec reference."""
-    rows = []
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            rows.append((prefix + name, "", field.description or ""))
-            rows.extend(field_reference(annotation, prefix + name + "."))
-        else:
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            rows.append((prefix + name, default, field.description or ""))
-    return rows

@@ -141,3 +141,21 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(tree, dict):
         raise BadInput(f"{path}: expected a mapping of sections at the top level")
     return tree
+
+
+def field_reference(model: type[BaseModel] | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted field, default, description) for every leaf field of `model` (the job spec): the spec reference."""
+    if model is None:
+        from orchestrator.spec import JobSpec  # spec.py imports this module
+
+        model = JobSpec
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.append((prefix + name, "", field.description or ""))
+            rows.extend(field_reference(annotation, prefix + name + "."))
+        else:
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            rows.append((prefix + name, default, field.description or ""))
+    return rows

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,9 +157,6 @@ def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[Trial
     from orchestrator.sweep.stopping import DivergenceStopper
     from orchestrator.ray_session import ensure_ray
 
-    # Trials stay in the user's working directory (Tune propagates this to its trial actors): by default Tune
-    # moves each into its own log directory, where the job's relative data paths and modules are not found.
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     ensure_ray(base_tree.get("scaling", {}).get("address"))
     exp_dir = experiment_dir(sweep)
     path, fs = tune_storage(exp_dir)

@@ -145,6 +145,13 @@ def model_mismatch(ours: dict, saved: dict) -> str | None:
     return None
 
 
+def resume_mismatch(where, mismatch: str, run_name: str | None = None) -> str:
+    """The one line for a run whose model does not fit the checkpoint it resumes from (driver and workers)."""
+    resuming = f" (run.name {run_name} resumes from it)" if run_name else ""
+    return (f"{where}: the job's model does not fit this run's checkpoint{resuming}: {mismatch}; "
+            "use the model it was written with, or a new run.name")
+
+
 def _why_keys_differ(key: str, in_checkpoint: bool) -> str:
     """A transformer's QK-layernorm (on by default since model.qk_norm: auto) is the likely reason a key is on
     one side only, and one setting mends it; anything else is a different model."""

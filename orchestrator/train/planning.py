@@ -134,7 +134,8 @@ def check_resume_fits(spec: JobSpec, model=None) -> None:
         return
     import yaml
 
-    from orchestrator.train.checkpointing import CONFIG_FILE, list_checkpoints, mapped_payload, model_mismatch
+    from orchestrator.train.checkpointing import (CONFIG_FILE, list_checkpoints, mapped_payload, model_mismatch,
+                                                  resume_mismatch)
 
     for directory in reversed(list_checkpoints(Path(spec.run.storage_path) / spec.run.name)):
         try:
@@ -151,9 +152,7 @@ def check_resume_fits(spec: JobSpec, model=None) -> None:
                 model = build_model(spec.model, spec.data)
         mismatch = model_mismatch(model.state_dict(), saved["model"])
         if mismatch:
-            raise BadInput(f"{directory}: the job's model does not fit this run's checkpoint (run.name "
-                           f"{spec.run.name} resumes from it): {mismatch}; use the model it was written with, "
-                           "or a new run.name")
+            raise BadInput(resume_mismatch(directory, mismatch, spec.run.name))
         before = ((written_with or {}).get("optimizer") or {}).get("name")
         if before and STATE_KIND.get(before) != STATE_KIND.get(spec.optimizer.name):  # fails at the first step
             raise BadInput(f"optimizer.name: {spec.optimizer.name}, but {resuming_from}, written with {before}, whose "

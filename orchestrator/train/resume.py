@@ -26,7 +26,7 @@ from orchestrator.storage import remote_checkpoints
 from orchestrator.stability.distributed import all_gather_objects, broadcast_module_state, broadcast_object, rank
 from orchestrator.train.in_process import newest_checkpoint, stored_checkpoint
 from orchestrator.train.checkpointing import (CorruptCheckpoint, apply_payload, list_checkpoints, model_mismatch,
-                                              read_payload, state_fingerprint, verify_checkpoint)
+                                              read_payload, resume_mismatch, state_fingerprint, verify_checkpoint)
 
 
 @dataclass
@@ -91,8 +91,7 @@ def restore_agreed(candidates: list[Path], comps, warn: Callable[[str], None], k
             warn(f"checkpoint {p}; that rank took rank 0's copy")
     mismatch = model_mismatch(unwrap(comps.state.model).state_dict(), payload["model"])
     if mismatch:  # the same payload on every rank, so every rank stops with this line (torch's own is pages long)
-        raise ValueError(f"{candidates[index] if rank() == 0 else name}: the job's model does not fit this run's "
-                         f"checkpoint: {mismatch}; use the model it was written with, or a new run.name")
+        raise ValueError(resume_mismatch(candidates[index] if rank() == 0 else name, mismatch))
     epoch = payload["epoch"]
     replay = sum(steps_per_epoch[:epoch + 1]) if keep_hyperparameters and steps_per_epoch else None
     apply_payload(payload, comps, keep_hyperparameters, replay)

@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 from orchestrator.cli import spec_reference_markdown
-from orchestrator.spec import field_reference
+from orchestrator.spec_text import field_reference
 from tests.helpers import ROOT
 
 

@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from orchestrator.errors import BadInput
-from orchestrator.spec import JobSpec, apply_overrides, field_reference, load_spec, parse_spec
+from orchestrator.spec import JobSpec, apply_overrides, load_spec, parse_spec
+from orchestrator.spec_text import field_reference
 from tests.helpers import ROOT
 
 MINIMAL = {"data": {"train": "t", "val": "v", "shape": [1, 8, 8], "num_classes": 10}, "run": {"name": "x"}}
