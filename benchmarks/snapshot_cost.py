@@ -9,7 +9,12 @@ small batch on the CPU. Variants interleave round by round; medians and ranges. 
 this machine three times over (weights, moments, snapshots): that row is extrapolated from the measured
 copy rate and says so.
 
+On a GPU (`--device cuda`) the model and its state live on the device, the step runs under bf16 autocast
+on `--batch` rows, and a snapshot is a device-to-host copy into pinned memory (on a side stream in the
+background mode). The pageable copy (`.to("cpu")` per tensor, what the CPU path does) is timed beside it.
+
     python -m benchmarks.snapshot_cost [--sizes 10e6,100e6] [--rounds 3] [--every 25]
+    python -m benchmarks.snapshot_cost --device cuda --sizes 100e6,1000e6 --batch 8192
 """
 
 from __future__ import annotations
@@ -28,15 +33,27 @@ from orchestrator.train.schedules import Schedule
 WIDTH = 2048
 
 
-def synthetic(params: float) -> tuple[StepState, torch.Tensor]:
+def synthetic(params: float, device: torch.device = torch.device("cpu"), batch: int = 8) -> tuple[StepState, torch.Tensor]:
     layers = max(1, round(params / (WIDTH * WIDTH + WIDTH)))
-    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(layers)])
+    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(layers)]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randn(8, WIDTH)
+    x = torch.randn(batch, WIDTH, device=device)
     model(x).square().mean().backward()
     opt.step()  # the moments exist
     schedule = Schedule(torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0), None)
-    return StepState(model=model, optimizer=opt, device=torch.device("cpu"), schedule=schedule), x
+    return StepState(model=model, optimizer=opt, device=device, schedule=schedule), x
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pageable_copy(state: StepState) -> dict:
+    """The copy before pinned memory: `.to("cpu")` tensor by tensor, each one a blocking transfer."""
+    return {"model": {k: v.to("cpu") for k, v in state.model.state_dict().items()},
+            "optimizer": {i: {k: v.to("cpu") if torch.is_tensor(v) else v for k, v in st.items()}
+                          for i, st in state.optimizer.state_dict()["state"].items()}}
 
 
 def tensor_bytes(obj) -> int:
@@ -54,15 +71,18 @@ def steps(state: StepState, x: torch.Tensor, n: int, every: int, mode: str) -> f
     ring = SnapshotRing(3)
     for i in range(3 if mode != "none" else 0):  # a full ring: the steady state of a run
         ring.add(-i, state)
+    sync(state.device)
     start = time.perf_counter()
     for step in range(n):
         state.optimizer.zero_grad(set_to_none=True)
-        state.model(x).square().mean().backward()
+        with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=state.device.type == "cuda"):
+            state.model(x).float().square().mean().backward()
         ring.wait()  # before_step: a background copy must be done before the update
         state.optimizer.step()
         if mode != "none" and (step + 1) % every == 0:  # after_step
             ring.add(step + 1, state, background=mode == "background")
     ring.wait()
+    sync(state.device)
     return (time.perf_counter() - start) / n
 
 
@@ -71,13 +91,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--sizes", default="10e6,100e6")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--every", type=int, default=25)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8, help="rows per step")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     torch.manual_seed(0)
     results, rows = {}, []
     for size in (float(s) for s in args.sizes.split(",")):
-        state, x = synthetic(size)
+        state, x = synthetic(size, device, args.batch)
         params = sum(p.numel() for p in state.model.parameters())
-        copy_s, recycled_s, per_step = [], [], {m: [] for m in ("none", "blocking", "background")}
+        copy_s, recycled_s, pageable_s, per_step = [], [], [], {m: [] for m in ("none", "blocking", "background")}
         previous = capture(state)
         snapshot_bytes = tensor_bytes(previous)  # what one snapshot holds in host memory
         for _ in range(args.rounds):
@@ -88,11 +111,16 @@ def main(argv=None) -> dict:
             start = time.perf_counter()
             capture(state, into=previous)
             recycled_s.append(time.perf_counter() - start)
+            if device.type == "cuda":
+                start = time.perf_counter()
+                pageable_copy(state)  # dropped at once: only its time is wanted
+                pageable_s.append(time.perf_counter() - start)
             for mode in per_step:
                 per_step[mode].append(steps(state, x, 2 * args.every, args.every, mode))
         overhead = {m: [t / base - 1 for t, base in zip(per_step[m], per_step["none"])] for m in ("blocking", "background")}
         results[f"{params / 1e6:.0f}M"] = {"params": params, "snapshot_s": copy_s, "recycled_snapshot_s": recycled_s,
-                                           "snapshot_bytes": snapshot_bytes, "step_s": per_step, "overhead": overhead}
+                                           "snapshot_bytes": snapshot_bytes, "step_s": per_step, "overhead": overhead,
+                                           "pageable_snapshot_s": pageable_s}
         rows.append([f"{params / 1e6:.0f}M", f"{median(copy_s):.2f} ({min(copy_s):.2f}-{max(copy_s):.2f})",
                      f"{median(recycled_s):.3f} ({min(recycled_s):.3f}-{max(recycled_s):.3f})",
                      f"{snapshot_bytes / 1e9:.2f}", f"{median(per_step['none']):.3f}",
@@ -103,11 +131,15 @@ def main(argv=None) -> dict:
     recycled_rate = largest["params"] / median(largest["recycled_snapshot_s"])
     rows.append(["1000M (extrapolated)", f"{1e9 / rate:.1f}", f"{1e9 / recycled_rate:.2f}",
                  f"{largest['snapshot_bytes'] * 1e9 / largest['params'] / 1e9:.1f}", "-", "-", "-"])
-    print(f"rollback snapshot cost, every {args.every} steps, {args.rounds} rounds ({machine()})\n")
+    print(f"rollback snapshot cost on {device.type}, batch {args.batch}, every {args.every} steps, {args.rounds} rounds "
+          f"({machine()})\n")
+    for key, r in results.items():
+        if r["pageable_snapshot_s"]:
+            print(f"{key}: pageable copy (.to('cpu') per tensor) {median(r['pageable_snapshot_s']):.3f} s")
     print(table(["params", "one snapshot s, fresh memory (range)", "one snapshot s, recycled memory (range)", "snapshot GB",
                  "step s", "blocking: per-step overhead",
                  "background: per-step overhead"], rows))
-    result = {"every": args.every, "rounds": args.rounds, "sizes": results, "extrapolated_1b_snapshot_s": 1e9 / rate,
+    result = {"device": device.type, "batch": args.batch, "every": args.every, "rounds": args.rounds, "sizes": results, "extrapolated_1b_snapshot_s": 1e9 / rate,
               "extrapolated_1b_recycled_snapshot_s": 1e9 / recycled_rate}
     print(f"\nwrote {save('snapshot_cost', result)}")
     return result

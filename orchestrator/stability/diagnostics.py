@@ -35,8 +35,13 @@ def loss_oscillation(losses: list[float]) -> float:
 
 def dead_fraction(activation_out: torch.Tensor) -> float:
     """Fraction of channels (dim 1) whose output is <= 0 for every sample and position in the batch."""
+    return dead_fraction_tensor(activation_out).item()
+
+
+def dead_fraction_tensor(activation_out: torch.Tensor) -> torch.Tensor:
+    """The same, left on the device: a sampled step reads all layers' values in one transfer."""
     dims = [0] + list(range(2, activation_out.dim()))
-    return (activation_out <= 0).all(dim=dims).float().mean().item()
+    return (activation_out <= 0).all(dim=dims).float().mean()
 
 
 class Diagnostics:
@@ -51,6 +56,7 @@ class Diagnostics:
         self.first_trouble = None
         self.sampling = False
         self.before: list[torch.Tensor] = []
+        self.pending_dead: dict[str, torch.Tensor] = {}  # this sampled step's dead fractions, still on the device
         for name, module in unwrap(model).named_modules():
             if isinstance(module, RELU_FAMILY):
                 module.register_forward_hook(self._hook(name))
@@ -58,7 +64,7 @@ class Diagnostics:
     def _hook(self, name):
         def hook(module, inputs, output):
             if self.sampling:  # a flag check on other steps: no cost
-                self.layers.setdefault(name, {})["dead_fraction"] = dead_fraction(output.detach())
+                self.pending_dead[name] = dead_fraction_tensor(output.detach())
         return hook
 
     def on_batch(self, state, batch):
@@ -87,13 +93,20 @@ class Diagnostics:
 
     def after_step(self, state) -> None:
         self.losses.append(state.global_loss)
+        # A sampled step's per-layer values are read in one device-to-host transfer: one `.item()` per layer
+        # was 40 host syncs for a ResNet-18 on a GPU (measured with torch.cuda.set_sync_debug_mode).
+        values: dict[tuple[str, str], torch.Tensor] = {(name, "dead_fraction"): v for name, v in self.pending_dead.items()}
+        self.pending_dead = {}
         if self.sampling and self.before and not state.skip:
             params = [p.detach() for p in unwrap(state.model).parameters() if p.requires_grad]
             for name, old, new in zip(self.names, self.before, params):
                 if old.dim() < 2:  # a bias or norm scale starts at 0 or 1, so |dw|/|w| of a zero bias is huge and
                     continue       # means nothing (a healthy run's report said 4.7e9); the rule of thumb is for weights
-                ratio = (torch.linalg.vector_norm(new - old) / torch.linalg.vector_norm(old).clamp_min(1e-12)).item()
-                self.layers.setdefault(name, {})["update_ratio"] = ratio
+                values[name, "update_ratio"] = (torch.linalg.vector_norm(new - old)
+                                                / torch.linalg.vector_norm(old).clamp_min(1e-12))
+        if values:
+            for (name, key), value in zip(values, torch.stack([v.float() for v in values.values()]).tolist()):
+                self.layers.setdefault(name, {})[key] = value
         self.before = []
         fired = [e for e in state.events if e["step"] == state.step and e["trigger"] != "fault"]
         if fired and self.first_trouble is None:

@@ -181,7 +181,7 @@ class SpikeGuard:
             self.just_restored = True
             if self.restored_spikes == 0:
                 self.lr_factor_before = self.lr_factor
-            state.buffers_before = []  # the snapshot brought its own BN statistics: keep those
+            state.buffers_before = None  # the snapshot brought its own BN statistics: keep those
             self.skip_batches = self.spec.rollback_skip_batches
             self.counts[mk.ROLLBACKS] += 1
             event.update(rollback_to=to_step, skip_batches=self.skip_batches,

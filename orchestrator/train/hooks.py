@@ -74,7 +74,7 @@ class StepState:
     post_clip_norm: Optional[torch.Tensor] = None
     stop_reason: Optional[StopReason] = None  # set -> the run stops after this epoch's report
     events: list[dict] = field(default_factory=list)  # guard events (step, trigger, value, action)
-    buffers_before: list = field(default_factory=list)  # float buffers (BN running stats) before this step's forward
+    buffers_before: Optional[torch.Tensor] = None  # float buffers (BN running stats) before this step's forward, flat
 
     def begin_step(self) -> None:
         self.loss = self.grad_norm = self.param_grad_norms = self.post_clip_norm = None
@@ -123,7 +123,7 @@ class Safeguards:
         """The before_step hooks, then: a step any guard skipped leaves no trace in the BN running
         statistics its forward wrote (a rollback empties `buffers_before`: it restored older ones)."""
         self.call("before_step", state)
-        if state.skip and state.buffers_before:
+        if state.skip and state.buffers_before is not None:
             restore_buffers(state.model, state.buffers_before)
 
     def find(self, kind: type) -> Any:

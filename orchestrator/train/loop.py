@@ -51,8 +51,9 @@ def agree_step(st, losses: torch.Tensor) -> None:
     bad = (~torch.isfinite(st.loss)) | (~torch.isfinite(norm))
     outlier = st.batch_outlier.to(st.device) if st.batch_outlier is not None else zero
     rest_sum, rest_n = without_worst(losses)
-    counts = torch.tensor([float(n), float(rest_n)], device=st.device)
-    stats = torch.stack([st.loss.float() * n, counts[0], bad.float(), norm.float(), outlier.float(), rest_sum.float(), counts[1]])
+    # the counts are filled on the device: torch.tensor([...], device=cuda) is a host-to-device copy, a second sync
+    count = lambda c: torch.full((), float(c), device=st.device)
+    stats = torch.stack([st.loss.float() * n, count(n), bad.float(), norm.float(), outlier.float(), rest_sum.float(), count(rest_n)])
     loss_sum, count, nonfinite, norm_sum, outliers, rest_sum, rest_count = all_reduce_(stats).tolist()
     st.global_loss, st.global_nonfinite, st.grad_norm_value = loss_sum / count, nonfinite, norm_sum / world_size()
     st.global_outlier = outliers

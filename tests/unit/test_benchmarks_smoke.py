@@ -31,9 +31,21 @@ def test_gpu_path_code_runs_on_cpu(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     from benchmarks import gpu_path
 
-    result = gpu_path.main(["--device", "cpu", "--steps", "2", "--batch", "4", "--channels", "[4,8]"])
-    assert {r["amp"] for r in result["runs"]} == {"none", "bf16"} and all(r["samples_per_s"] > 0 for r in result["runs"])
+    result = gpu_path.main(["--device", "cpu", "--steps", "2", "--rounds", "1", "--batch", "4", "--channels", "[4,8]",
+                            "--models", "main"])
+    assert {r["amp"] for r in result["runs"]} == {"none", "bf16"}
+    assert all(r["keel_samples_per_s"][0] > 0 and r["plain_samples_per_s"][0] > 0 for r in result["runs"])
     assert result["batchnorm_on_this_device"] == "KeelSyncBatchNorm"
+
+
+def test_gpu_guards_code_runs_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEEL_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    from benchmarks import gpu_guards
+
+    result = gpu_guards.main(["--device", "cpu", "--model", "main", "--amp", "none", "--batch", "4", "--steps", "2",
+                              "--rounds", "1"])
+    assert set(result["step_s"]) == {*gpu_guards.VARIANTS, "plain"} and result["profile_defaults"]["top_self_cpu"]
 
 
 def test_overhead_ratios_are_per_round_medians_and_a_wide_spread_is_not_a_result():

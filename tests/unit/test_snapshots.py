@@ -71,3 +71,19 @@ def test_a_full_ring_writes_the_new_snapshot_into_the_dropped_ones_memory_and_ke
         assert all(torch.equal(a, b) for a, b in zip(optimizer_tensors(newest["optimizer"]), optimizer_tensors(third["optimizer"])))
         kept = ring.ring[0][1]
         assert all(torch.equal(kept["model"][k], v) for k, v in second["model"].items())   # the other one untouched
+
+
+def test_buffers_of_several_sizes_come_back_each_to_its_own_layer():
+    from orchestrator.stability.snapshots import restore_buffers, snapshot_buffers
+
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Linear(5, 2), nn.BatchNorm1d(2))
+    model.train()
+    model(torch.randn(16, 3))  # statistics that differ per layer and per channel
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    saved = snapshot_buffers(model)
+    model(torch.randn(16, 3) * 1e4)  # the forward of a step that will be skipped
+    assert not torch.equal(model[3].running_var, before["3.running_var"])
+    restore_buffers(model, saved)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items() if "running" in k)
+    assert snapshot_buffers(nn.Linear(2, 2)) is None  # no float buffers: nothing to keep
+    restore_buffers(nn.Linear(2, 2), None)

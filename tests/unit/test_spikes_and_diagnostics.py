@@ -304,3 +304,33 @@ def test_the_largest_update_ratio_is_a_weights_not_a_zero_bias_whose_ratio_means
     worst = diag.report([], {})["largest_update_ratio"]
     expected = ((model.weight.detach() - before).norm() / before.norm()).item()
     assert worst["layer"] == "weight" and worst["update_ratio"] == pytest.approx(expected), worst
+
+
+def test_a_sampled_step_records_each_relu_layers_dead_fraction_and_each_weights_update_ratio():
+    """The per-layer values of a sampled step are read from the device together, after the update."""
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0], [-1.0, -1.0]]))
+        model[0].bias.zero_()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    diag = Diagnostics(model, every=2)
+    st = StepState(model=model, optimizer=optimizer, device=torch.device("cpu"))
+    for step in (0, 1):  # step 0 is sampled, step 1 is not
+        st.step, st.global_loss = step, 1.0
+        st.begin_step()
+        diag.on_batch(st, {})
+        model(torch.tensor([[1.0, 2.0], [3.0, 1.0]])).sum().backward()  # positive inputs: units 2 and 3 never fire
+        st.param_grad_norms = [p.grad.norm() for p in model.parameters()]
+        diag.after_backward(st)
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.step()
+        diag.after_step(st)
+        optimizer.zero_grad()
+        if step == 0:
+            expected = [((p.detach() - b).norm() / b.norm()).item() for p, b in zip(model.parameters(), before)]
+            recorded = {name: dict(values) for name, values in diag.layers.items()}
+    assert recorded["1"]["dead_fraction"] == 0.5
+    assert recorded["0.weight"]["update_ratio"] == pytest.approx(expected[0])
+    assert recorded["2.weight"]["update_ratio"] == pytest.approx(expected[2])
+    assert "update_ratio" not in recorded["0.bias"]  # a bias's ratio means nothing
+    assert diag.layers == recorded  # the unsampled step changed nothing
