@@ -23,6 +23,14 @@ def test_every_job_and_sweep_in_jobs_folder_loads():
             assert isinstance(load_spec(path), JobSpec)
 
 
+def test_every_shipped_job_writes_its_data_on_first_use():
+    """A fresh clone runs any job in jobs/ as it stands: the missing Parquet is generated, not an exit 2."""
+    from orchestrator.sweep.spec import is_sweep_file
+
+    jobs = [p for p in sorted((ROOT / "jobs").glob("*.yaml")) if not is_sweep_file(p)]
+    assert [p.name for p in jobs if load_spec(p).data.generate is None] == []
+
+
 def test_overrides_are_parsed_as_yaml_values(tmp_path):
     path = tmp_path / "j.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))
