@@ -170,7 +170,7 @@ def check_snapshots(device: torch.device, params: float = 50e6) -> dict:
                 and all(torch.equal(s[k], t[k]) for s, t in zip(a["optimizer"], b["optimizer"]) for k in s))
 
     out = {}
-    for background in (False, True):
+    for mode, background in {"blocking": False, "background": True}.items():
         torch.manual_seed(0)
         state, x = synthetic(params, device, 512)
         update(state, x)
@@ -190,9 +190,8 @@ def check_snapshots(device: torch.device, params: float = 50e6) -> dict:
         held = same(host_state_of(snap), reference)
         moved = not same(host_state(state), reference)
         restore(state, snap)
-        out["background" if background else "blocking"] = {
-            "snapshot_equals_state_at_capture": held, "state_moved_after": moved,
-            "restore_equals_state_at_capture": same(host_state(state), reference)}
+        out[mode] = {"snapshot_equals_state_at_capture": held, "state_moved_after": moved,
+                     "restore_equals_state_at_capture": same(host_state(state), reference)}
     return out
 
 

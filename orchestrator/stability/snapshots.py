@@ -97,27 +97,14 @@ def capture_in_background(state, into: Optional[dict] = None) -> tuple[dict, thr
     step's forward and backward run: they read the parameters but change neither them nor the optimizer
     state, which only the next optimizer step does, so the caller joins the thread before that. Buffers
     (BN running statistics, written by the forward), the schedule and the scaler are small and copied now.
-    On a GPU the thread's copies run on a side stream, on the copy engine beside the compute kernels, starting
-    once the last update that the main stream queued has been made (an event marks it)."""
+    CPU state; device state: `capture_on_gpu`."""
     live, old = state.training_state(), into or {}
     old_model = old.get("model") or {}
     params = {name for name, _ in unwrap(state.model).named_parameters()}
     snap = {"model": {k: (v if k in params else _copy_into(old_model.get(k), v)) for k, v in live["model"].items()},
             "schedule": _to_cpu(live["schedule"]), "scaler": _to_cpu(live["scaler"]), "optimizer": live["optimizer"]}
-    device = _cuda_device(state)
-    updated = torch.cuda.current_stream(device).record_event() if device is not None else None
 
     def copy_large() -> None:
-        if device is not None:
-            side = torch.cuda.Stream(device)
-            side.wait_event(updated)  # the small copies above are queued before this event too
-            with torch.cuda.stream(side):
-                _copy_large()
-            side.synchronize()
-        else:
-            _copy_large()
-
-    def _copy_large() -> None:
         snap["model"] = {k: _copy_into(old_model.get(k), v) if k in params else v for k, v in snap["model"].items()}
         snap["optimizer"] = _copy_into(old.get("optimizer"), snap["optimizer"])
 
@@ -126,32 +113,65 @@ def capture_in_background(state, into: Optional[dict] = None) -> tuple[dict, thr
     return snap, thread
 
 
+def capture_on_gpu(state, into: Optional[dict] = None) -> tuple[dict, torch.cuda.Event]:
+    """A snapshot of device state that the host never waits for: a side stream copies it into pinned host
+    memory, beside the next step's forward and backward, once the last queued update has run. The next update
+    waits for that copy on the device (`SnapshotRing.wait`), not on the host. Returns (snapshot, the copy's
+    completion event)."""
+    device = _cuda_device(state)
+    live = state.training_state()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))  # after the last queued update
+    with torch.cuda.stream(side):
+        snap = _copy_into(into, live)
+    return snap, side.record_event()
+
+
 class SnapshotRing:
     def __init__(self, size: int = 3):
         self.ring: deque[tuple[int, dict]] = deque(maxlen=size)
         self.pending: Optional[threading.Thread] = None
+        self.copied: Optional[torch.cuda.Event] = None  # a device snapshot's copy to the host, when it completes
+        self.gate_update = False  # that copy still reads the live state: the next update must wait for it
+        self.device: Optional[torch.device] = None
 
     def add(self, step: int, state, background: bool = False) -> None:
         """Keep the state as of `step`. background=True: the large copy overlaps the next step's compute;
-        `wait()` (called by `pick` and before the next optimizer step) finishes it."""
-        self.wait()
+        `wait()` (called before the next optimizer step) lets that update go ahead safely, and `pick` finishes it."""
+        self.finish()
         # a full ring drops its oldest snapshot now, and the new one is written into that one's memory
         recycled = self.ring.popleft()[1] if len(self.ring) == self.ring.maxlen else None
-        if background:
+        self.device = _cuda_device(state)
+        if background and self.device is not None:
+            snap, self.copied = capture_on_gpu(state, recycled)
+            self.gate_update = True
+        elif background:
             snap, self.pending = capture_in_background(state, into=recycled)
         else:
             snap = capture(state, into=recycled)
         self.ring.append((step, snap))
 
     def wait(self) -> None:
+        """Before an optimizer step: a copy that still reads the live state holds the update back (a CPU
+        thread is joined; on a GPU the device waits for the copy's event, the host goes on)."""
         if self.pending is not None:
             self.pending.join()
             self.pending = None
+        if self.copied is not None and self.gate_update:
+            torch.cuda.current_stream(self.device).wait_event(self.copied)
+            self.gate_update = False
+
+    def finish(self) -> None:
+        """Every snapshot in the ring is complete in host memory (before one is read or overwritten)."""
+        self.wait()
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.copied = None
 
     def pick(self, before_step: int, min_age: int) -> Optional[tuple[int, dict]]:
         """The newest snapshot at least `min_age` steps before `before_step` (else the oldest);
         newer ones are dropped: they may already hold the start of the instability."""
-        self.wait()
+        self.finish()
         if not self.ring:
             return None
         chosen = next((item for item in reversed(self.ring) if before_step - item[0] >= min_age), self.ring[0])
