@@ -46,14 +46,20 @@ def agree_step(st, losses: torch.Tensor) -> None:
     """ONE all-reduce per step of [loss*n, n, non-finite?, grad norm, BN outlier?, the loss without each rank's
     worst sample (sum, count)]: the losses every rank reports and the skip decision every rank takes.
     `losses`: this rank's per-sample losses (detached). `.tolist()` is the step's host sync."""
-    zero, n = torch.zeros((), device=st.device), losses.numel()
+    def on_device(value) -> torch.Tensor:
+        """A number (or a CPU scalar tensor) as a scalar on the device, filled by a kernel: `torch.tensor(...,
+        device=cuda)` and `.to(cuda)` copy from pageable host memory, and each such copy syncs the host."""
+        if isinstance(value, torch.Tensor) and (value.device.type != "cpu" or st.device.type == "cpu"):
+            return value  # already where the all-reduce runs (cuda vs cuda:0 compare unequal: types are compared)
+        return torch.full((), float(value), device=st.device)  # float() of a CPU tensor reads host memory only
+
+    zero, n = on_device(0.0), losses.numel()
     norm = st.grad_norm if st.grad_norm is not None else zero
     bad = (~torch.isfinite(st.loss)) | (~torch.isfinite(norm))
-    outlier = st.batch_outlier.to(st.device) if st.batch_outlier is not None else zero
+    outlier = on_device(st.batch_outlier) if st.batch_outlier is not None else zero  # from a CPU batch: a CPU tensor
     rest_sum, rest_n = without_worst(losses)
-    # the counts are filled on the device: torch.tensor([...], device=cuda) is a host-to-device copy, a second sync
-    count = lambda c: torch.full((), float(c), device=st.device)
-    stats = torch.stack([st.loss.float() * n, count(n), bad.float(), norm.float(), outlier.float(), rest_sum.float(), count(rest_n)])
+    stats = torch.stack([st.loss.float() * n, on_device(n), bad.float(), norm.float(), outlier.float(), rest_sum.float(),
+                         on_device(rest_n)])
     loss_sum, count, nonfinite, norm_sum, outliers, rest_sum, rest_count = all_reduce_(stats).tolist()
     st.global_loss, st.global_nonfinite, st.grad_norm_value = loss_sum / count, nonfinite, norm_sum / world_size()
     st.global_outlier = outliers
