@@ -33,7 +33,7 @@ VARIANTS = {
 def keel_stepper(model: str, amp: str, batch: int, device: torch.device, overrides: list[str]):
     spec = job(model, amp, batch, device, overrides)
     comps = build_components(spec, steps_per_epoch=100_000, device=device)
-    return (lambda b: train_step(comps, b, spec)), spec
+    return lambda b: train_step(comps, b, spec)
 
 
 def profile(step, batches, device: torch.device, steps: int = 10) -> dict:
@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     batch = args.batch or MODELS[args.model][1]
-    steppers = {name: keel_stepper(args.model, args.amp, batch, device, o)[0] for name, o in VARIANTS.items()}
+    steppers = {name: keel_stepper(args.model, args.amp, batch, device, o) for name, o in VARIANTS.items()}
     spec = job(args.model, args.amp, batch, device)
     steppers["plain"] = PlainStep(spec, device, {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp])
     batches = make_batches(spec, batch, device)

@@ -150,7 +150,8 @@ def fp16_norm_check(device: torch.device, batch: int) -> dict:
 
 def check_snapshots(device: torch.device, params: float = 50e6) -> dict:
     """Rollback snapshots of device state are the state as of the capture, though taken right after an
-    update was queued (not yet run) and copied while the next forward and backward run; a restore puts it back.
+    update was queued (not yet run) and copied while the next forward and backward run (which also write the
+    BN running statistics); a restore puts it back.
     The same updates run twice from one seed: once read synchronously (the reference), once snapshotted."""
     from benchmarks.snapshot_cost import synthetic
     from orchestrator.stability.snapshots import SnapshotRing, restore
@@ -172,12 +173,12 @@ def check_snapshots(device: torch.device, params: float = 50e6) -> dict:
     out = {}
     for mode, background in {"blocking": False, "background": True}.items():
         torch.manual_seed(0)
-        state, x = synthetic(params, device, 512)
+        state, x = synthetic(params, device, 512, batch_norm=True)
         update(state, x)
         sync(device)
         reference = host_state(state)  # after two updates
         torch.manual_seed(0)
-        state, x = synthetic(params, device, 512)
+        state, x = synthetic(params, device, 512, batch_norm=True)
         ring = SnapshotRing(3)
         update(state, x)  # queued, still running on the device when the snapshot is asked for
         ring.add(1, state, background=background)

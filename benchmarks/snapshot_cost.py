@@ -33,9 +33,11 @@ from orchestrator.train.schedules import Schedule
 WIDTH = 2048
 
 
-def synthetic(params: float, device: torch.device = torch.device("cpu"), batch: int = 8) -> tuple[StepState, torch.Tensor]:
+def synthetic(params: float, device: torch.device = torch.device("cpu"), batch: int = 8,
+              batch_norm: bool = False) -> tuple[StepState, torch.Tensor]:
     layers = max(1, round(params / (WIDTH * WIDTH + WIDTH)))
-    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(layers)]).to(device)
+    blocks = [[nn.Linear(WIDTH, WIDTH)] + ([nn.BatchNorm1d(WIDTH)] if batch_norm else []) for _ in range(layers)]
+    model = nn.Sequential(*[m for block in blocks for m in block]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.randn(batch, WIDTH, device=device)
     model(x).square().mean().backward()

@@ -114,17 +114,22 @@ def capture_in_background(state, into: Optional[dict] = None) -> tuple[dict, thr
 
 
 def capture_on_gpu(state, into: Optional[dict] = None) -> tuple[dict, torch.cuda.Event]:
-    """A snapshot of device state that the host never waits for: a side stream copies it into pinned host
-    memory, beside the next step's forward and backward, once the last queued update has run. The next update
-    waits for that copy on the device (`SnapshotRing.wait`), not on the host. Returns (snapshot, the copy's
-    completion event)."""
-    device = _cuda_device(state)
-    live = state.training_state()
+    """A snapshot of device state that the host never waits for: a side stream copies the parameters and the
+    optimizer state into pinned host memory, beside the next step's forward and backward, once the last queued
+    update has run; the next update waits for that copy on the device (`SnapshotRing.wait`), not on the host.
+    Buffers (BN running statistics) are written by that very forward, so they are copied on the main stream,
+    ordered before it. Returns (snapshot, the copy's completion event)."""
+    device, main = _cuda_device(state), torch.cuda.current_stream(_cuda_device(state))
+    live, old = state.training_state(), into or {}
+    old_model = old.get("model") or {}
+    params = {name for name, _ in unwrap(state.model).named_parameters()}
+    buffers = {k: _copy_into(old_model.get(k), v) for k, v in live["model"].items() if k not in params}
     side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))  # after the last queued update
+    side.wait_stream(main)  # after the last queued update and the buffers' copies: its event covers both
     with torch.cuda.stream(side):
-        snap = _copy_into(into, live)
-    return snap, side.record_event()
+        weights = {k: _copy_into(old_model.get(k), v) for k, v in live["model"].items() if k in params}
+        rest = {k: _copy_into(old.get(k), live[k]) for k in live if k != "model"}
+    return {"model": {k: weights[k] if k in params else buffers[k] for k in live["model"]}, **rest}, side.record_event()
 
 
 class SnapshotRing:
