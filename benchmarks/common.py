@@ -21,6 +21,14 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
 
 
+def sync(device) -> None:
+    """Wait for a CUDA device's queued work (timings end here); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def interleaved(variants: dict[str, Callable[[], None]], rounds: int, per_round: int) -> dict[str, list[float]]:
     """Per-call seconds of each variant, alternating A B A B ... so machine noise hits all alike."""
     times: dict[str, list[float]] = {name: [] for name in variants}

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from benchmarks.common import machine, median, save, table
-from benchmarks.gpu_path import MODELS, PlainStep, job, make_batches, sync, warmup_steps
+from benchmarks.common import machine, median, save, sync, table
+from benchmarks.gpu_path import MODELS, PlainStep, job, make_batches, warmup_steps
 from orchestrator.train.components import build_components
 from orchestrator.train.loop import train_step
 

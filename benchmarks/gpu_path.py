@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, median, save, table
+from benchmarks.common import machine, median, save, sync, table
 from orchestrator.data.preprocess import FEATURES, LABEL
 from orchestrator.spec import load_spec
 from orchestrator.train.components import build_components
@@ -103,10 +103,6 @@ def forward_flops(model: torch.nn.Module, spec, device: torch.device) -> int:
         model(x)
     return counter.get_total_flops()
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(model: str, amp: str, device: torch.device, steps: int, rounds: int, batch: int) -> dict:

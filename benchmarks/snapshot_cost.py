@@ -25,7 +25,7 @@ import time
 import torch
 from torch import nn
 
-from benchmarks.common import machine, median, save, table
+from benchmarks.common import machine, median, save, sync, table
 from orchestrator.stability.snapshots import SnapshotRing, capture
 from orchestrator.train.hooks import StepState
 from orchestrator.train.schedules import Schedule
@@ -45,10 +45,6 @@ def synthetic(params: float, device: torch.device = torch.device("cpu"), batch: 
     schedule = Schedule(torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0), None)
     return StepState(model=model, optimizer=opt, device=device, schedule=schedule), x
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def pageable_copy(state: StepState) -> dict:
