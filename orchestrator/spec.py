@@ -133,8 +133,9 @@ class ScheduleSpec(Section):
     kind: Literal["constant", "step", "exponential", "cosine", "cyclic", "one_cycle", "plateau"] = doc(
         "cosine", "LR schedule after warmup.")
     warmup_epochs: Union[float, Literal["auto"]] = doc(
-        "auto", "Linear warmup from warmup_start_factor x lr to lr, in epochs (may be fractional); auto: 1 epoch for a "
-        "transformer (at its tuned LR it learned its task in 4 of 4 runs with one, 1 of 3 without), 0 otherwise.")
+        "auto", "Linear warmup from warmup_start_factor x lr to lr, in epochs (may be fractional); auto: a quarter of "
+        "run.epochs for a transformer (at 3x its tuned LR, 6 seeds: 0.978 mean accuracy vs 0.895 with 1 epoch; at its "
+        "tuned LR 1.000 either way), 0 otherwise (1 epoch cost a 4-epoch LSTM 30 points).")
     warmup_start_factor: float = doc(0.1, "LR at the start of warmup, as a fraction of lr.", gt=0, le=1)
     step_epochs: int = doc(10, "step: multiply the LR by gamma every this many epochs.", ge=1)
     gamma: float = doc(0.1, "step/exponential: LR factor per step_epochs (step) or per epoch (exponential).", gt=0, le=1)
@@ -349,7 +350,8 @@ class JobSpec(Section):
             if value and len(self.data.shape) != 3:
                 raise ValueError(f"data.augment.{name}: needs image data (data.shape [C, H, W]), got {self.data.shape}")
         if self.schedule.warmup_epochs == "auto":  # resolved here, so every reader (and config.yaml) sees a number
-            self.schedule.warmup_epochs = 1.0 if self.model.kind == "transformer" and self.schedule.kind != "one_cycle" else 0.0
+            transformer = self.model.kind == "transformer" and self.schedule.kind != "one_cycle"
+            self.schedule.warmup_epochs = self.run.epochs / 4 if transformer else 0.0
         if self.schedule.kind == "one_cycle" and self.schedule.warmup > 0:
             raise ValueError("schedule.warmup_epochs: one_cycle has its own warmup; set it to 0")
         for i, fault in enumerate(self.faults):

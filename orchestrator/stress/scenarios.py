@@ -4,7 +4,7 @@ Every scenario is run twice, the same model and data under two profiles:
 - plain: what a hand-written loop does: no clipping, NaN steps applied, no spike guard, per-worker
   ("stock") batch norm, no warmup, torch's default init, no QK-layernorm (torch's nn.TransformerEncoderLayer has none);
 - keel: the spec's defaults and nothing else (clip.mode auto, the agreed non-finite skip, spike
-  rollback, synchronized BN, init auto, QK-layernorm and 1 warmup epoch for a transformer).
+  rollback, synchronized BN, init auto, QK-layernorm and a warmup of a quarter of the run for a transformer).
 Each workload also gets a tuned reference run (keel profile, no fault; the same model and data), the
 bar for "converged".
 """
@@ -67,8 +67,8 @@ LONG_SEQUENCE = 100
 
 def transformer_job(data_dir: Path, epochs: int) -> dict:
     """jobs/sequence-transformer.yaml's model, task (does the first token come back?) and tuned Adam LR 1e-3.
-    No warmup is written: the reference (keel profile) gets Keel's default, 1 epoch for a transformer, as the
-    shipped job has; the plain profile gets none."""
+    No warmup is written: the reference (keel profile) gets Keel's default, a quarter of the run for a transformer
+    (the shipped job writes 1 epoch); the plain profile gets none."""
     return {"model": {"kind": "transformer", "width": 64, "layers": 2, "heads": 4, "dropout": 0.0},
             "data": {"train": str(data_dir / "train.parquet"), "val": str(data_dir / "val.parquet"), "features": "tokens",
                      "shape": [12, 16], "num_classes": 2, "batch_size": 64},
