@@ -45,6 +45,29 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def median_ci(xs: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median: the order statistics x_(k) and x_(n+1-k), with k
+    the largest rank whose two-sided binomial(n, 1/2) tail stays within 1 - level. None when n is too small
+    for the level (n < 6 at 95%). No assumption about the noise's shape, which on a shared machine is skewed."""
+    import math
+
+    ordered, n = sorted(xs), len(xs)
+    tail, k = 0.0, 0
+    while k < n:  # P(fewer than k+1 of n samples below the median) stays <= (1 - level) / 2
+        tail += math.comb(n, k) / 2 ** n
+        if tail > (1 - level) / 2:
+            break
+        k += 1
+    return None if k == 0 else (ordered[k - 1], ordered[n - k])
+
+
+def verdict(interval: tuple[float, float] | None, target: float) -> str:
+    """Whether a ratio's interval settles `ratio <= target`: met, missed or not resolved by the noise."""
+    if interval is None:
+        return "too few rounds for an interval"
+    return "met" if interval[1] <= target else "missed" if interval[0] > target else "not resolved"
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
