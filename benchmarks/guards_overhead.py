@@ -69,7 +69,8 @@ def measure(job: str, rounds: int, steps: int, rank: int) -> dict[str, list[floa
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--job", default="jobs/digits-resnet.yaml")
-    parser.add_argument("--steps", type=int, default=20, help="steps per round")
+    parser.add_argument("--steps", type=int, default=50, help="steps per round: a multiple of the snapshot (25) and "
+                        "diagnostics (50) periods, so every round holds the same periodic work (20 made rounds differ)")
     parser.add_argument("--rounds", type=int, default=31)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
