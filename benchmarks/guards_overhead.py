@@ -5,9 +5,9 @@ both), and rounds alternate on/off in lockstep on both ranks, so machine noise h
 'on': the defaults: clip.mode auto, non-finite guard, spike detection with rollback snapshots,
 diagnostics. 'off': clipping none, spike detection off, diagnostics off (the non-finite guard stays:
 it is the spine's one all-reduce). Target: median on/off <= 1.03, decided by a 95% interval for the median
-of the per-round ratios (order statistics, no assumption about the noise): met when its top is <= 1.03. A third variant, the defaults with
-per-worker BN (`stability.sync_batchnorm: false`), prices synchronized BN: two all-reduces per BN layer per
-training step (statistics forward, gradient sums backward).
+of the per-round ratios (order statistics, no assumption about the noise): met when its top is <= 1.03.
+A third variant, the defaults with per-worker BN (`stability.sync_batchnorm: false`), prices synchronized
+BN: two all-reduces per BN layer per training step (statistics forward, gradient sums backward).
 
     python -m benchmarks.guards_overhead [--steps N] [--rounds R] [--job jobs/digits-resnet.yaml]
 """
