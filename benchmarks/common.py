@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -49,8 +50,6 @@ def median_ci(xs: list[float], level: float = 0.95) -> tuple[float, float] | Non
     """A distribution-free confidence interval for the median: the order statistics x_(k) and x_(n+1-k), with k
     the largest rank whose two-sided binomial(n, 1/2) tail stays within 1 - level. None when n is too small
     for the level (n < 6 at 95%). No assumption about the noise's shape, which on a shared machine is skewed."""
-    import math
-
     ordered, n = sorted(xs), len(xs)
     tail, k = 0.0, 0
     while k < n:  # P(fewer than k+1 of n samples below the median) stays <= (1 - level) / 2

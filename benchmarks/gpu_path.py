@@ -104,7 +104,6 @@ def forward_flops(model: torch.nn.Module, spec, device: torch.device) -> int:
     return counter.get_total_flops()
 
 
-
 def measure(model: str, amp: str, device: torch.device, steps: int, rounds: int, batch: int) -> dict:
     """Samples/s of Keel's step and the plain step, alternating round by round."""
     spec = job(model, amp, batch, device)  # Keel's defaults: every guard, rollback snapshots every 25 steps

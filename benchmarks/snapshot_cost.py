@@ -46,7 +46,6 @@ def synthetic(params: float, device: torch.device = torch.device("cpu"), batch: 
     return StepState(model=model, optimizer=opt, device=device, schedule=schedule), x
 
 
-
 def pageable_copy(state: StepState) -> dict:
     """The copy before pinned memory: `.to("cpu")` tensor by tensor, each one a blocking transfer."""
     return {"model": {k: v.to("cpu") for k, v in state.model.state_dict().items()},

@@ -119,7 +119,8 @@ def capture_on_gpu(state, into: Optional[dict] = None) -> tuple[dict, torch.cuda
     update has run; the next update waits for that copy on the device (`SnapshotRing.wait`), not on the host.
     Buffers (BN running statistics) are written by that very forward, so they are copied on the main stream,
     ordered before it. Returns (snapshot, the copy's completion event)."""
-    device, main = _cuda_device(state), torch.cuda.current_stream(_cuda_device(state))
+    device = _cuda_device(state)
+    main = torch.cuda.current_stream(device)
     live, old = state.training_state(), into or {}
     old_model = old.get("model") or {}
     params = {name for name, _ in unwrap(state.model).named_parameters()}
