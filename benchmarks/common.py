@@ -30,15 +30,25 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(variants: dict[str, Callable[[], None]], rounds: int, per_round: int) -> dict[str, list[float]]:
-    """Per-call seconds of each variant, alternating A B A B ... so machine noise hits all alike."""
+def interleaved(variants: dict[str, Callable[[], None]], rounds: int, per_round: int,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Per-call seconds of each variant, interleaved so machine noise hits all alike. The order rotates every
+    round (A B C, B C A, C A B, ...), so no variant always follows the same one: with a fixed order, the median
+    round of benchmarks.guards_overhead had guards on / off at 0.965, the extra work of the guards (first in
+    every round) measuring as a 3.5% saving, a position effect that rotating the order averages out.
+    `cpu`, when given, also receives each round's per-call CPU seconds of this process (all its threads):
+    the work a variant does, without the time the process waited to be scheduled on a shared machine."""
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            start = time.perf_counter()
+    names = list(variants)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = variants[name]
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(per_round):
                 fn()
             times[name].append((time.perf_counter() - start) / per_round)
+            if cpu is not None:
+                cpu.setdefault(name, []).append((time.process_time() - start_cpu) / per_round)
     return times
 
 

@@ -1,8 +1,9 @@
 """The interval the benchmarks decide targets by: a distribution-free 95% interval for the median."""
 
 import random
+import time
 
-from benchmarks.common import median_ci, verdict
+from benchmarks.common import interleaved, median_ci, verdict
 
 
 def test_the_interval_is_the_textbook_pair_of_order_statistics():
@@ -26,3 +27,23 @@ def test_a_target_is_met_only_when_the_whole_interval_is_below_it():
     assert verdict((1.04, 1.10), 1.03) == "missed"
     assert verdict((1.00, 1.05), 1.03) == "not resolved"
     assert verdict(None, 1.03) == "too few rounds for an interval"
+
+
+def test_interleaved_also_records_cpu_time_which_leaves_out_waiting():
+    def busy():
+        end = time.perf_counter() + 0.01
+        while time.perf_counter() < end:
+            pass
+
+    cpu: dict = {}
+    wall = interleaved({"busy": busy, "sleep": lambda: time.sleep(0.01)}, rounds=3, per_round=2, cpu=cpu)
+    assert [len(wall[k]) for k in ("busy", "sleep")] == [3, 3] and [len(cpu[k]) for k in ("busy", "sleep")] == [3, 3]
+    assert all(w >= 0.01 for w in wall["sleep"])               # a sleep takes its wall time ...
+    assert all(c < 0.5 * w for c, w in zip(cpu["sleep"], wall["sleep"]))  # ... and almost no CPU time
+    assert sum(cpu["busy"]) > sum(cpu["sleep"])
+
+
+def test_interleaved_rotates_the_order_every_round_so_no_variant_always_runs_first():
+    order: list[str] = []
+    interleaved({name: (lambda name=name: order.append(name)) for name in "ABC"}, rounds=4, per_round=2)
+    assert "".join(order) == "AABBCC" "BBCCAA" "CCAABB" "AABBCC"

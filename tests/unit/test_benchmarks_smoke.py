@@ -13,6 +13,7 @@ def test_guards_overhead_runs(tmp_path, monkeypatch):
     result = guards_overhead.main(["--steps", "2", "--rounds", "2"])
     assert result["ratio_on_off"] > 0 and result["ratio_sync_bn"] > 0 and result["median_step_s"]["per_worker_bn"] > 0
     assert result["median_ratio_ci95"] is None and result["verdict"] == "too few rounds for an interval"  # 2 rounds decide nothing
+    assert result["cpu_time"]["per_round_ratio_min_max"][0] > 0 and result["cpu_time"]["median_ratio_ci95"] is None
     assert json.loads((tmp_path / "guards_overhead.json").read_text())["median_step_s"]["guards_on"] > 0
 
 
