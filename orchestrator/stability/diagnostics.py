@@ -17,6 +17,7 @@ from torch import nn
 
 from orchestrator import metric_keys as mk
 from orchestrator.models import unwrap
+from orchestrator.stability.collapse import CollapseWatch, describe, first_collapse
 
 RELU_FAMILY = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU)
 
@@ -45,8 +46,11 @@ def dead_fraction_tensor(activation_out: torch.Tensor) -> torch.Tensor:
 
 
 class Diagnostics:
-    def __init__(self, model: nn.Module, every: int = 50, window: int = 100):
+    def __init__(self, model: nn.Module, every: int = 50, window: int = 100, chance_loss: float | None = None):
         self.every = every
+        self.collapse = None  # (training loss, validation loss) watches; None: this loss has no chance level
+        if chance_loss:
+            self.collapse = (CollapseWatch(chance_loss), CollapseWatch(chance_loss, window=1, warmup=0, signal="validation loss"))
         self.names = [n for n, p in unwrap(model).named_parameters() if p.requires_grad]
         self.ema = None
         self.last_norms = None
@@ -93,6 +97,8 @@ class Diagnostics:
 
     def after_step(self, state) -> None:
         self.losses.append(state.global_loss)
+        if self.collapse is not None:
+            self.collapse[0].observe(state.step, state.epoch, state.global_loss)
         # A sampled step's per-layer values are read in one device-to-host transfer: one `.item()` per layer
         # was 40 host syncs for a ResNet-18 on a GPU (measured with torch.cuda.set_sync_debug_mode).
         values: dict[tuple[str, str], torch.Tensor] = {(name, "dead_fraction"): v for name, v in self.pending_dead.items()}
@@ -119,11 +125,16 @@ class Diagnostics:
             self.first_trouble = {"step": state.step, "epoch": state.epoch, "trigger": fired[0]["trigger"],
                                   "action": fired[0]["action"], "layer": layer, "grad_norm_vs_usual": value}
 
+    def on_epoch_end(self, state, metrics: dict) -> None:
+        if self.collapse is not None:
+            self.collapse[1].observe(state.step, state.epoch, metrics[mk.VAL_LOSS])
+
     def state_dict(self) -> dict:
         """What the report needs from before a resume: where trouble started, each tensor's usual norm, the
         sampled norms and losses, the last per-layer sample (plain numbers, a few hundred kB at most)."""
         return {"first_trouble": self.first_trouble, "ema": None if self.ema is None else self.ema.tolist(),
-                "losses": list(self.losses), "history": list(self.history), "layers": self.layers}
+                "losses": list(self.losses), "history": list(self.history), "layers": self.layers,
+                "collapse": [w.state_dict() for w in self.collapse] if self.collapse is not None else None}
 
     def load_state_dict(self, sd: dict) -> None:
         self.first_trouble = sd.get("first_trouble")
@@ -131,6 +142,9 @@ class Diagnostics:
         self.losses.extend(sd.get("losses", []))
         self.history.extend(sd.get("history", []))
         self.layers.update(sd.get("layers", {}))
+        if self.collapse is not None and sd.get("collapse"):
+            for watch, saved in zip(self.collapse, sd["collapse"]):
+                watch.load_state_dict(saved)
 
     def report(self, events: list[dict], counters: dict) -> dict:
         worst = max(self.layers.items(), key=lambda kv: kv[1].get("update_ratio", 0.0), default=(None, {}))
@@ -139,6 +153,7 @@ class Diagnostics:
                   "loss_oscillation": loss_oscillation(list(self.losses)), "loss_window": len(self.losses),
                   "largest_update_ratio": {"layer": worst[0], **worst[1]} if worst[0] else None,
                   "dead_units": dead, "layers": self.layers,
+                  "collapse": first_collapse(*self.collapse) if self.collapse is not None else None,
                   "grad_norm_history": {"names": self.names, "samples": list(self.history)}}
         report["summary"] = summarize(report)
         return report
@@ -162,6 +177,8 @@ def summarize(report: dict) -> str:
     dead = [f"{k} {v:.0%}" for k, v in report["dead_units"].items() if v >= 0.25]
     if dead:
         lines.append("Mostly dead ReLU-family units: " + ", ".join(dead) + ".")
+    if report.get("collapse"):
+        lines.append(describe(report["collapse"]))
     osc = report["loss_oscillation"]
     if isinstance(osc, float) and math.isfinite(osc):
         lines.append(f"Loss oscillation over the last {report['loss_window']} steps: {osc:.2f} (0 = smooth).")

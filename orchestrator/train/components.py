@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,12 @@ def classifier_params(model: torch.nn.Module) -> set[int]:
     return {id(p) for p in linears[-1].parameters()} if linears else set()
 
 
+def chance_loss(spec: JobSpec) -> float | None:
+    """The training loss of a uniform prediction, for the report's collapse watch: ln(classes) under cross-entropy
+    (label smoothing and soft targets included); None for the losses that have no such level."""
+    return math.log(spec.data.num_classes) if spec.loss.kind == "cross_entropy" and spec.data.num_classes >= 2 else None
+
+
 def build_safeguards(spec: JobSpec, model: torch.nn.Module) -> Safeguards:
     """The safeguards in hook order: faults first (they simulate the world), then measurement,
     then the guards that decide, then the ones that only watch."""
@@ -68,7 +75,7 @@ def build_safeguards(spec: JobSpec, model: torch.nn.Module) -> Safeguards:
         guards.append(BadBatches(Path(spec.run.storage_path) / spec.run.name if local else None))
     guards.append(GradClipper(stab.clip, classifier_params(model), model))
     if stab.diagnostics.enabled:
-        guards.append(Diagnostics(model, stab.diagnostics.every))
+        guards.append(Diagnostics(model, stab.diagnostics.every, chance_loss=chance_loss(spec)))
     if stab.nonfinite.enabled:
         guards.append(NonFiniteGuard(stab.nonfinite.max_consecutive_skips, stab.nonfinite.max_batch_scale_ratio))
     if stab.spike.enabled:
