@@ -34,6 +34,7 @@ ROLLBACKS = "rollbacks"
 LR_REDUCTIONS = "lr_reductions"
 BATCHES_SKIPPED = "batches_skipped"
 REBASELINES = "rebaselines"
+COLLAPSE_ROLLBACKS = "collapse_rollbacks"  # stability.collapse.action rollback
 SPIKE_COUNTERS = (SPIKES, ROLLBACKS, LR_REDUCTIONS, BATCHES_SKIPPED, REBASELINES)  # the spike guard's
 COUNTERS = (SKIPPED_STEPS, *SPIKE_COUNTERS)
 

@@ -229,6 +229,17 @@ class EarlyStoppingSpec(Section):
     check_finite: bool = doc(True, "Stop at once (diverged) if the metric is NaN or Inf.")
 
 
+class CollapseSpec(Section):
+    action: Literal["report", "rollback"] = doc(
+        "rollback", "A validation loss back at a uniform guess (ln classes, at most 1.1x it) after the model had "
+        "learned, judged at each epoch's end: roll back to the best epoch's weights and optimizer state and cut the LR "
+        "for the rest of the run (long_lstm seed 1: 0.55 -> 0.87, see benchmarks/RESULTS.md), or only report it "
+        "(the stability report's collapse names it either way). Only cross_entropy has a chance level: other losses "
+        "are not watched, and rollback is refused for them.")
+    lr_factor: float = doc(0.5, "rollback: LR multiplier applied for good at each collapse rollback.", gt=0, le=1)
+    max_rollbacks: int = doc(2, "rollback: collapse rollbacks allowed in a run; later collapses are only reported.", ge=1)
+
+
 class StabilitySpec(Section):
     clip: ClipSpec = doc(ClipSpec(), "Synchronized gradient clipping (after DDP's all-reduce and AMP unscale).")
     sync_batchnorm: bool = doc(True, "Batch norm statistics over the global batch (torch's SyncBatchNorm on CUDA, Keel's on CPU).")
@@ -236,6 +247,7 @@ class StabilitySpec(Section):
     early_stopping: EarlyStoppingSpec = doc(EarlyStoppingSpec(), "Early stopping agreed across ranks.")
     spike: SpikeSpec = doc(SpikeSpec(), "Spike detection and recovery, agreed across ranks.")
     diagnostics: DiagnosticsSpec = doc(DiagnosticsSpec(), "Per-layer diagnostics and the stability report.")
+    collapse: CollapseSpec = doc(CollapseSpec(), "What to do when the loss goes back to chance level after learning.")
     remember_bad_batches: bool = doc(True, "Remember the batches a guard rejected (epoch, index), write them to bad_batches.json in the run directory and drop them again after a resume.")
 
 
@@ -352,6 +364,10 @@ class JobSpec(Section):
         if self.schedule.warmup_epochs == "auto":  # resolved here, so every reader (and config.yaml) sees a number
             transformer = self.model.kind == "transformer" and self.schedule.kind != "one_cycle"
             self.schedule.warmup_epochs = self.run.epochs / 4 if transformer else 0.0
+        asked = "action" in self.stability.collapse.model_fields_set  # the default is simply not applied
+        if asked and self.stability.collapse.action == "rollback" and self.loss.kind != "cross_entropy":
+            raise ValueError(f"stability.collapse.action: rollback needs loss.kind cross_entropy (got {self.loss.kind}: "
+                             "no chance level to compare with)")
         if self.schedule.kind == "one_cycle" and self.schedule.warmup > 0:
             raise ValueError("schedule.warmup_epochs: one_cycle has its own warmup; set it to 0")
         for i, fault in enumerate(self.faults):

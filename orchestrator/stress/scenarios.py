@@ -1,7 +1,7 @@
 """The stress scenarios: each is a job (a spec tree) that breaks a plain training loop in a known way.
 
 Every scenario is run twice, the same model and data under two profiles:
-- plain: what a hand-written loop does: no clipping, NaN steps applied, no spike guard, per-worker
+- plain: what a hand-written loop does: no clipping, NaN steps applied, no spike guard, no collapse rollback, per-worker
   ("stock") batch norm, no warmup, torch's default init, no QK-layernorm (torch's nn.TransformerEncoderLayer has none);
 - keel: the spec's defaults and nothing else (clip.mode auto, the agreed non-finite skip, spike
   rollback, synchronized BN, init auto, QK-layernorm and a warmup of a quarter of the run for a transformer).
@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 PLAIN = {"stability": {"clip": {"mode": "none"}, "nonfinite": {"enabled": False}, "spike": {"enabled": False},
-                       "sync_batchnorm": False, "diagnostics": {"enabled": False}},
+                       "sync_batchnorm": False, "diagnostics": {"enabled": False}, "collapse": {"action": "report"}},
          "schedule": {"warmup_epochs": 0}, "model": {"init": "default", "zero_init_residual": False, "qk_norm": False}}
 KEEL: dict = {}  # the spec's defaults, nothing else
 

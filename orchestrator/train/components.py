@@ -16,6 +16,7 @@ from orchestrator.spec import JobSpec
 from orchestrator.storage import is_remote
 from orchestrator.stability.bad_batches import BadBatches
 from orchestrator.stability.clipping import GradClipper
+from orchestrator.stability.collapse import CollapseRecovery
 from orchestrator.stability.diagnostics import Diagnostics
 from orchestrator.stability.distributed import rank, world_size
 from orchestrator.stability.early_stopping import EarlyStopping
@@ -80,6 +81,8 @@ def build_safeguards(spec: JobSpec, model: torch.nn.Module) -> Safeguards:
         guards.append(NonFiniteGuard(stab.nonfinite.max_consecutive_skips, stab.nonfinite.max_batch_scale_ratio))
     if stab.spike.enabled:
         guards.append(SpikeGuard(stab.spike, clipped=stab.clip.mode != "none"))
+    if stab.collapse.action == "rollback" and chance_loss(spec) is not None:  # the default; other losses: no level
+        guards.append(CollapseRecovery(chance_loss(spec), stab.collapse))
     guards.append(ReplicaCheck())
     es = stab.early_stopping
     if es.enabled:

@@ -108,3 +108,75 @@ def test_the_long_lstm_collapse_is_caught_by_its_validation_loss_though_its_trai
     found = diag.report([], {})["collapse"]
     assert found["signal"] == "validation loss" and found["epoch"] == 1 and found["best_loss"] == 0.5587 and found["lasted"]
     assert "The validation loss went back to chance level or above (0.68; a uniform guess scores 0.69) after epoch 2" in diag.report([], {})["summary"]
+
+
+def recovery_run(val_losses: list[float], max_rollbacks: int = 2):
+    """One weight per epoch: epoch e ends with the weight at e; the recovery sees each epoch's validation loss."""
+    from orchestrator.spec import CollapseSpec
+    from orchestrator.stability.collapse import CollapseRecovery
+
+    model = nn.Linear(1, 1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    st = StepState(model=model, optimizer=optimizer, device=torch.device("cpu"))
+    guard = CollapseRecovery(LN2, CollapseSpec(action="rollback", max_rollbacks=max_rollbacks))
+    weights = []
+    for epoch, val in enumerate(val_losses):
+        with torch.no_grad():
+            model.weight.fill_(float(epoch))
+        optimizer.param_groups[0]["lr"] = 0.1 / (epoch + 1)  # the schedule's LR at this epoch's end
+        st.epoch, st.step = epoch, 25 * (epoch + 1)
+        guard.on_epoch_end(st, {"val_loss": val})
+        weights.append(model.weight.item())
+    return guard, st, weights, optimizer
+
+
+def test_a_collapsed_validation_loss_brings_back_the_best_epochs_weights_and_cuts_the_lr_for_good():
+    guard, st, weights, optimizer = recovery_run(LONG_LSTM_SEED1_VAL)
+    # epochs 2 and 3 (0.68, 0.70 against the best 0.56) each put epoch 1's weights back; epoch 4 is past the budget
+    assert weights == [0.0, 0.0, 0.0, 3.0]
+    assert optimizer.param_groups[0]["lr"] == 0.1 / 4  # the schedule's LR is left as the schedule set it
+    st.begin_step()
+    guard.before_step(st)
+    assert st.lr_scale == 0.25 and guard.rollbacks == 2  # halved at each rollback, for good
+    assert [e["rollback_to_epoch"] for e in st.events if e["trigger"] == "collapse"] == [0, 0]
+    metrics: dict = {}
+    guard.on_report(metrics)
+    assert metrics == {"collapse_rollbacks": 2}
+
+
+def test_no_rollback_for_a_loss_that_rose_a_little_and_none_beyond_the_budget():
+    _, _, weights, _ = recovery_run([0.56, 0.60, 0.62])
+    assert weights == [0.0, 1.0, 2.0]
+    guard, _, weights, _ = recovery_run([0.56, 0.69, 0.69, 0.69], max_rollbacks=1)
+    assert guard.rollbacks == 1 and weights == [0.0, 0.0, 2.0, 3.0]
+
+
+def test_a_rollback_needs_cross_entropy():
+    import pytest
+    from orchestrator.errors import BadInput
+
+    tree = {"model": {"kind": "mlp"}, "data": {"train": "t.parquet", "val": "v.parquet", "shape": [4], "num_classes": 2},
+            "run": {"name": "r"}, "loss": {"kind": "symmetric_ce"}, "stability": {"collapse": {"action": "rollback"}}}
+    with pytest.raises(BadInput, match="stability.collapse.action: rollback needs loss.kind cross_entropy"):
+        parse_spec(tree)
+
+
+def test_a_confidently_wrong_model_is_reported_but_not_rolled_back():
+    from orchestrator.stability.collapse import back_to_a_uniform_guess
+
+    assert back_to_a_uniform_guess(0.7043, best=0.5587, chance=LN2)              # long_lstm seed 1, epoch 3
+    assert not back_to_a_uniform_guess(5.123, best=0.5648, chance=math.log(10))  # data_shift: inputs inverted
+    assert collapsed(5.123, best=0.5648, chance=math.log(10))                    # ... which the report still names
+    _, _, weights, _ = recovery_run([0.56, 5.1, 0.3])
+    assert weights == [0.0, 1.0, 2.0]
+
+
+def test_by_default_a_loss_without_a_chance_level_gets_no_recovery_and_no_error():
+    from orchestrator.stability.collapse import CollapseRecovery
+    from orchestrator.train.components import build_safeguards
+
+    tree = {"model": {"kind": "mlp"}, "data": {"train": "t.parquet", "val": "v.parquet", "shape": [4], "num_classes": 2},
+            "run": {"name": "r"}}
+    model = nn.Linear(4, 2)
+    assert build_safeguards(parse_spec(tree), model).find(CollapseRecovery) is not None  # on by default
+    assert build_safeguards(parse_spec({**tree, "loss": {"kind": "huber"}}), model).find(CollapseRecovery) is None
