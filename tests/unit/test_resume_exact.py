@@ -70,7 +70,7 @@ def assert_same(a, b, where="state"):
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same(x, y, f"{where}[{i}]")
     elif isinstance(a, float):
-        assert abs(a - b) <= 1e-6 * max(1.0, abs(a)), f"{where}: {a} != {b}"
+        assert a == b or abs(a - b) <= 1e-6 * max(1.0, abs(a)), f"{where}: {a} != {b}"  # a == b: inf (no best yet)
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
