@@ -110,7 +110,7 @@ def test_the_long_lstm_collapse_is_caught_by_its_validation_loss_though_its_trai
     assert "The validation loss went back to chance level or above (0.68; a uniform guess scores 0.69) after epoch 2" in diag.report([], {})["summary"]
 
 
-def recovery_run(val_losses: list[float], max_rollbacks: int = 2):
+def recovery_run(val_losses: list[float], max_rollbacks: int = 2, chance: float = LN2):
     """One weight per epoch: epoch e ends with the weight at e; the recovery sees each epoch's validation loss."""
     from orchestrator.spec import CollapseSpec
     from orchestrator.stability.collapse import CollapseRecovery
@@ -118,7 +118,7 @@ def recovery_run(val_losses: list[float], max_rollbacks: int = 2):
     model = nn.Linear(1, 1, bias=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     st = StepState(model=model, optimizer=optimizer, device=torch.device("cpu"))
-    guard = CollapseRecovery(LN2, CollapseSpec(action="rollback", max_rollbacks=max_rollbacks))
+    guard = CollapseRecovery(chance, CollapseSpec(action="rollback", max_rollbacks=max_rollbacks))
     weights = []
     for epoch, val in enumerate(val_losses):
         with torch.no_grad():
@@ -181,3 +181,10 @@ def test_by_default_a_loss_without_a_chance_level_gets_no_recovery_and_no_error(
     model = nn.Linear(4, 2)
     assert build_safeguards(parse_spec(tree), model).find(CollapseRecovery) is not None  # on by default
     assert build_safeguards(parse_spec({**tree, "loss": {"kind": "huber"}}), model).find(CollapseRecovery) is None
+
+
+def test_a_loss_coming_down_through_chance_on_new_data_is_not_rolled_back():
+    # data_shift seed 1 (inputs inverted from epoch 3): its validation loss per epoch, chance ln 10 = 2.30
+    data_shift_seed1 = [1.485, 0.256, 6.201, 4.684, 2.451, 0.452, 0.132, 0.084]
+    guard, _, weights, _ = recovery_run(data_shift_seed1, chance=math.log(10))
+    assert guard.rollbacks == 0 and weights == [float(e) for e in range(8)]
