@@ -8,7 +8,8 @@ A jump from 0.48 to 0.74 against a loss that was still falling is no 6-sigma spi
 guard's 50-step warm-up. Before this watch its stability report said "No guard fired". That dip was three
 steps long, too short for a smoothed training loss to show, so both signals are watched: the training loss
 (a 20-step EMA) and the validation loss (once per epoch, already an average over the whole split).
-This watch only reports (the stability report's `collapse` and its summary); it changes nothing in training.
+`CollapseWatch` only reports (the stability report's `collapse` and its summary). `CollapseRecovery` acts on
+the validation loss (stability.collapse.action: rollback, the default): it puts back the best epoch's state.
 
 Chance level is the loss of a uniform prediction, ln(num_classes), for cross-entropy with or without label
 smoothing or soft (mixup) targets. Other losses have no such reference, and are not watched.
@@ -24,8 +25,6 @@ from orchestrator.stability.snapshots import capture, restore
 
 LEARNED = 0.85  # the smoothed loss reached at most this fraction of chance level: the model had learned something
 LOST = 0.9      # ... and has since given back at least this fraction of that progress
-
-
 AT_CHANCE = 1.1  # a rollback only for a loss at most this times chance level: a uniform guess, not a confident wrong one
 
 
