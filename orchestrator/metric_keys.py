@@ -36,7 +36,7 @@ BATCHES_SKIPPED = "batches_skipped"
 REBASELINES = "rebaselines"
 COLLAPSE_ROLLBACKS = "collapse_rollbacks"  # stability.collapse.action rollback
 SPIKE_COUNTERS = (SPIKES, ROLLBACKS, LR_REDUCTIONS, BATCHES_SKIPPED, REBASELINES)  # the spike guard's
-COUNTERS = (SKIPPED_STEPS, *SPIKE_COUNTERS)
+COUNTERS = (SKIPPED_STEPS, *SPIKE_COUNTERS, COLLAPSE_ROLLBACKS)  # the stability report's 'Fired:' line
 
 MONITORABLE = (VAL_LOSS, VAL_ACCURACY, TRAIN_LOSS)  # what early stopping may watch
 # The per-epoch scalars written to metrics.csv and TensorBoard (epoch/<key>)

@@ -91,8 +91,8 @@ def describe(finding: dict) -> str:
              f"{finding['chance_loss']:.2f}) {when}, having fallen to {finding['best_loss']:.2f} at step {finding['best_step']}")
     if finding["lasted"]:
         return where + (f", and stayed there ({finding['final_loss']:.2f} at the end): the model does no "
-                        "better than a uniform guess. No guard acts on this; too high a learning rate, or data that "
-                        "changed, are the usual causes.")
+                        "better than a uniform guess. Too high a learning rate, or data that changed, are the usual "
+                        "causes.")
     return where + f", then recovered (loss {finding['final_loss']:.2f} at the end)."
 
 
@@ -103,9 +103,10 @@ def first_collapse(*watches: CollapseWatch) -> Optional[dict]:
 
 
 class CollapseRecovery:
-    """stability.collapse.action: rollback. At an epoch's end whose validation loss is back to a uniform guess
-    (`back_to_a_uniform_guess`, against the best epoch so far), every rank puts back the model and optimizer state of that best epoch (a CPU
-    copy kept when it was best) and multiplies the LR by `lr_factor` for the rest of the run. The schedule runs
+    """stability.collapse.action: rollback. At an epoch's end whose validation loss rose back to a uniform guess
+    (`back_to_a_uniform_guess`, against the best epoch so far), every rank puts back the model and optimizer
+    state of that best epoch (a CPU copy kept when it was best) and multiplies the LR by `lr_factor` for the
+    rest of the run. The schedule runs
     on: the run's length does not change. The validation loss is all-reduced, so every rank takes the same
     decision with no extra communication. The copy lives in memory only: a resumed run keeps its LR cut and its
     count of rollbacks, and starts looking for its best epoch afresh."""

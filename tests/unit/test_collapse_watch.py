@@ -188,3 +188,15 @@ def test_a_loss_coming_down_through_chance_on_new_data_is_not_rolled_back():
     data_shift_seed1 = [1.485, 0.256, 6.201, 4.684, 2.451, 0.452, 0.132, 0.084]
     guard, _, weights, _ = recovery_run(data_shift_seed1, chance=math.log(10))
     assert guard.rollbacks == 0 and weights == [float(e) for e in range(8)]
+
+
+def test_a_collapse_rollback_is_counted_in_the_reports_fired_line():
+    from orchestrator import metric_keys as mk
+    from orchestrator.stability.diagnostics import summarize
+
+    guard, _, _, _ = recovery_run(LONG_LSTM_SEED1_VAL[:2])
+    metrics: dict = {}
+    guard.on_report(metrics)
+    counters = {k: metrics[k] for k in mk.COUNTERS if k in metrics}  # as the loop's stability_report reads them
+    report = Diagnostics(nn.Linear(1, 1), chance_loss=LN2).report([], counters)
+    assert "Fired: collapse rollbacks 1." in summarize(report)
