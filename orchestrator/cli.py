@@ -56,7 +56,7 @@ def cmd_run(args, console: Console) -> int:
 def cmd_sweep(args, console: Console) -> int:
     from rich.live import Live
 
-    from orchestrator.report.sweep_table import trial_table
+    from orchestrator.report.sweep_table import TrialLines, trial_table
     from orchestrator.spec import parse_spec
     from orchestrator.sweep.spec import load_sweep
     from orchestrator.train.planning import preflight
@@ -70,14 +70,14 @@ def cmd_sweep(args, console: Console) -> int:
     from orchestrator.sweep.driver import logger_callbacks, run_sweep
     logger_callbacks(sweep)  # a missing mlflow/wandb is bad input, found before the sweep starts
     live = Live(console=console, auto_refresh=False) if console.is_terminal and not args.quiet else None
+    lines = TrialLines(sweep.metric)
 
     def show(rows):
         if live is not None:
             live.update(trial_table(rows, sweep.metric, f"sweep {sweep.name}"), refresh=True)
         elif not args.quiet:
-            last = rows[-1]
-            console.print(f"{last.trial_id} {last.status} {sweep.metric}={last.metric} reports={last.iterations}"
-                          + (f" ({last.reason})" if last.reason else ""), highlight=False, soft_wrap=True)
+            for line in lines.new(rows):
+                console.print(line, highlight=False, soft_wrap=True)
 
     if live is not None:
         live.start()
@@ -245,7 +245,7 @@ def cmd_data_inspect(args, console: Console) -> int:
             inner = getattr(t, "value_type", t)
             return pa.types.is_floating(inner) or pa.types.is_integer(inner)
         features = [f.name for f in schema if f.name != args.label and numeric(f.type)]
-    scan = scan_split(args.path, "path", features, args.label)
+    scan = scan_split(args.path, "path", features, args.label, asked_by={**{c: "--features" for c in features}, args.label: "--label"})
     table = Table(title=args.path, show_header=False, title_justify="left")
     table.add_column("what", no_wrap=True)
     table.add_column("value", overflow="fold")

@@ -307,7 +307,8 @@ def first_error(source: str, exc: ValidationError) -> str:
         msg = "unknown key"
     elif err["type"] not in ("missing", "value_error") and "input" in err:
         msg = f"{msg} (got {err['input']!r})"
-    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    others = list(dict.fromkeys(".".join(str(part) for part in e["loc"]) or "(top level)" for e in exc.errors()[1:]))
+    more = f" (+{len(exc.errors()) - 1} more: {', '.join(others[:4])}{', ...' if len(others) > 4 else ''})" if others else ""
     return f"{source}: {loc + ': ' if loc else ''}{msg}{more}"
 
 

@@ -13,6 +13,7 @@ bucket through Ray Train.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -93,6 +94,11 @@ def upload_dir(local: Path, uri: str) -> None:
     pyarrow.fs.copy_files(str(local), path, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
 
 
+def discard_download(local: str | os.PathLike) -> None:
+    """Remove a copy made by download_run or a RemoteCheckpoint (with the temporary directory around it)."""
+    shutil.rmtree(Path(local).parent, ignore_errors=True)
+
+
 def download_run(uri: str, skip_checkpoints: bool = True, missing_ok: bool = False) -> Path:
     """A run directory on object storage, copied to a new local directory (reports, results, and the
     driver's mirror of a run that is resumed, so its metrics files grow instead of starting over)."""
@@ -134,6 +140,13 @@ class RemoteCheckpoint(os.PathLike):
                                   destination_filesystem=pyarrow.fs.LocalFileSystem())
             self._local = str(local)
         return self._local
+
+    def discard(self) -> None:
+        """Remove the downloaded copy, if any: a worker that fetched older checkpoints is killed, not exited,
+        when its run ends, so nothing else would remove them."""
+        if self._local is not None:
+            discard_download(self._local)
+            self._local = None
 
     def __repr__(self) -> str:
         return f"RemoteCheckpoint({self.path})"

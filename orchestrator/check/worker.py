@@ -77,7 +77,8 @@ def check_loop(config: dict) -> None:
 
     def batch(t: int) -> dict:
         lo = t * per_rank * world + r * per_rank
-        return {FEATURES: torch.from_numpy(x[lo:lo + per_rank]), LABEL: torch.from_numpy(y[lo:lo + per_rank])}
+        # copies: the arrays arrive read-only from the object store, and torch warns on wrapping those
+        return {FEATURES: torch.tensor(x[lo:lo + per_rank]), LABEL: torch.tensor(y[lo:lo + per_rank])}
 
     def fresh():
         comps = build_components(spec, config["steps_per_epoch"], device, ray.train.torch.prepare_model)

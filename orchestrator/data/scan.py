@@ -79,13 +79,16 @@ def open_dataset(path: str, field_name: str) -> pq.ParquetDataset:
 
 
 def scan_split(path: str, field_name: str, features: list[str], label: str, num_classes: Optional[int] = None,
-               shape: Optional[list[int]] = None, extra_columns: list[str] = (), scorer=None) -> SplitScan:
-    """`scorer(x_raw, y) -> scores`, if given, fills scan.extra["score"] batch by batch."""
+               shape: Optional[list[int]] = None, extra_columns: list[str] = (), scorer=None,
+               asked_by: Optional[dict[str, str]] = None) -> SplitScan:
+    """`scorer(x_raw, y) -> scores`, if given, fills scan.extra["score"] batch by batch. `asked_by` maps a column
+    to the setting that names it (data.features, ...), for the message when the file lacks it."""
     dataset = open_dataset(path, field_name)
     names = dataset.schema.names
     for column in [*features, label, *extra_columns]:
         if column not in names:
-            raise BadInput(f"{path}: column {column!r} missing (has {', '.join(names)})")
+            named = f" (named by {asked_by[column]})" if asked_by and column in asked_by else ""
+            raise BadInput(f"{field_name}: {path}: no column {column!r}{named}; it has {', '.join(names)}")
     for column in features:
         t = dataset.schema.field(column).type
         inner = t.value_type if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t) else t

@@ -19,3 +19,22 @@ def trial_table(rows, metric: str, title: str = "") -> Table:
         table.add_row(r.trial_id, f"[{style}]{r.status}[/]" if style else r.status, params, fmt(r.metric),
                       str(r.iterations), r.reason or (f"{r.events} guard events" if r.events else ""))
     return table
+
+
+class TrialLines:
+    """The live view without a terminal: one line each time a trial's state changes. Tune calls back with every
+    trial's row; the line is the updated trial's, and a repeat of the same state (a trial's last result and
+    its completion) is not printed twice."""
+
+    def __init__(self, metric: str):
+        self.metric, self.shown = metric, {}
+
+    def new(self, rows) -> list[str]:
+        lines = []
+        for r in rows:
+            line = (f"{r.trial_id} {r.status} {self.metric}={r.metric} reports={r.iterations}"
+                    + (f" ({r.reason})" if r.reason else ""))
+            if self.shown.get(r.trial_id) != line:
+                self.shown[r.trial_id] = line
+                lines.append(line)
+        return lines

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +183,18 @@ def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[Trial
                                       callbacks=[LiveRows(sweep.name, stopper, sweep.metric), *logger_callbacks(sweep)],
                                       verbose=0))
     started = time.monotonic()
-    tuner.fit()
+    # Tune's default output prints, whatever the verbosity, where its staging copy and TensorBoard files lie in
+    # Ray's session directory under /tmp: not where the experiment is kept. Keel prints its own table and the
+    # experiment's place; Tune's legacy reporter at verbose=0 prints nothing.
+    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        tuner.fit()
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
     outcome = summarize(exp_dir, sweep.metric, sweep.mode, base_tree)
     # Tune creates a grid's trials as it goes: after a Ctrl-C the experiment may hold fewer trials than planned,
     # all finished, and yet be unfinished. A spent time budget is an end, not an interruption.

@@ -158,7 +158,9 @@ def absolute_paths(tree: dict) -> dict:
 
 
 def is_sweep_tree(tree: dict) -> bool:
-    return "search" in tree and "base" in tree
+    """A sweep names its base job or a search space; a job spec has neither key, so a sweep missing one of
+    them is still read as a sweep (and told what it lacks) rather than as a job lacking data and run."""
+    return "search" in tree or "base" in tree
 
 
 def is_sweep_file(path: str | Path) -> bool:

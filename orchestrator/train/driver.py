@@ -18,7 +18,7 @@ from orchestrator import metric_keys as mk
 from orchestrator.numbers import finite
 from orchestrator.ray_session import borrow_run_channel, ensure_ray, follow_channel, give_back_run_channel
 from orchestrator.spec import JobSpec
-from orchestrator.storage import download_run, filesystem, is_remote, join, upload_dir
+from orchestrator.storage import discard_download, download_run, filesystem, is_remote, join, upload_dir
 from orchestrator.train.in_process import newest_checkpoint, runs_in_process
 from orchestrator.train.planning import Plan, preflight, resolved, wait_for_resources
 
@@ -26,7 +26,7 @@ from orchestrator.train.planning import Plan, preflight, resolved, wait_for_reso
 @dataclass
 class RunOutcome:
     status: str                      # finished | early_stopped | diverged | failed
-    run_dir: Path                    # on object storage: the local mirror of the run's small files
+    run_dir: Path                    # on object storage: the mirror of its small files (gone once run() returns)
     history: list[dict] = field(default_factory=list)
     checkpoint: Optional[str] = None
     reason: str = ""
@@ -209,6 +209,8 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
         pumper.join(timeout=30)
         log.close()
         publish()
+        if run_uri and not pumper.is_alive():  # the mirror's files are all in the bucket now
+            discard_download(run_dir)
         give_back_run_channel(channel, reusable=not pumper.is_alive())
     if in_process:  # local mode's result holds the last report's checkpoint; Ray Train's, the newest stored
         newest = newest_checkpoint(spec, storage_of(spec))

@@ -191,14 +191,17 @@ def scan_data(spec: JobSpec, generate: bool, against: Optional[dict] = None) -> 
         from orchestrator.data.scoring import checkpoint_losses, load_scorer
         load_scorer(resolve(cur.checkpoint))  # BadInput now if it is not a checkpoint
         scorer = partial(checkpoint_losses, resolve(cur.checkpoint))
+    asked_by = {**{c: "data.features" for c in data.feature_columns}, data.label: "data.label",
+                **{c: "data.curriculum.score" for c in extra}}
     scans = {split: scan_split(resolve(getattr(data, split)), f"data.{split}", data.feature_columns, data.label,
                                data.num_classes, data.shape, extra_columns=extra if split == "train" else [],
-                               scorer=scorer if split == "train" else None)
+                               scorer=scorer if split == "train" else None, asked_by=asked_by)
              for split in ("train", "val")}
     dropped = {split: check_rows(scan, data, f"data.{split}") for split, scan in scans.items()}
     for name, path in data.extra_val.items():  # checked like val: present, well-formed, the same shape and labels
         where = f"data.extra_val.{name}"
-        check_rows(scan_split(resolve(path), where, data.feature_columns, data.label, data.num_classes, data.shape), data, where)
+        check_rows(scan_split(resolve(path), where, data.feature_columns, data.label, data.num_classes, data.shape,
+                              asked_by=asked_by), data, where)
     preprocess = fit_preprocess(scans["train"], data.preprocess, data.shape, data.num_classes, data.on_bad_rows,
                                 soft_labels=data.augment.soft_labels)
     usable = scans["train"].rows - dropped["train"]

@@ -147,7 +147,12 @@ def resume(comps, spec, progress, latest, initial: dict | None, steps_per_epoch:
                     message = message.replace(c._local, c.path)
             progress.send("warning", message=message)
 
-        restored = restore_agreed(candidates, comps, warn, keep_hyperparameters, steps_per_epoch)
+        try:
+            restored = restore_agreed(candidates, comps, warn, keep_hyperparameters, steps_per_epoch)
+        finally:
+            for c in older:  # the fallbacks fetched from object storage
+                if hasattr(c, "discard"):
+                    c.discard()
         shown = str(latest.path) if restored and restored.checkpoint == candidates[0] else None
     if restored is None:
         progress.send("warning", message="no intact checkpoint: starting from scratch")

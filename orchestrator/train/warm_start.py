@@ -9,7 +9,8 @@ that do not fit the new model, a prefix that names nothing) is found on the driv
 from __future__ import annotations
 
 import os
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -72,8 +73,10 @@ def freeze(model: nn.Module, prefixes: list[str]) -> int:
     return frozen
 
 
-def checkpoint_dir(location: str) -> str:
-    """A local directory holding the checkpoint: the path itself, or a downloaded copy of an s3://... one.
+@contextmanager
+def checkpoint_dir(location: str) -> Iterator[str]:
+    """A local directory holding the checkpoint: the path itself, or a downloaded copy of an s3://... one,
+    removed on leaving (rank 0 reads it in a worker that is killed, not exited, when the run ends).
     A run directory stands for its newest checkpoint."""
     from orchestrator.storage import RemoteCheckpoint, filesystem, is_remote, remote_checkpoints
     from orchestrator.train.checkpointing import STATE_FILE, list_checkpoints
@@ -82,25 +85,31 @@ def checkpoint_dir(location: str) -> str:
         if not os.path.isdir(location):
             raise BadInput(f"init_from.checkpoint: {location}: no such directory")
         if not os.path.isfile(os.path.join(location, STATE_FILE)) and list_checkpoints(location):
-            return str(list_checkpoints(location)[-1])
-        return location
+            yield str(list_checkpoints(location)[-1])
+        else:
+            yield location
+        return
     fs, path = filesystem(location, "init_from.checkpoint")
     inside = remote_checkpoints(fs, path)
-    return os.fspath(inside[-1] if inside else RemoteCheckpoint(fs, path))
+    copy = inside[-1] if inside else RemoteCheckpoint(fs, path)
+    try:
+        yield os.fspath(copy)
+    finally:
+        copy.discard()
 
 
 def read_checkpoint(location: str) -> dict:
     """The checkpoint's payload, verified against its manifest; BadInput naming init_from.checkpoint."""
     from orchestrator.train.checkpointing import CONFIG_FILE, STATE_FILE, CorruptCheckpoint, read_payload, verify_checkpoint
 
-    directory = checkpoint_dir(location)
-    if not (os.path.isfile(os.path.join(directory, STATE_FILE)) and os.path.isfile(os.path.join(directory, CONFIG_FILE))):
-        raise BadInput(f"init_from.checkpoint: {location}: not a Keel checkpoint (needs {STATE_FILE} and {CONFIG_FILE})")
-    try:
-        verify_checkpoint(directory)
-    except CorruptCheckpoint as exc:
-        raise BadInput(f"init_from.checkpoint: {exc}") from None
-    return read_payload(directory)
+    with checkpoint_dir(location) as directory:
+        if not (os.path.isfile(os.path.join(directory, STATE_FILE)) and os.path.isfile(os.path.join(directory, CONFIG_FILE))):
+            raise BadInput(f"init_from.checkpoint: {location}: not a Keel checkpoint (needs {STATE_FILE} and {CONFIG_FILE})")
+        try:
+            verify_checkpoint(directory)
+        except CorruptCheckpoint as exc:
+            raise BadInput(f"init_from.checkpoint: {exc}") from None
+        return read_payload(directory)
 
 
 def check_warm_start(spec, model: nn.Module) -> dict:

@@ -31,7 +31,7 @@ CASES = {  # file in tests/bad_inputs -> what the one-line error must name
     "missing_dataset.yaml": "data.train: ",
     "too_many_workers.yaml": "scaling.num_workers: 64 workers but this machine has",
     "shape_mismatch.yaml": "column 'image' has 64 values per row but data.shape [1, 4, 4] needs 16",
-    "missing_column.yaml": "column 'pixels' missing",
+    "missing_column.yaml": "no column 'pixels' (named by data.features); it has image, label",
     "batch_larger_than_data.yaml": "data.batch_size: 4096 x 2 workers is more than",
     "unreadable_parquet.yaml": "not readable as Parquet",
     "data_nan_features.yaml": "column 'image' has 1 rows with NaN features",

@@ -51,6 +51,14 @@ def keel(capsys, *argv: str) -> tuple[int, str]:
     return rc, out + err
 
 
+def temporary_copies() -> set[str]:
+    """Keel's downloads from object storage in the temporary directory (the suite's Ray workers share it)."""
+    import tempfile
+    from pathlib import Path
+
+    return {p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(("keel-run-", "keel-ckpt-"))}
+
+
 def read_object(path: str) -> bytes:
     with store().open_input_stream(path) as f:
         return f.read()
@@ -70,6 +78,7 @@ def test_ctrl_c_on_a_keel_run_to_s3_stops_cleanly_and_the_rerun_resumes_past_a_t
     process, on the suite's warm Ray) names it, resumes from the one before, and the run's metrics, global
     step and guard state carry over. Nothing is written to the local disk; `keel report` reads the bucket."""
     run = f"{bucket}/runs/sigint"
+    downloads_before = temporary_copies()
     tree = job_tree(digits_dir, tmp_path, "sigint", run={"name": "sigint", "storage_path": f"s3://{bucket}/runs", "epochs": 30})
     job = tmp_path / "sigint.yaml"
     job.write_text(yaml.safe_dump(tree))
@@ -108,10 +117,32 @@ def test_ctrl_c_on_a_keel_run_to_s3_stops_cleanly_and_the_rerun_resumes_past_a_t
     assert state["epoch"] == epoch + 1 and json.dumps(state["safeguards"])  # guard state travels with it, as plain data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sigint.yaml"]  # nothing written locally
     assert {"config.yaml", "metrics.jsonl", "placement.json", "stability_report.json"} <= set(listing(run))
+    # the driver's mirrors and the worker's copy of the older checkpoint are gone (runs on the cluster leave
+    # no copies behind in /tmp; only the report below keeps its local copy, the page it shows)
+    assert temporary_copies() == downloads_before
 
     assert cli.main(["report", f"s3://{run}"]) == 0  # read from the bucket
     page = capsys.readouterr().out.split("report: ")[-1].strip()
     assert page.endswith(".html") and "val accuracy" in open(page).read().lower()
+
+
+def test_fine_tuning_from_a_checkpoint_in_the_bucket_reads_it_and_keeps_no_copy(tmp_path, bucket):
+    """init_from.checkpoint: s3://...: the driver's check and rank 0's load each download the checkpoint; the
+    copy is removed once read (a Ray worker is killed at the run's end, so it would never be)."""
+    from orchestrator.train.checkpointing import save_checkpoint
+    from orchestrator.train.components import build_components
+    from orchestrator.train.warm_start import read_checkpoint
+    from tests.unit.test_warm_start import job
+
+    comps = build_components(job(), 4, torch.device("cpu"))
+    save_checkpoint(tmp_path / "run" / "checkpoint_000", comps, epoch=0, spec_yaml=yaml.safe_dump({}))
+    pyarrow.fs.copy_files(str(tmp_path / "run"), f"{bucket}/run", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                          destination_filesystem=store())
+    before = temporary_copies()
+    payload = read_checkpoint(f"s3://{bucket}/run")  # a run directory stands for its newest checkpoint
+    saved = comps.state.model.state_dict()
+    assert payload["epoch"] == 0 and all(torch.equal(payload["model"][k], v) for k, v in saved.items())
+    assert temporary_copies() == before
 
 
 def test_a_missing_bucket_or_a_bad_uri_is_one_line_exit_2_before_anything_starts(digits_dir, tmp_path, bucket, capsys):

@@ -103,6 +103,8 @@ def test_an_interrupted_sweep_resumes_and_stops_absurd_learning_rates_at_once_an
     out, _ = proc.communicate(timeout=120)
     # the two trials left are unfinished whether or not Tune had created them yet (it creates a grid's lazily)
     assert proc.returncode == 130 and "interrupted with 2 trials unfinished; re-run to resume: keel sweep" in out, out[-2000:]
+    # Keel's lines only: not Tune's pointers into Ray's temporary session directory
+    assert "View detailed results here" not in "".join(said) + out and "tensorboard --logdir" not in "".join(said) + out
     sweep, base = load_sweep(path)
     seen = []
     outcome = run_sweep(sweep, base, on_result=lambda rows: seen.append(len(rows)))  # resumes the same experiment

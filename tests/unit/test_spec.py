@@ -128,7 +128,7 @@ def test_error_is_one_line_with_source():
     with pytest.raises(BadInput) as info:
         parse_spec({**MINIMAL, "optimizer": {"lr": -1, "name": "nope"}}, "job.yaml")
     text = str(info.value)
-    assert "\n" not in text and text.startswith("job.yaml: ") and "(+1 more)" in text
+    assert "\n" not in text and text.startswith("job.yaml: ") and text.endswith("(+1 more: optimizer.lr)"), text
 
 
 def test_warmup_auto_is_a_quarter_of_the_run_for_a_transformer_and_none_otherwise():

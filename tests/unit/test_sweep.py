@@ -202,3 +202,35 @@ def test_the_median_rules_grace_period_counts_reports_not_seconds():
     decisions = [rule.on_trial_result(controller, trial, {**first, "val_accuracy": accuracy})
                  for trial, accuracy in zip(trials, (0.9, 0.9, 0.9, 0.1))]
     assert decisions == ["CONTINUE", "CONTINUE", "CONTINUE", "STOP"]
+
+
+def test_a_sweep_missing_its_base_is_told_so_not_read_as_a_job(tmp_path, capsys):
+    """A sweep file with a search space but no base job: the error names the sweep's missing field, not a job
+    spec's missing data and run sections."""
+    from orchestrator import cli
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("name: s\nsearch:\n  optimizer.lr: {loguniform: [0.001, 1.0]}\nmetric: val_accuracy\n")
+    for command in ("validate", "sweep"):
+        assert cli.main([command, str(sweep)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "base: Field required" in err and "data:" not in err, err
+
+
+def test_the_live_lines_name_the_trial_that_changed_once_per_change():
+    """Without a terminal, `keel sweep` prints a line per change: Tune passes every trial's row, so the line must
+    be the updated trial's (not the last one's), and a completion that repeats the last result adds nothing."""
+    from types import SimpleNamespace
+
+    from orchestrator.report.sweep_table import TrialLines
+
+    def row(trial, status, metric, reports, reason=""):
+        return SimpleNamespace(trial_id=trial, status=status, metric=metric, iterations=reports, reason=reason)
+
+    lines = TrialLines("val_accuracy")
+    assert lines.new([row("a", "RUNNING", 0.5, 1)]) == ["a RUNNING val_accuracy=0.5 reports=1"]
+    assert lines.new([row("a", "RUNNING", 0.5, 1), row("b", "RUNNING", 0.4, 1)]) == ["b RUNNING val_accuracy=0.4 reports=1"]
+    assert lines.new([row("a", "RUNNING", 0.7, 2), row("b", "RUNNING", 0.4, 1)]) == ["a RUNNING val_accuracy=0.7 reports=2"]
+    diverged = row("b", "diverged", 0.1, 2, "train_loss is nan")
+    assert lines.new([row("a", "RUNNING", 0.7, 2), diverged]) == ["b diverged val_accuracy=0.1 reports=2 (train_loss is nan)"]
+    assert lines.new([row("a", "RUNNING", 0.7, 2), diverged]) == []  # its completion: the same state again

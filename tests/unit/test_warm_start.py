@@ -33,8 +33,8 @@ def run_dir(tmp_path):
 
 def test_a_run_directory_stands_for_its_newest_checkpoint(run_dir):
     run, _ = run_dir
-    assert checkpoint_dir(str(run)).endswith("checkpoint_001")
-    assert checkpoint_dir(str(run / "checkpoint_000")).endswith("checkpoint_000")
+    with checkpoint_dir(str(run)) as newest, checkpoint_dir(str(run / "checkpoint_000")) as named:
+        assert newest.endswith("checkpoint_001") and named.endswith("checkpoint_000")
 
 
 def test_same_classes_load_everything_and_a_new_class_count_resets_only_the_classifier(run_dir):
