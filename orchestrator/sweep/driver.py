@@ -146,7 +146,7 @@ def tune_storage(exp_dir: str | Path) -> tuple[str, object]:
     if is_remote(str(exp_dir)):
         fs, path = filesystem(str(exp_dir), "storage_path")
         return path, fs
-    return str(exp_dir), None
+    return str(Path(exp_dir).absolute()), None  # pyarrow reads a relative path as a URI without a scheme
 
 
 def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[TrialRow]], None] = lambda rows: None,

@@ -138,6 +138,37 @@ def failure_reason(exc: Exception, spec: JobSpec) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:500]
 
 
+def already_trained(spec: JobSpec) -> Optional[tuple[Path, int]]:
+    """(its newest intact checkpoint, the epochs it holds) for a run on a local disk that already holds
+    run.epochs epochs or more; None otherwise (on object storage the workers find out, as they resume)."""
+    from orchestrator.train.checkpointing import list_checkpoints, mapped_payload
+    from orchestrator.train.resume import newest_good_index
+
+    if is_remote(spec.run.storage_path):
+        return None
+    newest_first = list_checkpoints(Path(spec.run.storage_path) / spec.run.name)[::-1]
+    index = newest_good_index(newest_first, warn=lambda message: None)  # a damaged one: resume falls back, as here
+    if index is None:
+        return None
+    epochs = mapped_payload(newest_first[index])["epoch"] + 1
+    return (newest_first[index], epochs) if epochs >= spec.run.epochs else None
+
+
+def nothing_to_train(spec: JobSpec, plan: Plan, checkpoint: Path, epochs: int, on_event) -> RunOutcome:
+    """The outcome of a finished run, read back from its directory: its metrics and stability report."""
+    from orchestrator.train.run_files import read_metrics, read_stability
+
+    run_dir = Path(spec.run.storage_path) / spec.run.name
+    on_event({"type": "start", "plan": plan, "run_dir": str(run_dir)})
+    on_event({"type": "resumed", "epoch": epochs, "checkpoint": str(checkpoint)})
+    outcome = RunOutcome(status="finished", run_dir=run_dir, history=read_metrics(run_dir), checkpoint=str(checkpoint),
+                         stability=read_stability(run_dir))
+    if outcome.final.get(mk.STOP_REASON):
+        outcome.status = "diverged" if outcome.final.get(mk.DIVERGED) else "early_stopped"
+        outcome.reason = outcome.final[mk.STOP_REASON]
+    return outcome
+
+
 # Ray Data's read/augment tasks (0.5 CPU each) need CPUs that the workers do not hold: measured, a 2-CPU
 # head whose 2 workers took 1 CPU each ran no data task and the job showed nothing for 14 minutes.
 def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, verbose: bool = False,
@@ -147,6 +178,9 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
     if plan is None or plan.train_rows < 0:  # none yet, or the data is still to be generated
         plan = preflight(spec)
     spec = resolved(spec)
+    trained = already_trained(spec)
+    if trained is not None:  # a re-run of a finished run: say so in a second, without starting Ray
+        return nothing_to_train(spec, plan, *trained, on_event)
     in_process = runs_in_process(spec)
     ensure_ray(spec.scaling.address, verbose, dashboard, prestart_workers=not in_process)
     from ray.train import TrainingFailedError

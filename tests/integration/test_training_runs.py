@@ -145,3 +145,10 @@ def test_a_one_worker_run_trains_in_this_process_keeps_its_newest_checkpoints_an
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
     assert history[-1]["resumed_from"]["checkpoint"] == str(kept[-1])
     assert read_payload(list_checkpoints(run_dir)[-1])["epoch"] == 3
+    # the same again: 4 of 4 epochs trained. Said at once, with the run's own results; nothing started or written
+    written = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    rc, out, err = cli_here(capsys, "run", str(job), "run.epochs=4", "--quiet")
+    assert rc == 0 and "4 epochs already trained, run.epochs is 4: nothing to train" in " ".join(out.split()), out + err
+    from orchestrator.report.console import fmt
+    assert f"final val accuracy │ {fmt(history[-1]['val_accuracy'])} │" in " ".join(out.split()), out
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == written
