@@ -286,3 +286,19 @@ def test_only_a_run_that_resumes_is_held_to_its_checkpoint_not_a_sweeps_base_job
         preflight(other_model)
     with pytest.raises(BadInput, match="^data.train: "):  # on to the next check: the (absent) data
         preflight(other_model, resumes=False)
+
+
+def test_the_summary_shows_each_extra_validation_split_beside_the_main_one(tmp_path):
+    """A fine-tune's data.extra_val (the old data: forgetting) is in the closing summary, not only in the files."""
+    import io
+
+    from rich.console import Console
+
+    from orchestrator.report.console import summary_table
+    from orchestrator.train.driver import RunOutcome
+
+    final = {"epoch": 5, "val_accuracy": 0.98, "val_accuracy_original": 0.2028, "val_loss_original": 17.6}
+    out = io.StringIO()
+    Console(file=out, width=200).print(summary_table(RunOutcome(status="finished", run_dir=tmp_path, history=[final])))
+    lines = [" ".join(line.split()) for line in out.getvalue().splitlines()]
+    assert "│ final val accuracy │ 0.98 │" in lines and "│ final val accuracy (original) │ 0.2028 │" in lines, lines
