@@ -68,6 +68,27 @@ def fingerprint(state: dict) -> dict[str, list[float]]:
     return {k: [v.double().sum().item(), (v.double() ** 2).sum().item()] for k, v in state.items() if v.is_floating_point()}
 
 
+def gradient_shares(model: torch.nn.Module, shares: dict[str, float]) -> None:
+    """Each parameter's largest share so far of the global gradient norm (this step's gradients, after the
+    all-reduce): a share at rounding level marks a parameter the loss does not depend on."""
+    named = [(n, p.grad) for n, p in unwrap(model).named_parameters() if p.grad is not None]
+    if not named:
+        return
+    norms = torch.stack([g.detach().float().norm() for _, g in named])
+    total = norms.norm().clamp_min(1e-30)
+    for (name, _), share in zip(named, (norms / total).tolist()):
+        shares[name] = max(shares.get(name, 0.0), share)
+
+
+def track_gradient_shares(comps) -> dict[str, float]:
+    """gradient_shares at every optimizer step, filled in as training runs (the step zeroes the gradients after
+    it: they are read just before the optimizer uses them, all-reduced and clipped)."""
+    shares: dict[str, float] = {}
+    model = comps.state.model
+    comps.state.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: gradient_shares(model, shares))
+    return shares
+
+
 def check_loop(config: dict) -> None:
     spec = JobSpec.model_validate(config["spec"])
     k, x, y, out = config["steps"], config["x"], config["y"], Path(config["out"])
@@ -106,11 +127,13 @@ def check_loop(config: dict) -> None:
     comps = fresh()
     probe = FirstForward(unwrap(comps.state.model))
     record: list[dict] = []
+    shares = track_gradient_shares(comps)
     steps(comps, 0, 1, record)
     first_forward = probe.close()
     steps(comps, 1, k, record)
     state = final(comps)
     save("run", {"steps": record, "state": state, "fingerprint": fingerprint(state), "first_forward": first_forward,
+                 "gradient_shares": shares,
                  "dropout_layers": len(dropout_layers(comps.state.model)),
                  "modules": {n: type(m).__name__ for n, m in unwrap(comps.state.model).named_modules() if n}})
     if world > 1:

@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from orchestrator.check.compare import compare
+from orchestrator.check.compare import NOISE_GRADIENT_SHARE, compare
 
 MODULES = {"conv": "Conv2d", "bn": "BatchNorm2d", "noise": "RankNoise", "fc": "Linear"}
 
@@ -103,6 +103,28 @@ def test_parameters_within_fp32_reordering_noise_match_but_a_real_difference_doe
     assert failures(compare(one, many, True)) == ["parameters and buffers after k steps"]
 
 
+def test_a_parameter_with_a_rounding_noise_gradient_is_left_out_and_named_but_only_that_one():
+    """A key bias before softmax gets ~1e-9 of the gradient; Adam makes that noise a full step, different on 1
+    and N workers (the shipped transformer's k_norm.bias ended 1.4x apart). It is not compared, and is named;
+    a parameter with a real gradient that differs still fails, and so does any difference between two runs of
+    the same world size (determinism, resume)."""
+    one = result()
+    one["state"]["kbias"] = torch.full((4,), 1e-3)
+    one["gradient_shares"] = {"conv.weight": 0.3, "fc.weight": 0.9, "kbias": 8e-10}
+    many = two_ranks(one)
+    for trajectory in ("run", "repeat", "resume"):
+        many[trajectory][0]["state"] = {**one["state"], "kbias": -one["state"]["kbias"]}
+    report = compare(one, many, True)
+    assert report.ok, failures(report)
+    assert "not compared, their gradient is rounding noise (the loss does not depend on them): kbias" in report.lines[4].detail
+    for trajectory in ("run", "repeat", "resume"):  # the N-worker runs agree: only 1 vs N differs
+        many[trajectory][0]["state"] = {**many["run"][0]["state"], "conv.weight": one["state"]["conv.weight"] * 1.05}
+    assert failures(compare(one, many, True)) == ["parameters and buffers after k steps"]
+    many = two_ranks(one)
+    many["repeat"][0]["state"] = {**one["state"], "kbias": -one["state"]["kbias"]}
+    assert failures(compare(one, many, True)) == ["determinism (the same run twice)"]
+
+
 def test_a_nondeterministic_pipeline_fails_first():
     one = result()
     report = compare(one, two_ranks(one), data_deterministic=False)
@@ -116,3 +138,38 @@ def test_a_time_major_output_is_not_mistaken_for_a_batch():
     for r, rank in enumerate(many["run"]):
         rank["first_forward"]["lstm"] = one["first_forward"]["lstm"][:, r * 2:(r + 1) * 2].clone()
     assert compare(one, many, True).ok
+
+
+def test_the_worker_measures_a_key_bias_before_softmax_at_rounding_level_and_real_parameters_far_above():
+    from orchestrator.check.worker import gradient_shares
+
+    torch.manual_seed(0)
+    q, k, head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)  # k.bias shifts every logit alike
+    model = torch.nn.ModuleDict({"q": q, "k": k, "head": head})
+    x = torch.randn(16, 5, 8)
+    attention = torch.softmax(q(x) @ k(x).transpose(1, 2), -1)
+    torch.nn.functional.cross_entropy(head((attention @ x).mean(1)), torch.randint(0, 3, (16,))).backward()
+    shares = {}
+    gradient_shares(model, shares)
+    assert shares["k.bias"] <= NOISE_GRADIENT_SHARE < 1e-3 < min(v for n, v in shares.items() if n != "k.bias"), shares
+
+
+def test_during_training_the_shipped_transformers_key_norm_bias_is_measured_as_rounding_noise():
+    """The real step (guards, clipping, Adam) of jobs/sequence-transformer.yaml's model: its k_norm biases, which
+    only shift every key's logit alike, get a rounding-level share; every other parameter a real one."""
+    from orchestrator.check.worker import track_gradient_shares
+    from orchestrator.spec import load_spec
+    from orchestrator.train.components import build_components
+    from orchestrator.train.loop import train_step
+    from tests.helpers import ROOT
+
+    spec = load_spec(ROOT / "jobs/sequence-transformer.yaml")
+    comps = build_components(spec, 4, torch.device("cpu"))
+    shares = track_gradient_shares(comps)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        train_step(comps, {"x": torch.randn(16, *spec.data.shape, generator=g),
+                           "y": torch.randint(0, spec.data.num_classes, (16,), generator=g)}, spec)
+    noise = sorted(n for n, share in shares.items() if share <= NOISE_GRADIENT_SHARE)
+    assert noise == ["blocks.0.attention.k_norm.bias", "blocks.1.attention.k_norm.bias"], noise
+    assert min(v for n, v in shares.items() if n not in noise) > 1e-4
