@@ -68,22 +68,22 @@ def fingerprint(state: dict) -> dict[str, list[float]]:
     return {k: [v.double().sum().item(), (v.double() ** 2).sum().item()] for k, v in state.items() if v.is_floating_point()}
 
 
-def gradient_shares(model: torch.nn.Module, shares: dict[str, float]) -> None:
-    """Each parameter's largest share so far of the global gradient norm (this step's gradients, after the
-    all-reduce): a share at rounding level marks a parameter the loss does not depend on."""
-    named = [(n, p.grad) for n, p in unwrap(model).named_parameters() if p.grad is not None]
+def gradient_shares(model: torch.nn.Module, shares: dict[str, torch.Tensor]) -> None:
+    """Per value of every parameter, its largest gradient so far as a share of the global gradient norm (this
+    step's gradients, all-reduced): a share at rounding level marks a value the loss does not depend on."""
+    named = [(n, p.grad.detach()) for n, p in unwrap(model).named_parameters() if p.grad is not None]
     if not named:
         return
-    norms = torch.stack([g.detach().float().norm() for _, g in named])
-    total = norms.norm().clamp_min(1e-30)
-    for (name, _), share in zip(named, (norms / total).tolist()):
-        shares[name] = max(shares.get(name, 0.0), share)
+    total = torch.stack([g.float().norm() for _, g in named]).norm().clamp_min(1e-30)
+    for name, g in named:
+        share = (g.float().abs() / total).cpu()
+        shares[name] = torch.maximum(shares[name], share) if name in shares else share
 
 
-def track_gradient_shares(comps) -> dict[str, float]:
+def track_gradient_shares(comps) -> dict[str, torch.Tensor]:
     """gradient_shares at every optimizer step, filled in as training runs (the step zeroes the gradients after
     it: they are read just before the optimizer uses them, all-reduced and clipped)."""
-    shares: dict[str, float] = {}
+    shares: dict[str, torch.Tensor] = {}
     model = comps.state.model
     comps.state.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: gradient_shares(model, shares))
     return shares
