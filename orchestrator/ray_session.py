@@ -53,6 +53,10 @@ def cluster_address(address: Optional[str]) -> Optional[str]:
 NO_PRESTART = {"RAY_prestart_worker_first_driver": "0"}
 
 
+def _not_the_bars_notice(record) -> bool:
+    return not record.getMessage().startswith("Progress bars disabled")
+
+
 def ensure_ray(address: Optional[str], verbose: bool = False, dashboard: bool = True, prestart_workers: bool = True) -> None:
     global _started_here  # set when this call starts the embedded Ray (see in_embedded_ray)
     import ray
@@ -96,6 +100,11 @@ def ensure_ray(address: Optional[str], verbose: bool = False, dashboard: bool = 
     ray.data.DataContext.get_current().enable_progress_bars = False
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Ray Data warns, once per process, that the bars Keel turned off are off (a 1-worker run, which
+        # reads its data in this process, printed it between Keel's own lines)
+        progress_logger = logging.getLogger("ray.data._internal.progress")
+        if _not_the_bars_notice not in progress_logger.filters:
+            progress_logger.addFilter(_not_the_bars_notice)
 
 
 def in_embedded_ray() -> bool:
