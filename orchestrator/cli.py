@@ -207,22 +207,38 @@ def spec_reference_markdown(rows) -> str:
 
 
 def cmd_data_make(args, console: Console) -> int:
+    from pathlib import Path
+
     from orchestrator.data.generators import GENERATORS
 
     options = {}
     if args.rows is not None:
+        if args.rows < 10:
+            raise BadInput(f"--rows {args.rows}: needs at least 10 (the training and validation splits are cut from them)")
         options["rows"] = args.rows
     if args.shape:
         try:
             options["shape"] = tuple(int(v) for v in args.shape.split(","))
         except ValueError:
             raise BadInput(f"--shape {args.shape!r}: expected C,H,W like 3,32,32") from None
+        if len(options["shape"]) != 3 or min(options["shape"]) < 1:
+            raise BadInput(f"--shape {args.shape!r}: expected three positive sizes C,H,W like 3,32,32")
     if args.classes is not None:
+        if args.classes < 2:
+            raise BadInput(f"--classes {args.classes}: needs at least 2")
         options["classes"] = args.classes
+    if not 0.0 <= args.missing < 1.0:
+        raise BadInput(f"--missing {args.missing:g}: a fraction of cells, in [0, 1)")
     if args.missing:
         options["missing"] = args.missing
     if args.length is not None:
+        if args.length < 2:
+            raise BadInput(f"--length {args.length}: needs at least 2 time steps")
         options["length"] = args.length
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"--out {args.out}: cannot write there ({exc.strerror})") from None
     try:
         paths = GENERATORS[args.dataset](args.out, **options)
     except TypeError as exc:
