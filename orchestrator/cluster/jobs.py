@@ -106,10 +106,10 @@ def submit(job_path: str, overrides: list[str], address: Optional[str], workdir:
     kind, name = submission_kind(path, overrides)  # BadInput before anything is uploaded
     command = entrypoint(kind, path, list(overrides), Path(workdir))
     extra_env = runtime_env_from(runtime_env_json)
+    client = connect(address)  # an address that does not answer: one line, before the working dir is packaged
+    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)  # Keel says what it uploads
     plan = plan_upload(workdir)  # BadInput before anything is uploaded when it is over Ray's limit
-    client = connect(address)
     say(plan.summary())
-    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
     submission_id = submission_id or f"keel-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     resources = {k: v for k, v in (("entrypoint_num_cpus", entrypoint_num_cpus),
                                    ("entrypoint_num_gpus", entrypoint_num_gpus)) if v is not None}
