@@ -25,7 +25,10 @@ def validate_cluster_config(path: str | Path) -> dict:
     except jsonschema.ValidationError as exc:
         where = ".".join(str(p) for p in exc.absolute_path) or "top level"
         raise BadInput(f"{path}: {where}: {exc.message}") from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except KeyError as exc:  # prepare_config reads required sections directly
+        raise BadInput(f"{path}: {exc.args[0]}: missing; a Ray cluster-launcher config needs it "
+                       "(or give a KubeRay RayJob)") from None
+    except (ValueError, TypeError) as exc:
         raise BadInput(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     head_commands = " ".join(config.get("head_start_ray_commands", []))
     if "RAY_AUTH_MODE=token" not in head_commands:

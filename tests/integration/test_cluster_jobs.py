@@ -337,6 +337,7 @@ def test_shipped_cluster_yaml_passes_ray_schema(capsys):
     (("head_node_type: head_cpu", "head_node_type: head_gpu"), "head_node_type"),
     (("RAY_AUTH_MODE=token ray start --head", "ray start --head"), "RAY_AUTH_MODE=token"),
     (("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"), "exposes the job API"),
+    (("\nprovider:", "\nproviders:"), "provider: missing; a Ray cluster-launcher config needs it"),  # was "'provider'"
 ])
 def test_cluster_validate_rejects_bad_configs(tmp_path, capsys, edit, message):
     bad = tmp_path / "cluster.yaml"
