@@ -206,9 +206,17 @@ def spec_reference_markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def cmd_data_make(args, console: Console) -> int:
+def writable_dir(path: str, flag: str) -> None:
+    """The output directory, made now: one line naming the flag if it cannot be, before anything runs."""
     from pathlib import Path
 
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"{flag} {path}: cannot write there ({exc.strerror})") from None
+
+
+def cmd_data_make(args, console: Console) -> int:
     from orchestrator.data.generators import GENERATORS
 
     options = {}
@@ -235,10 +243,7 @@ def cmd_data_make(args, console: Console) -> int:
         if args.length < 2:
             raise BadInput(f"--length {args.length}: needs at least 2 time steps")
         options["length"] = args.length
-    try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"--out {args.out}: cannot write there ({exc.strerror})") from None
+    writable_dir(args.out, "--out")
     try:
         paths = GENERATORS[args.dataset](args.out, **options)
     except TypeError as exc:
@@ -279,6 +284,11 @@ def cmd_stress(args, console: Console) -> int:
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         raise BadInput(f"--scenarios: unknown scenario {unknown[0]!r} (choose from {', '.join(BY_NAME)})")
+    for flag, value in (("--seeds", args.seeds), ("--epochs", args.epochs), ("--lstm-epochs", args.lstm_epochs),
+                        ("--transformer-epochs", args.transformer_epochs)):
+        if value < 1:
+            raise BadInput(f"{flag} {value}: needs at least 1")
+    writable_dir(args.out, "--out")
     from pathlib import Path
 
     from orchestrator.stress.runner import run_stress

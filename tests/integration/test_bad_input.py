@@ -99,21 +99,25 @@ def test_malformed_override_is_bad_input(tmp_path):
     assert proc.returncode == 2 and "expected dotted.key=value" in proc.stderr
 
 
-BAD_DATA_MAKE = {  # keel data make arguments that cannot make a dataset, and what the one line says
-    "rows": (["synthetic", "--rows", "0"], "--rows 0: needs at least 10"),
-    "shape": (["synthetic", "--shape", "1,0,8"], "--shape '1,0,8': expected three positive sizes"),
-    "classes": (["synthetic", "--classes", "1"], "--classes 1: needs at least 2"),
-    "missing": (["tabular", "--missing", "1.5"], "--missing 1.5: a fraction of cells, in [0, 1)"),
-    "length": (["sequence", "--length", "-3"], "--length -3: needs at least 2 time steps"),
-    "out": (["digits", "--out", "/proc/keel-cannot-write-here"], "--out /proc/keel-cannot-write-here: cannot write there"),
+BAD_ARGUMENTS = {  # command-line arguments that cannot work, and what the one line says
+    "rows": (["data", "make", "synthetic", "--rows", "0"], "--rows 0: needs at least 10"),
+    "shape": (["data", "make", "synthetic", "--shape", "1,0,8"], "--shape '1,0,8': expected three positive sizes"),
+    "classes": (["data", "make", "synthetic", "--classes", "1"], "--classes 1: needs at least 2"),
+    "missing": (["data", "make", "tabular", "--missing", "1.5"], "--missing 1.5: a fraction of cells, in [0, 1)"),
+    "length": (["data", "make", "sequence", "--length", "-3"], "--length -3: needs at least 2 time steps"),
+    "make_out": (["data", "make", "digits", "--out", "/proc/keel-cannot-write-here"],
+                 "--out /proc/keel-cannot-write-here: cannot write there"),
+    "seeds": (["stress", "--seeds", "0"], "--seeds 0: needs at least 1"),
+    "lstm_epochs": (["stress", "--scenarios", "long_lstm", "--lstm-epochs", "0"], "--lstm-epochs 0: needs at least 1"),
+    "stress_out": (["stress", "--scenarios", "lr_spike", "--out", "/proc/keel-cannot-write-here"],
+                   "--out /proc/keel-cannot-write-here: cannot write there"),
 }
 
 
-def test_data_make_arguments_that_cannot_make_a_dataset_are_one_line_exit_2_and_write_nothing(tmp_path):
-    argvs = [(case, ["data", "make", *argv] + ([] if "--out" in argv else ["--out", f"out-{case}"]))
-             for case, (argv, _) in BAD_DATA_MAKE.items()]
-    found = cli_cases(argvs, tmp_path)["results"]
-    for case, (_, said) in BAD_DATA_MAKE.items():
-        lines = found[case]["stderr"].strip().splitlines()
-        assert found[case]["rc"] == 2 and len(lines) == 1 and said in lines[0], (case, found[case])
-    assert list(tmp_path.iterdir()) == []  # no output directory made for any of them
+def test_arguments_that_cannot_work_are_one_line_exit_2_and_start_or_write_nothing(tmp_path):
+    argvs = [(case, argv + ([] if "--out" in argv else ["--out", f"out-{case}"])) for case, (argv, _) in BAD_ARGUMENTS.items()]
+    found = cli_cases(argvs, tmp_path)
+    for case, (_, said) in BAD_ARGUMENTS.items():
+        lines = found["results"][case]["stderr"].strip().splitlines()
+        assert found["results"][case]["rc"] == 2 and len(lines) == 1 and said in lines[0], (case, found["results"][case])
+    assert list(tmp_path.iterdir()) == [] and not found["ray_imported"]  # no output directory, no Ray
