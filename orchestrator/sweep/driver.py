@@ -122,6 +122,7 @@ class SweepOutcome:
     best: Optional[TrialRow] = None
     best_job: Optional[Path] = None
     unstarted: int = 0     # planned trials Tune had not yet created when the sweep ended (Ctrl-C)
+    reported: set[str] = field(default_factory=set)  # the metrics the trials' last results hold
 
     @property
     def unfinished(self) -> int:
@@ -266,6 +267,7 @@ def summarize(exp_dir: str | Path, metric: str, mode: str, base_tree: Optional[d
     outcome = SweepOutcome(exp_dir)
     for trial in analysis.trials:
         outcome.rows.append(TrialRow.of(trial, trial.last_result or {}, metric, reasons.get(trial.trial_id), trial.status))
+        outcome.reported |= {k for k, v in (trial.last_result or {}).items() if isinstance(v, (int, float))}
     healthy = [r for r in outcome.rows if r.status == "TERMINATED" and finite(r.metric)]
     if healthy:
         outcome.best = (max if mode == "max" else min)(healthy, key=lambda r: r.metric)

@@ -130,6 +130,8 @@ def test_an_interrupted_sweep_resumes_and_stops_absurd_learning_rates_at_once_an
     assert summarize(outcome.exp_dir, "val_loss", "max").best.config["optimizer.lr"] == 0.05
     assert cli.main(["results", "sweeps/lrs"]) == 0  # relative to where keel runs, as the README's example gives it
     assert "best:" in capsys.readouterr().out
+    assert cli.main(["results", "sweeps/lrs", "--metric", "val_acc"]) == 2  # a typo: said so, not "no trial healthy"
+    assert "--metric val_acc: no trial reported it (they report train_loss, val_accuracy, val_loss" in capsys.readouterr().err
     # the sweep report marks the diverged trials and plots the metric against the searched parameter
     assert cli.main(["report", str(outcome.exp_dir)]) == 0
     page = (outcome.exp_dir / "report" / "index.html").read_text()
