@@ -298,13 +298,33 @@ class JobSpec(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def first_error(source: str, exc: ValidationError) -> str:
-    """pydantic's first error as one line: `source: field.path: what was expected (got value)`."""
+def keys_at(model: type[BaseModel], path: tuple) -> list[str]:
+    """The keys a section takes at `path` inside `model` (list indices and dict keys passed through)."""
+    import typing
+
+    for part in path:
+        field_info = model.model_fields.get(part) if isinstance(part, str) else None
+        if field_info is None:
+            continue  # an index into a list, or a key of a dict of sections
+        candidates = [field_info.annotation, *typing.get_args(field_info.annotation)]
+        inner = [t for c in candidates for t in (c, *typing.get_args(c)) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not inner:
+            return []
+        model = inner[0]
+    return list(model.model_fields)
+
+
+def first_error(source: str, exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """pydantic's first error as one line: `source: field.path: what was expected (got value)`; an unknown key
+    names the closest known one."""
     err = exc.errors()[0]
     loc = ".".join(str(part) for part in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        import difflib
+
+        close = difflib.get_close_matches(str(err["loc"][-1]), keys_at(model, err["loc"][:-1]) if model else [], n=1)
+        msg = "unknown key" + (f" (did you mean {close[0]}?)" if close else "")
     elif err["type"] not in ("missing", "value_error") and "input" in err:
         msg = f"{msg} (got {err['input']!r})"
     others = list(dict.fromkeys(".".join(str(part) for part in e["loc"]) or "(top level)" for e in exc.errors()[1:]))
@@ -316,7 +336,7 @@ def parse_spec(tree: dict, source: str = "spec", model: type[BaseModel] = JobSpe
     try:
         return model.model_validate(tree)
     except ValidationError as exc:
-        raise BadInput(first_error(source, exc)) from None
+        raise BadInput(first_error(source, exc, model)) from None
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:

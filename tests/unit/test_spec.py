@@ -146,3 +146,15 @@ def test_warmup_auto_is_a_quarter_of_the_run_for_a_transformer_and_none_otherwis
     assert yaml.safe_load(resolved.to_yaml())["schedule"]["warmup_epochs"] == 2.5                 # config.yaml says it
     with pytest.raises(BadInput, match=r"schedule.warmup_epochs: expected a number of epochs >= 0, or auto \(got 'soon'\)"):
         parse_spec({**MINIMAL, "schedule": {"warmup_epochs": "soon"}})
+
+
+@pytest.mark.parametrize("override, said", [
+    ("stability.clip.max_nrom=2", "stability.clip.max_nrom: unknown key (did you mean max_norm?)"),
+    ("optimzer.lr=0.1", "optimzer: unknown key (did you mean optimizer?)"),
+    ("faults=[{kind: nan_batch, at_step: 3, rnak: 1}]", "faults.0.rnak: unknown key (did you mean rank?)"),  # inside a list
+    ("data.augment.horizontal_flip=0.5", "data.augment.horizontal_flip: unknown key"),  # nothing close: no guess
+])
+def test_an_unknown_key_names_the_closest_known_one(override, said):
+    with pytest.raises(BadInput) as info:
+        parse_spec(apply_overrides({**MINIMAL}, [override]), "job.yaml")
+    assert str(info.value) == f"job.yaml: {said}"
