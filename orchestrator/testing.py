@@ -30,6 +30,17 @@ from typing import Any
 import pytest
 
 
+# Ray 2.60's DataContext() sets every field, deprecated ones included, so any session that uses Ray Data
+# warns about settings nobody set; a test session shows them under every Ray-backed test.
+RAY_DATA_DEFAULTS_WARNINGS = ("`use_push_based_shuffle` is deprecated", "`use_polars` is deprecated",
+                              "`use_arrow_tensor_v2` is deprecated")
+
+
+def pytest_configure(config) -> None:
+    for message in RAY_DATA_DEFAULTS_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:DeprecationWarning")
+
+
 def job_overrides(overrides: tuple[str, ...], fields: dict[str, Any]) -> list[str]:
     """CLI-style overrides from positional `a.b=c` strings and `a__b=value` keywords (values as JSON)."""
     keyed = [f"{key.replace('__', '.')}={value if isinstance(value, str) else json.dumps(value)}"
