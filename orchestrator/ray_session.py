@@ -57,12 +57,48 @@ def _not_the_bars_notice(record) -> bool:
     return not record.getMessage().startswith("Progress bars disabled")
 
 
+def refused_token(exc: BaseException) -> bool:
+    """Whether a failed ray.init was the cluster refusing a missing or wrong token (anywhere in the chain)."""
+    while exc is not None:
+        if "InvalidAuthToken" in str(exc) or type(exc).__name__ == "AuthenticationError":
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def check_reachable(address: str, named_by: str) -> None:
+    """A cluster address that answers, or one line naming where it came from. ray.init itself retries for a
+    minute and prints GCS errors meanwhile; `auto` with no cluster raises a traceback."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    from orchestrator.errors import BadInput
+
+    if "://" in address:  # ray://, a client address: ray.init's own errors
+        return
+    try:
+        resolved = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as exc:
+        raise BadInput(f"{named_by}: {address}: {str(exc).splitlines()[0]} (leave it unset for a local Ray)") from None
+    tried = []
+    for candidate in dict.fromkeys([address, resolved]) if address != "auto" else [resolved]:
+        host, _, port = candidate.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+            return
+        except (OSError, ValueError) as exc:
+            tried.append(f"{candidate}: {getattr(exc, 'strerror', None) or exc}")
+    raise BadInput(f"{named_by}: {address}: no Ray cluster answers there ({'; '.join(tried)})")
+
+
 def ensure_ray(address: Optional[str], verbose: bool = False, dashboard: bool = True, prestart_workers: bool = True) -> None:
     global _started_here  # set when this call starts the embedded Ray (see in_embedded_ray)
     import ray
 
     if ray.is_initialized():
         return
+    named_by = "scaling.address" if address else "RAY_ADDRESS"
     address = cluster_address(address)
     if address is None:
         for key, value in FAST_LOCAL_ENV.items():
@@ -91,9 +127,19 @@ def ensure_ray(address: Optional[str], verbose: bool = False, dashboard: bool = 
                 os.environ.pop(key, None)
         _started_here = ray.get_runtime_context().gcs_address
     else:
+        check_reachable(address, named_by)
         # A submitted job's own runtime env is merged with this one; a setup hook of the user's own wins.
         own_hook = "worker_process_setup_hook" in os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "")
-        ray.init(address=address, log_to_driver=verbose, logging_level="WARNING", runtime_env=None if own_hook else PIN_ADDRESS)
+        try:
+            ray.init(address=address, log_to_driver=verbose, logging_level="WARNING",
+                     runtime_env=None if own_hook else PIN_ADDRESS)
+        except Exception as exc:  # a ConnectionError, caused by a RuntimeError around Ray's AuthenticationError
+            if not refused_token(exc):
+                raise
+            from orchestrator.errors import BadInput
+            # Ray sends this machine's token to an address named explicitly only when told to: not Keel's call
+            raise BadInput(f"{named_by}: {address}: the cluster uses token authentication: set RAY_AUTH_MODE=token "
+                           "and put its token in RAY_AUTH_TOKEN or ~/.ray/auth_token") from None
     import logging
 
     import ray.data

@@ -121,3 +121,34 @@ def test_arguments_that_cannot_work_are_one_line_exit_2_and_start_or_write_nothi
         lines = found["results"][case]["stderr"].strip().splitlines()
         assert found["results"][case]["rc"] == 2 and len(lines) == 1 and said in lines[0], (case, found["results"][case])
     assert list(tmp_path.iterdir()) == [] and not found["ray_imported"]  # no output directory, no Ray
+
+
+def test_a_cluster_address_where_nothing_answers_is_one_line_exit_2_before_any_run_directory(tmp_path):
+    """ray.init retries such an address for a minute, printing GCS errors; `auto` with no cluster is a traceback."""
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["run", str(ROOT / "jobs/digits-resnet.yaml"), f"run.storage_path={tmp_path}/runs", f"scaling.address=127.0.0.1:{port}"]
+    found = cli_cases([("refused", argv)], tmp_path)["results"]["refused"]
+    lines = found["stderr"].strip().splitlines()
+    assert found["rc"] == 2 and len(lines) == 1, found
+    assert f"scaling.address: 127.0.0.1:{port}: no Ray cluster answers there (127.0.0.1:{port}: Connection refused" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_cluster_refusing_the_token_is_recognised_anywhere_in_the_error_chain():
+    """ray.init raises ConnectionError, caused by a RuntimeError whose text holds Ray's AuthenticationError."""
+    from orchestrator.ray_session import refused_token
+
+    def chained() -> ConnectionError:
+        try:
+            try:
+                raise RuntimeError("Failed to connect to GCS. ... RPC error: InvalidAuthToken: Authentication token is missing")
+            except RuntimeError as inner:
+                raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from inner
+        except ConnectionError as outer:
+            return outer
+    assert refused_token(chained())
+    assert not refused_token(ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379"))
