@@ -139,19 +139,24 @@ def failure_reason(exc: Exception, spec: JobSpec) -> str:
 
 
 def already_trained(spec: JobSpec) -> Optional[tuple[Path, int]]:
-    """(its newest intact checkpoint, the epochs it holds) for a run on a local disk that already holds
-    run.epochs epochs or more; None otherwise (on object storage the workers find out, as they resume)."""
+    """(its newest checkpoint, the epochs it holds) for a run on a local disk whose newest checkpoint is intact
+    and holds run.epochs epochs or more; None otherwise (on object storage the workers find out as they
+    resume). The epoch is read from the mapped file; only a finished run's checkpoint is hashed here."""
     from orchestrator.train.checkpointing import list_checkpoints, mapped_payload
     from orchestrator.train.resume import newest_good_index
 
     if is_remote(spec.run.storage_path):
         return None
-    newest_first = list_checkpoints(Path(spec.run.storage_path) / spec.run.name)[::-1]
-    index = newest_good_index(newest_first, warn=lambda message: None)  # a damaged one: resume falls back, as here
-    if index is None:
+    checkpoints = list_checkpoints(Path(spec.run.storage_path) / spec.run.name)
+    if not checkpoints:
         return None
-    epochs = mapped_payload(newest_first[index])["epoch"] + 1
-    return (newest_first[index], epochs) if epochs >= spec.run.epochs else None
+    try:
+        epochs = mapped_payload(checkpoints[-1])["epoch"] + 1
+    except Exception:  # damaged: resume falls back to an older one, in the run
+        return None
+    if epochs < spec.run.epochs or newest_good_index(checkpoints[-1:], warn=lambda message: None) is None:
+        return None
+    return checkpoints[-1], epochs
 
 
 def nothing_to_train(spec: JobSpec, plan: Plan, checkpoint: Path, epochs: int, on_event) -> RunOutcome:

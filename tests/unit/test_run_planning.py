@@ -302,3 +302,26 @@ def test_the_summary_shows_each_extra_validation_split_beside_the_main_one(tmp_p
     Console(file=out, width=200).print(summary_table(RunOutcome(status="finished", run_dir=tmp_path, history=[final])))
     lines = [" ".join(line.split()) for line in out.getvalue().splitlines()]
     assert "│ final val accuracy │ 0.98 │" in lines and "│ final val accuracy (original) │ 0.2028 │" in lines, lines
+
+
+def test_a_run_counts_as_already_trained_only_when_its_newest_checkpoint_is_intact_and_holds_every_epoch(tmp_path):
+    """keel run of a finished local run answers without Ray; a damaged newest checkpoint or more epochs to go
+    leave it to the run (which resumes, falling back to an older checkpoint if need be)."""
+    import torch
+    import yaml
+
+    from orchestrator.train.checkpointing import save_checkpoint
+    from orchestrator.train.components import build_components
+    from orchestrator.train.driver import already_trained
+
+    spec = parse_spec(_resnet_tree(tmp_path, run={"epochs": 2}))
+    comps = build_components(spec, 4, torch.device("cpu"))
+    for epoch in (0, 1):
+        save_checkpoint(tmp_path / "r" / f"checkpoint_00{epoch}", comps, epoch=epoch, spec_yaml=yaml.safe_dump({}))
+    assert already_trained(spec) == (tmp_path / "r" / "checkpoint_001", 2)
+    assert already_trained(parse_spec(_resnet_tree(tmp_path, run={"epochs": 3}))) is None  # one epoch to go
+    state = tmp_path / "r" / "checkpoint_001" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte in the weights: still loads, fails its manifest
+    state.write_bytes(bytes(data))
+    assert already_trained(spec) is None
