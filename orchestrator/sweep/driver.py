@@ -7,6 +7,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -190,7 +191,9 @@ def run_sweep(sweep: SweepSpec, base_tree: dict, on_result: Callable[[list[Trial
     saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
-        tuner.fit()
+        with warnings.catch_warnings():  # Tune's advice to PBT users to reuse actors: not something a Keel user can act on
+            warnings.filterwarnings("ignore", message="Consider boosting PBT performance", category=UserWarning)
+            tuner.fit()
     finally:
         if saved is None:
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)

@@ -162,7 +162,7 @@ def test_a_missing_bucket_or_a_bad_uri_is_one_line_exit_2_before_anything_starts
 
 @pytest.mark.timeout(900)
 def test_a_pbt_sweep_on_s3_clones_a_diverged_trial_from_its_donor_there_and_keel_results_reads_it(keel_ray, digits_dir, tmp_path,
-                                                                                                   bucket, capsys, monkeypatch):
+                                                                                                   bucket, capsys, monkeypatch, recwarn):
     # Two trials side by side: lr 0.05 trains, lr 1e4 diverges in its first epoch (Keel's guard ends its
     # run). Stock PBT ignores NaN scores; Keel's trial reports the worst score instead, so PBT's exploit
     # clones the good trial over it, from the good trial's checkpoint in the bucket.
@@ -180,6 +180,7 @@ def test_a_pbt_sweep_on_s3_clones_a_diverged_trial_from_its_donor_there_and_keel
     rc, swept = keel(capsys, "sweep", str(path))
     assert rc == 0, swept[-3000:]
     assert not (tmp_path / "sweeps").exists()  # the experiment lives in the bucket only
+    assert not [str(w.message) for w in recwarn if "reuse_actors" in str(w.message)]  # Tune's advice, not the user's
 
     with store().open_input_stream(f"{bucket}/sweeps/pbt/keel_diverged.json") as f:
         (bad_id, record), = json.loads(f.read()).items()
