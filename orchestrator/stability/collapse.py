@@ -106,9 +106,8 @@ class CollapseRecovery:
     """stability.collapse.action: rollback. At an epoch's end whose validation loss rose back to a uniform guess
     (`back_to_a_uniform_guess`, against the best epoch so far), every rank puts back the model and optimizer
     state of that best epoch (a CPU copy kept when it was best) and multiplies the LR by `lr_factor` for the
-    rest of the run. The schedule runs
-    on: the run's length does not change. The validation loss is all-reduced, so every rank takes the same
-    decision with no extra communication. The copy lives in memory only: a resumed run keeps its LR cut and its
+    rest of the run. The schedule runs on: the run's length does not change. The validation loss is
+    all-reduced, so every rank takes the same decision with no extra communication. The copy lives in memory only: a resumed run keeps its LR cut and its
     count of rollbacks, and starts looking for its best epoch afresh."""
 
     def __init__(self, chance: float, spec):
