@@ -57,6 +57,10 @@ def _not_the_bars_notice(record) -> bool:
     return not record.getMessage().startswith("Progress bars disabled")
 
 
+def _not_the_token_notice(record) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def refused_token(exc: BaseException) -> bool:
     """Whether a failed ray.init was the cluster refusing a missing or wrong token (anywhere in the chain)."""
     while exc is not None:
@@ -108,6 +112,11 @@ def ensure_ray(address: Optional[str], verbose: bool = False, dashboard: bool = 
         # taken by another Ray, no dashboard started, and the next trial waited forever for CPUs). A single
         # `keel run` does not need it (`keel run --dashboard` to watch it); start-up is the same either way.
         port = free_dashboard_port() if dashboard else None
+        if not verbose:  # Ray 2.60 starts every local cluster with token authentication and says so each time
+            import logging
+            token_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+            if _not_the_token_notice not in token_logger.filters:
+                token_logger.addFilter(_not_the_token_notice)
         lean = {k: v for k, v in NO_PRESTART.items() if k not in os.environ} if not prestart_workers else {}
         os.environ.update(lean)  # read by the raylet as it starts; not left for a later Ray of this process
         try:

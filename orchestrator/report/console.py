@@ -7,6 +7,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from orchestrator import metric_keys as mk
+from orchestrator.train.changed_settings import describe
 
 EPOCH_COLUMNS = [(mk.EPOCH, "epoch", "{}"), (mk.TRAIN_LOSS, "train loss", "{:.4f}"), (mk.VAL_LOSS, "val loss", "{:.4f}"),
                  (mk.VAL_ACCURACY, "val acc", "{:.4f}"), (mk.GRAD_NORM_MEAN, "|g| mean", "{:.3g}"),
@@ -47,11 +48,17 @@ class RunDisplay:
         elif kind == "warning":
             self.console.print(f"[yellow]warning:[/] {event['message']}", highlight=False, soft_wrap=True)
         elif kind == "resumed":
+            changed = describe(event.get("changed") or [])
             if event["epoch"] >= self.epochs:  # a re-run of a finished run: say so, not "continuing at epoch 3" of 1
-                self.console.print(f"resumed from checkpoint: {event['epoch']} epochs already trained, run.epochs is "
-                                   f"{self.epochs}: nothing to train (raise run.epochs to train on)")
+                line = (f"resumed from checkpoint: {event['epoch']} epochs already trained, run.epochs is {self.epochs}: "
+                        "nothing to train (raise run.epochs to train on)")
+                if changed:  # what the user changed is not silently ignored
+                    line += f"; this job changed {changed}, which a finished run does not train with: use a new run.name"
             else:
-                self.console.print(f"resumed from checkpoint: continuing at epoch {event['epoch'] + 1}")
+                line = f"resumed from checkpoint: continuing at epoch {event['epoch'] + 1}"
+                if changed:
+                    line += f" under changed hyper-parameters: {changed} (this job's LR schedule, replayed to that point)"
+            self.console.print(line, highlight=False, soft_wrap=True)
         elif kind == "step" and self.progress:
             self.progress.update(self.task, total=event["steps"], completed=event["step"], epoch=event["epoch"] + 1,
                                  loss=fmt(event[mk.LOSS]), gnorm=fmt(event[mk.GRAD_NORM]), lr=fmt(event[mk.LR], "{:.3g}"))

@@ -169,9 +169,10 @@ def apply_payload(payload: dict, comps, keep_hyperparameters: bool = False, repl
 
     keep_hyperparameters: take weights, optimizer moments and guard state from the checkpoint but keep
     this spec's LR, weight decay, momentum... (PBT's exploit: a clone continues a better trial's weights
-    under mutated hyper-parameters). The clone's own LR schedule is then replayed to `replay_steps`, the
-    steps its own plan takes to the end of the checkpoint's epoch (a mutated batch size changes steps per
-    epoch: replaying the donor's count put the LR at the wrong point, and ran one_cycle past its end)."""
+    under mutated hyper-parameters; a re-run that changed them, train/changed_settings.py). Its own LR
+    schedule is then replayed to `replay_steps`, the steps its own plan takes to the end of the checkpoint's
+    epoch (a mutated batch size changes steps per epoch: replaying the donor's count put the LR at the wrong
+    point, and ran one_cycle past its end); a plateau schedule keeps the cuts it had made."""
     st = comps.state
     st.step = payload["step"]
     if not keep_hyperparameters:
@@ -187,8 +188,12 @@ def apply_payload(payload: dict, comps, keep_hyperparameters: bool = False, repl
             warnings.simplefilter("ignore")
             for _ in range(steps):
                 comps.schedule.step()
-        if comps.schedule.plateau is not None and payload["schedule"].get("plateau"):
-            comps.schedule.plateau.__dict__.update({k: payload["schedule"]["plateau"][k] for k in PLATEAU_PROGRESS})
+        saved_plateau = payload["schedule"].get("plateau")
+        if comps.schedule.plateau is not None and saved_plateau:
+            comps.schedule.plateau.__dict__.update({k: saved_plateau[k] for k in PLATEAU_PROGRESS})
+            if saved_plateau["last_epoch"] > 0:  # past warmup, where a plateau schedule's LR moves only by its cuts
+                for group, saved in zip(st.optimizer.param_groups, payload["optimizer"]["param_groups"]):
+                    group["lr"] *= min(1.0, saved["lr"] / saved.get("initial_lr", saved["lr"]))  # the cuts so far
         st.step = steps if replay_steps is not None else st.step
         if st.scaler is not None and payload["scaler"] is not None:
             st.scaler.load_state_dict(payload["scaler"])

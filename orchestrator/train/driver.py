@@ -161,11 +161,13 @@ def already_trained(spec: JobSpec) -> Optional[tuple[Path, int]]:
 
 def nothing_to_train(spec: JobSpec, plan: Plan, checkpoint: Path, epochs: int, on_event) -> RunOutcome:
     """The outcome of a finished run, read back from its directory: its metrics and stability report."""
+    from orchestrator.train.changed_settings import changed_settings, read_written_with
     from orchestrator.train.run_files import read_metrics, read_stability
 
     run_dir = Path(spec.run.storage_path) / spec.run.name
     on_event({"type": "start", "plan": plan, "run_dir": str(run_dir)})
-    on_event({"type": "resumed", "epoch": epochs, "checkpoint": str(checkpoint)})
+    changed = changed_settings(read_written_with(checkpoint), spec)
+    on_event({"type": "resumed", "epoch": epochs, "checkpoint": str(checkpoint), "changed": changed})
     outcome = RunOutcome(status="finished", run_dir=run_dir, history=read_metrics(run_dir), checkpoint=str(checkpoint),
                          stability=read_stability(run_dir))
     if outcome.final.get(mk.STOP_REASON):

@@ -24,6 +24,7 @@ from orchestrator.models import unwrap
 from orchestrator.stability.bad_batches import BadBatches
 from orchestrator.storage import remote_checkpoints
 from orchestrator.stability.distributed import all_gather_objects, broadcast_module_state, broadcast_object, rank
+from orchestrator.train.changed_settings import hyper_parameter_changes
 from orchestrator.train.in_process import newest_checkpoint, stored_checkpoint
 from orchestrator.train.checkpointing import (CorruptCheckpoint, apply_payload, list_checkpoints, model_mismatch,
                                               read_payload, resume_mismatch, state_fingerprint, verify_checkpoint)
@@ -35,6 +36,7 @@ class Restored:
     epoch: int               # the epoch saved in it (training continues at epoch + 1)
     fingerprints: list[str]  # per rank, after loading: one value, or the ranks disagree
     copied_from_rank0: list[str]  # why ranks that could not read the checkpoint themselves took rank 0's
+    changed: list[str]       # this job's hyper-parameters that differ from the checkpoint's, now in force
 
 
 def newest_good_index(candidates: list[Path], warn: Callable[[str], None]) -> int | None:
@@ -68,11 +70,12 @@ def _read_own_copy(directory: Path | None, name: str) -> tuple[dict | None, str 
 
 
 def restore_agreed(candidates: list[Path], comps, warn: Callable[[str], None], keep_hyperparameters: bool = False,
-                   steps_per_epoch: list[int] | None = None) -> Restored | None:
+                   steps_per_epoch: list[int] | None = None, spec=None) -> Restored | None:
     """Every rank calls this with its own view of the candidates (newest first; the first is Ray's latest);
     `warn` is heard from rank 0. None: no intact checkpoint, every rank starts from scratch.
     steps_per_epoch: this run's own plan; a clone (keep_hyperparameters) replays its schedule to the end of the
-    checkpoint's epoch under it, not the donor's step count."""
+    checkpoint's epoch under it, not the donor's step count. spec: this job's, for a re-run of its own run:
+    hyper-parameters it changed are kept the same way (rank 0 compares, every rank follows)."""
     pick = None
     if rank() == 0:
         index = newest_good_index(candidates, warn)
@@ -93,12 +96,17 @@ def restore_agreed(candidates: list[Path], comps, warn: Callable[[str], None], k
     if mismatch:  # the same payload on every rank, so every rank stops with this line (torch's own is pages long)
         raise ValueError(resume_mismatch(candidates[index] if rank() == 0 else name, mismatch))
     epoch = payload["epoch"]
-    replay = sum(steps_per_epoch[:epoch + 1]) if keep_hyperparameters and steps_per_epoch else None
-    apply_payload(payload, comps, keep_hyperparameters, replay)
+    plan_steps = sum(steps_per_epoch[:epoch + 1]) if steps_per_epoch else None
+    changed = []
+    if spec is not None and not keep_hyperparameters:
+        changed = broadcast_object(hyper_parameter_changes(candidates[index], spec, payload, plan_steps)
+                                   if rank() == 0 else None)
+    keep = keep_hyperparameters or bool(changed)
+    apply_payload(payload, comps, keep, plan_steps if keep else None)
     model = unwrap(comps.state.model)
     broadcast_module_state(model)
     fingerprints = all_gather_objects(state_fingerprint(model.state_dict()))
-    return Restored(candidates[index] if rank() == 0 else Path(name), epoch, fingerprints, problems)
+    return Restored(candidates[index] if rank() == 0 else Path(name), epoch, fingerprints, problems, changed)
 
 
 def latest_checkpoint(spec, storage: dict | None = None, in_process: bool = False):
@@ -148,7 +156,7 @@ def resume(comps, spec, progress, latest, initial: dict | None, steps_per_epoch:
             progress.send("warning", message=message)
 
         try:
-            restored = restore_agreed(candidates, comps, warn, keep_hyperparameters, steps_per_epoch)
+            restored = restore_agreed(candidates, comps, warn, keep_hyperparameters, steps_per_epoch, spec)
         finally:
             for c in older:  # the fallbacks fetched from object storage
                 if hasattr(c, "discard"):
@@ -161,5 +169,7 @@ def resume(comps, spec, progress, latest, initial: dict | None, steps_per_epoch:
         raise RuntimeError(f"ranks resumed with different weights: {restored.fingerprints}")
     shown = shown or str(getattr(restored.checkpoint, "path", restored.checkpoint))
     loaded = {"checkpoint": shown, "fingerprint": restored.fingerprints[0], "ranks": len(restored.fingerprints)}
+    if restored.changed:
+        loaded["changed"] = restored.changed
     progress.send("resumed", epoch=restored.epoch + 1, copied_from_rank0=restored.copied_from_rank0, **loaded)
     return restored.epoch + 1, loaded

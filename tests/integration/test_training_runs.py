@@ -145,10 +145,17 @@ def test_a_one_worker_run_trains_in_this_process_keeps_its_newest_checkpoints_an
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
     assert history[-1]["resumed_from"]["checkpoint"] == str(kept[-1])
     assert read_payload(list_checkpoints(run_dir)[-1])["epoch"] == 3
-    # the same again: 4 of 4 epochs trained. Said at once, with the run's own results; nothing started or written
+    # more epochs: the cosine schedule of a 4-epoch run, replayed to where the 3-epoch run stopped, ends at 0. The
+    # checkpoint's own 3-epoch cosine, run a third past its end, had climbed back to a quarter of the peak LR
+    assert history[-1]["resumed_from"]["changed"] == ["run.epochs 3 → 4"]
+    assert history[-1]["lr"] < 1e-6, [h["lr"] for h in history]
+    # the same again with another LR: 4 of 4 epochs trained. Said at once, with the run's own results and the
+    # change this job asked for that a finished run does not make; nothing started or written
     written = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
-    rc, out, err = cli_here(capsys, "run", str(job), "run.epochs=4", "--quiet")
-    assert rc == 0 and "4 epochs already trained, run.epochs is 4: nothing to train" in " ".join(out.split()), out + err
+    rc, out, err = cli_here(capsys, "run", str(job), "run.epochs=4", "optimizer.lr=0.02", "--quiet")
+    said = " ".join(out.split())
+    assert rc == 0 and "4 epochs already trained, run.epochs is 4: nothing to train" in said, out + err
+    assert "this job changed optimizer.lr 0.1 → 0.02, which a finished run does not train with" in said, said
     from orchestrator.report.console import fmt
     assert f"final val accuracy │ {fmt(history[-1]['val_accuracy'])} │" in " ".join(out.split()), out
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == written

@@ -130,7 +130,7 @@ def test_the_manifest_catches_a_flipped_byte_in_any_piece_and_still_reads_old_ma
         verify_checkpoint(tmp_path)
 
 
-def test_resuming_a_checkpoint_of_another_model_stops_with_one_line_naming_the_difference(tmp_path):
+def test_resuming_a_checkpoint_of_ansame_hyper_parameters_stops_with_one_line_naming_the_difference(tmp_path):
     # A transformer run checkpointed before QK-layernorm became its default, resumed by the same job now: the
     # line names the setting that fits (torch's own error lists every key over pages).
     import pytest
@@ -152,3 +152,70 @@ def test_resuming_a_checkpoint_of_another_model_stops_with_one_line_naming_the_d
     assert "has no blocks.0.attention.q_norm.weight (trained without QK-layernorm? set model.qk_norm: false)" in message
     _, same = transformer(qk_norm=False)  # the model it was written with resumes
     assert restore_agreed([tmp_path / "checkpoint_000001"], same, print).epoch == 1
+
+
+def spec_and_comps(lr: float = 0.1, epochs: int = 2, **schedule):
+    spec = JobSpec.model_validate({
+        "model": {"kind": "mlp", "hidden": [8]},
+        "data": {"train": "t.parquet", "val": "v.parquet", "shape": [4], "num_classes": 3, "batch_size": 4},
+        "optimizer": {"name": "sgd", "lr": lr, "momentum": 0.9}, "schedule": {"kind": "cosine", **schedule},
+        "run": {"name": "ckpt", "epochs": epochs}})
+    return spec, build_components(spec, STEPS, torch.device("cpu"))
+
+
+def test_a_rerun_with_more_epochs_and_a_lower_lr_continues_under_them(tmp_path):
+    """Re-running a run resumes it; what the re-run changed is in force from there. Loaded as they were, the
+    checkpoint's optimizer kept lr 0.1 and its 2-epoch cosine, which run past its end climbs back to the peak."""
+    spec, before = spec_and_comps(lr=0.1, epochs=2)
+    train(before, 2 * STEPS)
+    save_checkpoint(tmp_path / "checkpoint_000001", before, epoch=1, spec_yaml=spec.to_yaml())
+    again_spec, again = spec_and_comps(lr=0.01, epochs=4)
+    restored = restore_agreed([tmp_path / "checkpoint_000001"], again, print, steps_per_epoch=[STEPS] * 4, spec=again_spec)
+    assert restored.changed == ["optimizer.lr 0.1 → 0.01", "run.epochs 2 → 4"]
+    for a, b in zip(before.state.model.parameters(), again.state.model.parameters()):  # the run's weights and moments
+        assert torch.equal(a, b)
+        assert torch.equal(before.state.optimizer.state[a]["momentum_buffer"], again.state.optimizer.state[b]["momentum_buffer"])
+    curve = lr_curve(again_spec.schedule, base_lr=0.01, steps_per_epoch=STEPS, epochs=4)
+    assert again.state.step == 2 * STEPS and abs(again.state.optimizer.param_groups[0]["lr"] - curve[2 * STEPS]) < 1e-12
+    train(again, 2 * STEPS)
+    assert again.state.optimizer.param_groups[0]["lr"] < 1e-9  # the 4-epoch cosine's end
+
+
+def test_a_rerun_that_changes_no_hyper_parameter_is_the_exact_continuation(tmp_path):
+    spec, before = spec_and_comps(epochs=4, warmup_epochs=1)
+    train(before, 2 * STEPS)
+    save_checkpoint(tmp_path / "checkpoint_000001", before, epoch=1, spec_yaml=spec.to_yaml())
+    same_hyper_parameters = spec.model_copy(update={"run": spec.run.model_copy(update={"max_failures": 3})})  # not a hyper-parameter
+    _, again = spec_and_comps(epochs=4, warmup_epochs=1)
+    restored = restore_agreed([tmp_path / "checkpoint_000001"], again, print, steps_per_epoch=[STEPS] * 4, spec=same_hyper_parameters)
+    assert restored.changed == []
+    assert again.schedule.state_dict() == before.schedule.state_dict()  # loaded, not replayed
+    assert again.state.optimizer.state_dict()["param_groups"] == before.state.optimizer.state_dict()["param_groups"]
+
+
+def test_a_rerun_of_a_plateau_run_keeps_the_cuts_it_made(tmp_path):
+    spec, before = spec_and_comps(epochs=3)
+    spec = JobSpec.model_validate({**spec.model_dump(), "schedule": {"kind": "plateau", "plateau_patience": 0}})
+    before = build_components(spec, STEPS, torch.device("cpu"))
+    train(before, 2 * STEPS)
+    for val_loss in (1.0, 2.0):  # the second epoch is worse: the LR is halved
+        before.schedule.epoch_end(val_loss, warmup_done=True)
+    assert before.state.optimizer.param_groups[0]["lr"] == 0.05
+    save_checkpoint(tmp_path / "checkpoint_000001", before, epoch=1, spec_yaml=spec.to_yaml())
+    longer = JobSpec.model_validate({**spec.model_dump(), "run": {**spec.run.model_dump(), "epochs": 5}})
+    again = build_components(longer, STEPS, torch.device("cpu"))
+    restored = restore_agreed([tmp_path / "checkpoint_000001"], again, print, steps_per_epoch=[STEPS] * 5, spec=longer)
+    assert restored.changed == ["run.epochs 3 → 5"] and again.state.optimizer.param_groups[0]["lr"] == 0.05
+
+
+def test_a_rerun_on_more_workers_replays_the_schedule_to_where_its_own_plan_stands(tmp_path):
+    # More workers, fewer steps per epoch (3, not 5): the checkpoint's cosine counted 10 steps of a 20-step run;
+    # this plan's run is 12 steps long, and 2 epochs of it are 6 steps
+    spec, before = spec_and_comps(epochs=4)
+    train(before, 2 * STEPS)
+    save_checkpoint(tmp_path / "checkpoint_000001", before, epoch=1, spec_yaml=spec.to_yaml())
+    half = build_components(spec, 3, torch.device("cpu"))
+    restored = restore_agreed([tmp_path / "checkpoint_000001"], half, print, steps_per_epoch=[3] * 4, spec=spec)
+    assert restored.changed == ["steps to the end of epoch 2 10 → 6"]
+    curve = lr_curve(spec.schedule, base_lr=0.1, steps_per_epoch=3, epochs=4)
+    assert half.state.step == 6 and abs(half.state.optimizer.param_groups[0]["lr"] - curve[6]) < 1e-12
