@@ -177,6 +177,7 @@ class ScalingSpec(Section):
     address: Optional[str] = doc(None, "Ray cluster address ('auto' inside a cluster); empty = start an embedded local Ray.")
     collective_timeout_s: int = doc(300, "gloo/nccl timeout: a dead peer fails the run after this many seconds, not 30 minutes.", ge=10)
     resize_check_s: float = doc(60.0, "Elastic runs: how often Ray Train looks for room to grow the worker group (Ray's elastic_resize_monitor_interval_s).", gt=0)
+    find_unused_parameters: Union[Literal["auto"], bool] = doc("auto", "DDP's search, every step, for parameters that got no gradient (without it, a model with one fails at its second step). auto: on when a custom model's forward and backward on two samples leave a parameter without gradient (named in a warning at the start); true: also for parameters used on some batches only; false: never.")
     resource_wait_s: float = doc(120.0, "How long to wait for the cluster to offer the workers' CPUs/GPUs (Keel asks the autoscaler for them) before failing with a clear message.", ge=0)
 
 

@@ -78,3 +78,19 @@ def check_custom_model(net: nn.Module, path: str, shape: list[int], num_classes:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise BadInput(f"model.factory: {path} returned {got} for a batch of shape {tuple(batch.shape)}; "
                        f"expected logits of shape (2, {num_classes}) (data.num_classes)")
+
+
+def parameters_without_gradient(net: nn.Module, shape: list[int], frozen: tuple[str, ...] = ()) -> list[str]:
+    """Names of the trainable parameters that a training-mode forward and backward on two zero samples leaves
+    without a gradient (an auxiliary head never called, a layer built and left out of forward). DDP refuses
+    them at the second step unless it searches for them every step. On a copy, seeded: every rank finds the
+    same; `frozen`: init_from.freeze's prefixes, whose parameters are not trained anyway."""
+    import copy
+
+    probe = copy.deepcopy(net).train()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        out = probe(torch.zeros(2, *shape))
+        (out if isinstance(out, torch.Tensor) else out[0]).float().sum().backward()
+    return [name for name, p in probe.named_parameters()
+            if p.requires_grad and p.grad is None and not name.startswith(frozen)]

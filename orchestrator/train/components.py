@@ -48,6 +48,7 @@ class Components:
     clipper: GradClipper  # called by name in train_step; its state travels with the safeguards'
     penalized: list  # parameters under the L1/L2 penalty
     amp_dtype: torch.dtype | None
+    unused_parameters: tuple[str, ...] = ()  # DDP searches for them every step (scaling.find_unused_parameters)
 
     @property
     def schedule(self) -> Schedule:
@@ -94,13 +95,17 @@ def build_components(spec: JobSpec, steps_per_epoch: int, device: torch.device, 
     """Model (synchronized BN, then DDP through `prepare_model`), optimizer, schedule, scaler, safeguards."""
     seed_everything(spec.run.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     model = build_model(spec.model, spec.data)
+    unused = unused_parameters(spec, model) if prepare_model else []
     if spec.stability.sync_batchnorm and world_size() > 1:
         model = convert_sync_batchnorm(model, use_cuda=device.type == "cuda")
     if spec.init_from.freeze:  # before DDP wraps the model: every rank leaves the same parameters out
         freeze(model, spec.init_from.freeze)
     if spec.scaling.use_gpu and spec.model.kind in ("cnn", "resnet"):
         model = model.to(memory_format=torch.channels_last)
-    model = prepare_model(model) if prepare_model else model.to(device)
+    if prepare_model and (unused or spec.scaling.find_unused_parameters is True):
+        model = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    else:
+        model = prepare_model(model) if prepare_model else model.to(device)
     optimizer = build_optimizer(model, spec.optimizer, spec.regularization, world_size(), spec.init_from.lr_multipliers)
     schedule = build_schedule(optimizer, spec.schedule, steps_per_epoch, spec.run.epochs)
     scaler = torch.amp.GradScaler(device.type) if spec.scaling.amp == "fp16" else None
@@ -108,4 +113,20 @@ def build_components(spec: JobSpec, steps_per_epoch: int, device: torch.device, 
     penalized, _ = split_decay_parameters(model, spec.regularization.exclude_norm_and_bias)
     state = StepState(model=model, optimizer=optimizer, device=device, rank=rank(), scaler=scaler, schedule=schedule)
     safeguards = build_safeguards(spec, model)
-    return Components(state, safeguards, safeguards.find(GradClipper), penalized, amp_dtype)
+    return Components(state, safeguards, safeguards.find(GradClipper), penalized, amp_dtype, tuple(unused))
+
+
+def unused_parameters(spec: JobSpec, model: torch.nn.Module) -> list[str]:
+    """A custom model's parameters that get no gradient (scaling.find_unused_parameters: auto); Keel's own
+    models use every parameter."""
+    if spec.scaling.find_unused_parameters != "auto" or spec.model.kind != "custom":
+        return []
+    from orchestrator.models.custom import parameters_without_gradient
+
+    return parameters_without_gradient(model, spec.data.shape, tuple(spec.init_from.freeze))
+
+
+def unused_note(names) -> str:
+    shown = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+    return (f"the model's {shown} get no gradient in its forward: DDP searches for unused parameters at every step "
+            "(slower); remove or freeze them (init_from.freeze) to spare it")

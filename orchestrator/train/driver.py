@@ -127,6 +127,8 @@ def build_trainer(spec: JobSpec, plan: Plan, progress: Any = None, clock: Any = 
 # How each backend reports a peer that stopped answering: gloo "Timed out waiting 10000ms for recv" or
 # "Application timeout caused pair closure" (seen in CI), nccl "Watchdog caught collective operation timeout".
 HUNG_PEER = re.compile(r"timed out|timeout caused pair closure|collective operation timeout", re.IGNORECASE)
+UNUSED_PARAMETER = re.compile(r"did not receive grad|Expected to have finished reduction in the prior iteration")
+EXCEPTION_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b[^:]*: ")
 
 
 def failure_reason(exc: Exception, spec: JobSpec) -> str:
@@ -134,8 +136,14 @@ def failure_reason(exc: Exception, spec: JobSpec) -> str:
     if HUNG_PEER.search(text):
         return (f"a peer stopped responding: a collective timed out after {spec.scaling.collective_timeout_s} s "
                 "(scaling.collective_timeout_s); see the worker logs for the rank that hung")
+    if UNUSED_PARAMETER.search(text):  # DDP's message is pages long, and Ray keeps only its tail
+        which = re.search(r"did not receive grad for rank (\d+): ([\d ]+)", text)
+        where = f" (parameter indices {which.group(2).strip()} on rank {which.group(1)})" if which else ""
+        return (f"DDP: a parameter got no gradient in a step{where}: set scaling.find_unused_parameters: true if some "
+                "are used on some batches only, or make every parameter take part in the loss")
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else type(exc).__name__)[:500]
+    raised = [line for line in lines if EXCEPTION_LINE.match(line)]  # the error itself, not a hint after it
+    return ((raised or lines)[-1].strip() if lines else type(exc).__name__)[:500]
 
 
 def already_trained(spec: JobSpec) -> Optional[tuple[Path, int]]:

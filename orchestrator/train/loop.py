@@ -20,7 +20,7 @@ from orchestrator.stability.diagnostics import Diagnostics
 from orchestrator.stability.distributed import all_reduce_, rank as this_rank, world_size
 from orchestrator.stability.faults import FaultInjector
 from orchestrator.train.checkpointing import save_checkpoint
-from orchestrator.train.components import Components, build_components, seed_everything
+from orchestrator.train.components import Components, build_components, seed_everything, unused_note
 from orchestrator.train.meters import EpochMeter, ProgressSender
 from orchestrator.train.losses import sample_losses, without_worst
 from orchestrator.train.in_process import report_epoch
@@ -179,6 +179,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     comps = build_components(spec, max(steps_per_epoch), ray.train.torch.get_device(), prepare)
     st = comps.state
     progress = ProgressSender(config.progress, st.rank)
+    if comps.unused_parameters:
+        progress.send("warning", message=unused_note(comps.unused_parameters))
     placement = worker_placement()  # a collective: every rank takes part, rank 0 sends it
     progress.send("ready", world_size=world, placement=placement)
     start_epoch, resumed = resume(comps, spec, progress, latest, config.initial_checkpoint, steps_per_epoch, config.storage)

@@ -8,7 +8,7 @@ import torch
 
 from orchestrator.errors import BadInput
 from orchestrator.models import build_model
-from orchestrator.models.custom import build_custom, check_custom_model, load_factory
+from orchestrator.models.custom import build_custom, check_custom_model, load_factory, parameters_without_gradient
 from orchestrator.spec import parse_spec
 from tests.helpers import ROOT
 from tests.helpers import on_gloo_ranks
@@ -99,3 +99,60 @@ def test_on_two_ranks_the_custom_models_batch_norms_are_synchronized_and_clippin
     for result in on_gloo_ranks(_components_on_rank, 2, tmp_path):
         assert len(result["norms"]) == 2 and result["synced"], result
         assert result["clip_mode"] == "zscore"  # auto: the model normalises, so z-score rather than AGC
+
+
+class WithUnusedHead(torch.nn.Module):
+    """A user's model with an auxiliary head that forward never calls."""
+
+    def __init__(self, inputs: int, num_classes: int):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(inputs, 16), torch.nn.ReLU())
+        self.head, self.aux = torch.nn.Linear(16, num_classes), torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def with_unused_head(shape, num_classes):
+    return WithUnusedHead(64, num_classes)
+
+
+def like_ray_train(model, parallel_strategy_kwargs=None):  # ray.train.torch.prepare_model's DDP, on CPU
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, **(parallel_strategy_kwargs or {}))
+
+
+def _two_ddp_steps_on_rank(rank):
+    from orchestrator.train.components import build_components
+
+    import os
+    os.chdir(ROOT)
+    out = {}
+    for setting in ("auto", False):
+        spec = parse_spec({**custom_spec(factory="tests.unit.test_custom_model:with_unused_head").model_dump(),
+                           "scaling": {"num_workers": 2, "find_unused_parameters": setting}})
+        comps = build_components(spec, steps_per_epoch=4, device=torch.device("cpu"), prepare_model=like_ray_train)
+        try:
+            for step in range(2):  # DDP refuses an unused parameter at the second forward
+                x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(step * 2 + rank))
+                torch.nn.functional.cross_entropy(comps.state.model(x), torch.tensor([0, 1, 2, 3])).backward()
+                comps.state.optimizer.step()
+                comps.state.optimizer.zero_grad()
+            out[str(setting)] = {"unused": comps.unused_parameters, "error": None}
+        except RuntimeError as exc:
+            out[str(setting)] = {"unused": comps.unused_parameters, "error": str(exc).splitlines()[0]}
+    return out
+
+
+def test_a_custom_model_with_a_parameter_it_never_uses_trains_under_ddp_and_is_named():
+    net = with_unused_head([1, 8, 8], 10)
+    assert parameters_without_gradient(net, [1, 8, 8]) == ["aux.weight", "aux.bias"]
+    assert parameters_without_gradient(net, [1, 8, 8], frozen=("aux.",)) == []  # frozen: not trained anyway
+    assert all(p.grad is None for p in net.parameters())  # probed on a copy
+
+
+def test_on_two_ranks_ddp_searches_for_the_unused_parameters_that_auto_found(tmp_path):
+    for result in on_gloo_ranks(_two_ddp_steps_on_rank, 2, tmp_path):
+        assert result["auto"] == {"unused": ("aux.weight", "aux.bias"), "error": None}, result
+        assert result["False"]["unused"] == () and "finished reduction" in result["False"]["error"], result

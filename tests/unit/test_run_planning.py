@@ -26,6 +26,22 @@ def test_any_other_failure_keeps_its_own_last_line(last):
     assert failure_reason(ValueError(f"Traceback ...\n  File x\n{last}\n"), SPEC) == last
 
 
+def test_a_failure_is_its_error_line_not_a_hint_printed_after_it():
+    text = "Traceback ...\n  File x\nKeyError: 'logits'\nDuring handling, set KEEL_DEBUG to see more\n"
+    assert failure_reason(RuntimeError(text), SPEC) == "KeyError: 'logits'"
+
+
+def test_ddps_unused_parameter_error_says_which_setting_mends_it():
+    # what Ray keeps of it (the snippet's tail): the error's own first line is cut off
+    text = ("Training failed due to worker errors:\n[Rank 0,1 Error Snippet]:\nTraceback (most recent call last):\n"
+            "   ...\n... (Output truncated. See individual worker logs for full details) ...\n"
+            " tensors in the return value of your module's `forward` function.\n"
+            "Parameter indices which did not receive grad for rank 0: 4 5\n"
+            " In addition, you can set the environment variable TORCH_DISTRIBUTED_DEBUG to either INFO or DETAIL\n")
+    reason = failure_reason(RuntimeError(text), SPEC)
+    assert "scaling.find_unused_parameters: true" in reason and "parameter indices 4 5 on rank 0" in reason, reason
+
+
 def workers(n, cpus=None):
     return parse_spec({"model": {"kind": "mlp"}, "data": {"train": "t", "val": "v", "shape": [4], "num_classes": 2},
                        "scaling": {"num_workers": n, "cpus_per_worker": cpus}, "run": {"name": "r"}})
