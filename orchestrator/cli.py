@@ -6,7 +6,9 @@ Exit codes: 0 ok, 1 the run failed or diverged, 2 bad input (nothing started).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
@@ -339,13 +341,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def beside_the_job_file(message: str, job: str | None) -> str:
+    """A hint for the commonest missing file: a relative path written from the job file's directory, with keel
+    run from another one (paths are read from the current directory, as a shell reads them)."""
+    missing = re.match(r"^[\w.]+: (.+): no such file or directory$", message)
+    if not missing or not job or not Path(job).is_file():
+        return ""
+    try:
+        relative = Path(missing.group(1)).relative_to(Path.cwd())
+    except ValueError:  # written as an absolute path
+        return ""
+    job_dir = Path(job).resolve().parent
+    if not (job_dir / relative).exists():
+        return ""
+    return (f" (paths are read from the current directory; {relative} is in the job file's directory: run keel "
+            f"from {job_dir}, or write the path from here)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=False)
     try:
         return args.func(args, console)
     except BadInput as exc:
-        Console(stderr=True).print(f"keel: error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        message = str(exc) + beside_the_job_file(str(exc), getattr(args, "job", None))
+        Console(stderr=True).print(f"keel: error: {message}", highlight=False, markup=False, soft_wrap=True)
         return 2
     except RunFailed as exc:
         Console(stderr=True).print(f"keel: {exc}", highlight=False, markup=False, soft_wrap=True)

@@ -158,3 +158,22 @@ def test_an_unknown_key_names_the_closest_known_one(override, said):
     with pytest.raises(BadInput) as info:
         parse_spec(apply_overrides({**MINIMAL}, [override]), "job.yaml")
     assert str(info.value) == f"job.yaml: {said}"
+
+
+def test_a_path_written_from_the_job_files_directory_is_pointed_out_when_keel_runs_elsewhere(tmp_path, monkeypatch, capsys):
+    from orchestrator import cli
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    for split in ("train", "val"):
+        (project / "data" / f"{split}.parquet").write_bytes(b"")
+    (project / "job.yaml").write_text(yaml.safe_dump({
+        "model": {"kind": "mlp"}, "run": {"name": "r"},
+        "data": {"train": "data/train.parquet", "val": "data/val.parquet", "shape": [4], "num_classes": 2}}))
+    monkeypatch.chdir(tmp_path)  # one level up, as `keel run project/job.yaml`
+    assert cli.main(["validate", "project/job.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.train: {tmp_path}/data/train.parquet: no such file or directory" in err
+    assert f"data/train.parquet is in the job file's directory: run keel from {project}" in " ".join(err.split()), err
+    assert cli.main(["validate", "project/job.yaml", "data.train=elsewhere.parquet"]) == 2  # nowhere: no hint
+    assert "job file's directory" not in capsys.readouterr().err
