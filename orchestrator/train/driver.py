@@ -21,6 +21,7 @@ from orchestrator.spec import JobSpec
 from orchestrator.storage import discard_download, download_run, filesystem, is_remote, join, upload_dir
 from orchestrator.train.in_process import newest_checkpoint, runs_in_process
 from orchestrator.train.planning import Plan, preflight, resolved, wait_for_resources
+from orchestrator.train.run_lock import run_directory_lock
 
 
 @dataclass
@@ -193,9 +194,17 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
     if plan is None or plan.train_rows < 0:  # none yet, or the data is still to be generated
         plan = preflight(spec)
     spec = resolved(spec)
-    trained = already_trained(spec)
-    if trained is not None:  # a re-run of a finished run: say so in a second, without starting Ray
-        return nothing_to_train(spec, plan, *trained, on_event)
+    local_dir = None if is_remote(spec.run.storage_path) else Path(spec.run.storage_path) / spec.run.name
+    with run_directory_lock(local_dir) as claim:  # a second keel run of this run.name stops here (train/run_lock.py)
+        trained = already_trained(spec)
+        if trained is not None:  # a re-run of a finished run: say so in a second, without starting Ray
+            return nothing_to_train(spec, plan, *trained, on_event)
+        claim()
+        return train(spec, plan, on_event, verbose, dashboard)
+
+
+def train(spec: JobSpec, plan: Plan, on_event: Callable[[dict], None], verbose: bool, dashboard: bool) -> RunOutcome:
+    """run_job's training, once the run directory is this process's."""
     in_process = runs_in_process(spec)
     ensure_ray(spec.scaling.address, verbose, dashboard, prestart_workers=not in_process)
     from ray.train import TrainingFailedError

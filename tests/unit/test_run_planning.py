@@ -1,10 +1,15 @@
 """Planning a run without a cluster: CPUs per worker that never starve the data pipeline, and what a
 failed run says (every backend's way of reporting a hung peer becomes the same clear line)."""
 
+import os
+import sys
+
 import pytest
 
+from orchestrator.errors import BadInput
 from orchestrator.spec import parse_spec
 from orchestrator.train.driver import failure_reason
+from orchestrator.train.run_lock import run_directory_lock
 from orchestrator.train.planning import DATA_RESERVE_CPUS, fit_cpus_per_worker
 
 SPEC = parse_spec({"model": {"kind": "mlp"}, "data": {"train": "t.parquet", "val": "v.parquet", "shape": [4], "num_classes": 2},
@@ -106,7 +111,6 @@ def test_a_cpu_less_head_asks_the_autoscaler_for_the_workers_and_the_data_cpu(mo
 
 
 def test_a_cluster_that_never_grows_fails_in_one_line_naming_the_field(monkeypatch):
-    from orchestrator.errors import BadInput
     from orchestrator.train.planning import wait_for_resources
 
     spec = parse_spec({"model": {"kind": "mlp"}, "data": {"train": "t", "val": "v", "shape": [4], "num_classes": 2},
@@ -341,3 +345,40 @@ def test_a_run_counts_as_already_trained_only_when_its_newest_checkpoint_is_inta
     data[len(data) // 2] ^= 0xFF  # a flipped byte in the weights: still loads, fails its manifest
     state.write_bytes(bytes(data))
     assert already_trained(spec) is None
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from pathlib import Path
+from orchestrator.train.run_lock import run_directory_lock
+with run_directory_lock(Path(sys.argv[1])) as claim:
+    claim()
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_run_of_a_run_being_trained_stops_at_once_and_names_the_first(digits_dir, tmp_path):
+    """Two `keel run`s of one run.name side by side both trained into one directory (their epochs interleaved in
+    metrics.jsonl). Here another process holds the run directory, as a training driver does."""
+    import subprocess
+
+    from orchestrator.train.driver import run_job
+    from tests.helpers import ROOT, job_tree
+
+    spec = parse_spec(job_tree(digits_dir, tmp_path, "busy"))
+    first = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(tmp_path / "busy")], stdout=subprocess.PIPE,
+                             text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert first.stdout.readline().strip() == "holding"
+        with pytest.raises(BadInput, match=rf"^run.name: {tmp_path / 'busy'} is being trained by another keel run "
+                                           rf"\(pid {first.pid} on .*\); wait for it to end, or use another run.name$"):
+            run_job(spec)
+        assert not (tmp_path / "busy" / "config.yaml").exists()  # stopped before touching the run
+    finally:
+        first.kill()
+        first.wait()
+    import ray
+    assert not ray.is_initialized()  # and before any Ray
+    with run_directory_lock(tmp_path / "busy"):  # the lock went with the process that held it
+        pass
