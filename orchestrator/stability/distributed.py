@@ -65,6 +65,14 @@ def broadcast_module_state(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(tensor, src=src)
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank `src`'s buffers (BN statistics and the like) into every rank's module, as DDP's forward does."""
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=src)
+
+
 class _DifferentiableAllReduceSum(torch.autograd.Function):
     """SUM all-reduce whose backward all-reduces the incoming gradient.
 

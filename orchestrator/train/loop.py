@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from orchestrator import metric_keys as mk
 from orchestrator.data.batches import row_bytes, shard_batches
 from orchestrator.data.preprocess import FEATURES, LABEL
+from orchestrator.models import unwrap
 from orchestrator.spec import JobSpec
 from orchestrator.stability.diagnostics import Diagnostics
-from orchestrator.stability.distributed import all_reduce_, rank as this_rank, world_size
+from orchestrator.stability.distributed import all_reduce_, broadcast_buffers, rank as this_rank, world_size
 from orchestrator.stability.faults import FaultInjector
 from orchestrator.train.checkpointing import save_checkpoint
 from orchestrator.train.components import Components, build_components, seed_everything, unused_note
@@ -132,18 +133,22 @@ def lr_scaled(optimizer, scale: float):
 def evaluate(comps: Components, shard, spec: JobSpec) -> dict[str, float]:
     """Validation loss/accuracy over all ranks' shards (sums all-reduced: every rank gets the same numbers)."""
     st = comps.state
-    st.model.eval()  # BN uses running statistics: no collectives per batch, uneven shards are fine
+    # Not DDP's forward: its first call after a training step broadcasts rank 0's buffers, a collective that a
+    # rank with no batch in its share of the split never joins (a 1-row split on 2 workers hung the run).
+    model = unwrap(st.model)
+    broadcast_buffers(model)  # on every rank instead: all evaluate with rank 0's BN statistics, as DDP's gave
+    model.eval()  # BN uses running statistics: no collective per batch, uneven shards are fine
     sums = torch.zeros(3, device=st.device, dtype=torch.float64)
     faults = comps.safeguards.find(FaultInjector)
     for batch in shard_batches(shard, spec.data.batch_size * 4, row_bytes=row_bytes(spec.data), drop_last=False):
         x, y = to_inputs(batch, spec.data, st.device)
         x = faults.eval_inputs(st, x) if faults else x
         with torch.autocast(st.device.type, dtype=comps.amp_dtype, enabled=comps.amp_dtype is not None):
-            logits = st.model(x).float()
+            logits = model(x).float()
         sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
                              (logits.argmax(1) == hard_labels(y)).sum().double(), torch.tensor(float(len(y)), device=st.device).double()])
     loss_sum, correct, count = all_reduce_(sums).tolist()
-    st.model.train()
+    model.train()
     return {mk.VAL_LOSS: loss_sum / max(count, 1), mk.VAL_ACCURACY: correct / max(count, 1)}
 
 
