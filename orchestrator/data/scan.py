@@ -115,7 +115,8 @@ def scan_split(path: str, field_name: str, features: list[str], label: str, num_
         raise BadInput(f"{path}: no rows")
     width = math.prod(shape) if shape else None
     if width is not None and scan.width != width:
-        raise BadInput(f"{path}: column {features[0]!r} has {scan.width} values per row but data.shape {shape} needs {width}")
+        columns = f"column {features[0]!r} has" if len(features) == 1 else f"data.features' {len(features)} columns give"
+        raise BadInput(f"{path}: {columns} {scan.width} values per row but data.shape {shape} needs {width}")
     return scan
 
 

@@ -199,14 +199,15 @@ def run_job(spec: JobSpec, on_event: Callable[[dict], None] = lambda e: None, ve
         trained = already_trained(spec)
         if trained is not None:  # a re-run of a finished run: say so in a second, without starting Ray
             return nothing_to_train(spec, plan, *trained, on_event)
-        claim()
-        return train(spec, plan, on_event, verbose, dashboard)
+        return train(spec, plan, on_event, verbose, dashboard, claim)
 
 
-def train(spec: JobSpec, plan: Plan, on_event: Callable[[dict], None], verbose: bool, dashboard: bool) -> RunOutcome:
-    """run_job's training, once the run directory is this process's."""
+def train(spec: JobSpec, plan: Plan, on_event: Callable[[dict], None], verbose: bool, dashboard: bool,
+          claim: Callable[[], None]) -> RunOutcome:
+    """run_job's training; `claim()` makes the run directory this process's once Ray is up."""
     in_process = runs_in_process(spec)
     ensure_ray(spec.scaling.address, verbose, dashboard, prestart_workers=not in_process)
+    claim()
     from ray.train import TrainingFailedError
 
     from orchestrator.train.run_files import MetricsLog

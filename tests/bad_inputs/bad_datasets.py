@@ -25,3 +25,4 @@ def write_bad_datasets(out: Path) -> None:
     pq.write_table(pa.table({"image": _images(x[:0]), "label": y[:0]}), out / "empty.parquet")
     ragged = pa.array([list(map(float, row[: 64 if i % 2 else 60])) for i, row in enumerate(x)], type=pa.list_(pa.float32()))
     pq.write_table(pa.table({"image": ragged, "label": y}), out / "ragged.parquet")
+    pq.write_table(pa.table({"a": x[:, 0], "b": x[:, 1], "label": y}), out / "tabular.parquet")

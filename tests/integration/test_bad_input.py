@@ -40,6 +40,7 @@ CASES = {  # file in tests/bad_inputs -> what the one-line error must name
     "data_string_features.yaml": "column 'image' is string, expected numbers",
     "data_empty.yaml": "empty.parquet: no rows",
     "data_ragged.yaml": "ragged.parquet: rows of 'image' have different lengths",
+    "data_tabular_width.yaml": "tabular.parquet: data.features' 2 columns give 2 values per row but data.shape [3] needs 3",
     "binary_file.yaml": "binary_file.yaml: not UTF-8 text",
     "latin1_text.yaml": "latin1_text.yaml: not UTF-8 text (byte 16)",
     "truncated.yaml": "truncated.yaml: line 4 malformed YAML",

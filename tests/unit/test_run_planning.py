@@ -351,7 +351,7 @@ HOLD_THE_LOCK = """
 import sys, time
 from pathlib import Path
 from orchestrator.train.run_lock import run_directory_lock
-with run_directory_lock(Path(sys.argv[1])) as claim:
+with run_directory_lock(Path(sys.argv[1])) as claim:  # a new run's directory: made and locked by claim()
     claim()
     print("holding", flush=True)
     time.sleep(120)
@@ -367,15 +367,20 @@ def test_a_second_run_of_a_run_being_trained_stops_at_once_and_names_the_first(d
     from tests.helpers import ROOT, job_tree
 
     spec = parse_spec(job_tree(digits_dir, tmp_path, "busy"))
+    racing = run_directory_lock(tmp_path / "busy")  # a run that began before the first made the directory
+    late_claim = racing.__enter__()
     first = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(tmp_path / "busy")], stdout=subprocess.PIPE,
                              text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert first.stdout.readline().strip() == "holding"
-        with pytest.raises(BadInput, match=rf"^run.name: {tmp_path / 'busy'} is being trained by another keel run "
-                                           rf"\(pid {first.pid} on .*\); wait for it to end, or use another run.name$"):
+        refused = rf"^run.name: {tmp_path / 'busy'} is being trained by another keel run \(pid {first.pid} on .*\); wait"
+        with pytest.raises(BadInput, match=refused):
             run_job(spec)
         assert not (tmp_path / "busy" / "config.yaml").exists()  # stopped before touching the run
+        with pytest.raises(BadInput, match=refused):  # the racing run, as it goes to write: refused too
+            late_claim()
     finally:
+        racing.__exit__(None, None, None)
         first.kill()
         first.wait()
     import ray
