@@ -83,16 +83,24 @@ def check_custom_model(net: nn.Module, path: str, shape: list[int], num_classes:
 def parameters_without_gradient(net: nn.Module, shape: list[int], frozen: tuple[str, ...] = ()) -> list[str]:
     """Names of the trainable parameters that a training-mode forward and backward on two zero samples leaves
     without a gradient (an auxiliary head never called, a layer built and left out of forward). DDP refuses
-    them at the second step unless it searches for them every step. On a copy, seeded: every rank finds the
-    same; `frozen`: init_from.freeze's prefixes, whose parameters are not trained anyway."""
-    import copy
-
-    probe = copy.deepcopy(net).train()
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        try:
-            probe(torch.zeros(2, *shape)).float().sum().backward()
-        except Exception:  # a model that cannot train on two zero samples: no verdict (DDP's own error stands)
-            return []
-    return [name for name, p in probe.named_parameters()
-            if p.requires_grad and p.grad is None and not name.startswith(frozen)]
+    them at the second step unless it searches for them every step. Seeded, so every rank finds the same; the
+    model is left as it was (its buffers put back, no gradients: no copy of a large model is made);
+    `frozen`: init_from.freeze's prefixes, whose parameters are not trained anyway."""
+    buffers = [(b, b.detach().clone()) for b in net.buffers()]  # BN statistics and the like move in train mode
+    was_training = net.training
+    net.train()
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            net(torch.zeros(2, *shape)).float().sum().backward()
+        return [name for name, p in net.named_parameters()
+                if p.requires_grad and p.grad is None and not name.startswith(frozen)]
+    except Exception:  # a model that cannot train on two zero samples: no verdict (DDP's own error stands)
+        return []
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        for p in net.parameters():
+            p.grad = None
+        net.train(was_training)

@@ -106,7 +106,7 @@ class WithUnusedHead(torch.nn.Module):
 
     def __init__(self, inputs: int, num_classes: int):
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(inputs, 16), torch.nn.ReLU())
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(inputs, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU())
         self.head, self.aux = torch.nn.Linear(16, num_classes), torch.nn.Linear(16, 3)
 
     def forward(self, x):
@@ -146,10 +146,13 @@ def _two_ddp_steps_on_rank(rank):
 
 
 def test_a_custom_model_with_a_parameter_it_never_uses_trains_under_ddp_and_is_named():
-    net = with_unused_head([1, 8, 8], 10)
+    net = with_unused_head([1, 8, 8], 10).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
     assert parameters_without_gradient(net, [1, 8, 8]) == ["aux.weight", "aux.bias"]
     assert parameters_without_gradient(net, [1, 8, 8], frozen=("aux.",)) == []  # frozen: not trained anyway
-    assert all(p.grad is None for p in net.parameters())  # probed on a copy
+    # the model as it was: no gradient left, BN statistics and step count put back, still in eval mode
+    assert all(p.grad is None for p in net.parameters()) and not net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
 def test_on_two_ranks_ddp_searches_for_the_unused_parameters_that_auto_found(tmp_path):
