@@ -358,13 +358,16 @@ with run_directory_lock(Path(sys.argv[1])) as claim:  # a new run's directory: m
 """
 
 
-def test_a_second_run_of_a_run_being_trained_stops_at_once_and_names_the_first(digits_dir, tmp_path):
+def test_a_second_run_of_a_run_being_trained_stops_at_once_and_names_the_first(digits_dir, tmp_path, monkeypatch):
     """Two `keel run`s of one run.name side by side both trained into one directory (their epochs interleaved in
     metrics.jsonl). Here another process holds the run directory, as a training driver does."""
     import subprocess
 
-    from orchestrator.train.driver import run_job
+    from orchestrator.train import driver
     from tests.helpers import ROOT, job_tree
+
+    started = []  # whether the second run got as far as Ray (the suite may have a Ray of its own already)
+    monkeypatch.setattr(driver, "ensure_ray", lambda *args, **kwargs: started.append(args))
 
     spec = parse_spec(job_tree(digits_dir, tmp_path, "busy"))
     racing = run_directory_lock(tmp_path / "busy")  # a run that began before the first made the directory
@@ -375,7 +378,7 @@ def test_a_second_run_of_a_run_being_trained_stops_at_once_and_names_the_first(d
         assert first.stdout.readline().strip() == "holding"
         refused = rf"^run.name: {tmp_path / 'busy'} is being trained by another keel run \(pid {first.pid} on .*\); wait"
         with pytest.raises(BadInput, match=refused):
-            run_job(spec)
+            driver.run_job(spec)
         assert not (tmp_path / "busy" / "config.yaml").exists()  # stopped before touching the run
         with pytest.raises(BadInput, match=refused):  # the racing run, as it goes to write: refused too
             late_claim()
@@ -383,7 +386,6 @@ def test_a_second_run_of_a_run_being_trained_stops_at_once_and_names_the_first(d
         racing.__exit__(None, None, None)
         first.kill()
         first.wait()
-    import ray
-    assert not ray.is_initialized()  # and before any Ray
+    assert not started  # and before any Ray
     with run_directory_lock(tmp_path / "busy"):  # the lock went with the process that held it
         pass
