@@ -130,7 +130,7 @@ def test_the_manifest_catches_a_flipped_byte_in_any_piece_and_still_reads_old_ma
         verify_checkpoint(tmp_path)
 
 
-def test_resuming_a_checkpoint_of_ansame_hyper_parameters_stops_with_one_line_naming_the_difference(tmp_path):
+def test_resuming_a_checkpoint_of_another_model_stops_with_one_line_naming_the_difference(tmp_path):
     # A transformer run checkpointed before QK-layernorm became its default, resumed by the same job now: the
     # line names the setting that fits (torch's own error lists every key over pages).
     import pytest
