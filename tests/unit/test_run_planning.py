@@ -1,5 +1,6 @@
-"""Planning a run without a cluster: CPUs per worker that never starve the data pipeline, and what a
-failed run says (every backend's way of reporting a hung peer becomes the same clear line)."""
+"""Planning a run without a cluster: CPUs per worker that never starve the data pipeline, what a failed run
+says (every backend's way of reporting a hung peer becomes the same clear line), and one run at a time per run
+directory."""
 
 import os
 import sys
