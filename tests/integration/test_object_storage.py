@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pyarrow.fs
 import pytest
@@ -54,7 +55,6 @@ def keel(capsys, *argv: str) -> tuple[int, str]:
 def temporary_copies() -> set[str]:
     """Keel's downloads from object storage in the temporary directory (the suite's Ray workers share it)."""
     import tempfile
-    from pathlib import Path
 
     return {p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(("keel-run-", "keel-ckpt-"))}
 
@@ -67,6 +67,14 @@ def read_object(path: str) -> bytes:
 def bucket_metrics(run: str) -> list[dict]:
     info = store().get_file_info(f"{run}/metrics.jsonl")
     return [json.loads(line) for line in read_object(info.path).decode().splitlines()] if info.size else []
+
+
+def remove_report_copy(page: str) -> None:
+    """`keel report s3://...` keeps its local copy on purpose (it holds the page it prints); a test's is its own."""
+    import shutil
+
+    copy = next(p for p in Path(page).parents if p.name.startswith("keel-run-"))
+    shutil.rmtree(copy)
 
 
 @pytest.mark.timeout(600)
@@ -126,6 +134,7 @@ def test_ctrl_c_on_a_keel_run_to_s3_stops_cleanly_and_the_rerun_resumes_past_a_t
     assert cli.main(["report", f"s3://{run}"]) == 0  # read from the bucket
     page = capsys.readouterr().out.split("report: ")[-1].strip()
     assert page.endswith(".html") and "val accuracy" in open(page).read().lower()
+    remove_report_copy(page)
 
 
 def test_fine_tuning_from_a_checkpoint_in_the_bucket_reads_it_and_keeps_no_copy(tmp_path, bucket):
@@ -205,4 +214,6 @@ def test_a_pbt_sweep_on_s3_clones_a_diverged_trial_from_its_donor_there_and_keel
     assert yaml.safe_load(open(best_job).read())["optimizer"]["lr"] == 0.05   # a local file keel run takes
 
     assert cli.main(["report", f"s3://{bucket}/sweeps/pbt"]) == 0   # the sweep's report, from the bucket
-    assert capsys.readouterr().out.split("report: ")[-1].strip().endswith(".html")
+    page = capsys.readouterr().out.split("report: ")[-1].strip()
+    assert page.endswith(".html")
+    remove_report_copy(page)
