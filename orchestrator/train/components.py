@@ -18,7 +18,7 @@ from orchestrator.stability.bad_batches import BadBatches
 from orchestrator.stability.clipping import GradClipper
 from orchestrator.stability.collapse import CollapseRecovery
 from orchestrator.stability.diagnostics import Diagnostics
-from orchestrator.stability.distributed import rank, world_size
+from orchestrator.stability.distributed import broadcast_object, rank, world_size
 from orchestrator.stability.early_stopping import EarlyStopping
 from orchestrator.stability.faults import FaultInjector
 from orchestrator.stability.nonfinite import NonFiniteGuard
@@ -95,7 +95,8 @@ def build_components(spec: JobSpec, steps_per_epoch: int, device: torch.device, 
     """Model (synchronized BN, then DDP through `prepare_model`), optimizer, schedule, scaler, safeguards."""
     seed_everything(spec.run.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     model = build_model(spec.model, spec.data)
-    unused = unused_parameters(spec, model) if prepare_model else []
+    # rank 0's verdict for every rank: DDP wrapped with the search on some ranks and not others would not agree
+    unused = broadcast_object(unused_parameters(spec, model) if rank() == 0 else None) if prepare_model else []
     if spec.stability.sync_batchnorm and world_size() > 1:
         model = convert_sync_batchnorm(model, use_cuda=device.type == "cuda")
     if spec.init_from.freeze:  # before DDP wraps the model: every rank leaves the same parameters out

@@ -117,6 +117,20 @@ def with_unused_head(shape, num_classes):
     return WithUnusedHead(64, num_classes)
 
 
+class AuxOnRankOne(WithUnusedHead):
+    """A model whose forward differs by rank (its auxiliary head only on rank 1): each rank's own probe would differ."""
+
+    def forward(self, x):
+        import torch.distributed as dist
+
+        h = self.body(x)
+        return self.head(h) + (self.aux(h)[:, :1] * 0 if dist.get_rank() == 1 else 0)
+
+
+def aux_on_rank_one(shape, num_classes):
+    return AuxOnRankOne(64, num_classes)
+
+
 def like_ray_train(model, parallel_strategy_kwargs=None):  # ray.train.torch.prepare_model's DDP, on CPU
     from torch.nn.parallel import DistributedDataParallel
 
@@ -129,8 +143,8 @@ def _two_ddp_steps_on_rank(rank):
     import os
     os.chdir(ROOT)
     out = {}
-    for setting in ("auto", False):
-        spec = parse_spec({**custom_spec(factory="tests.unit.test_custom_model:with_unused_head").model_dump(),
+    for setting, factory in (("auto", "with_unused_head"), (False, "with_unused_head"), ("auto", "aux_on_rank_one")):
+        spec = parse_spec({**custom_spec(factory=f"tests.unit.test_custom_model:{factory}").model_dump(),
                            "scaling": {"num_workers": 2, "find_unused_parameters": setting}})
         comps = build_components(spec, steps_per_epoch=4, device=torch.device("cpu"), prepare_model=like_ray_train)
         try:
@@ -139,9 +153,9 @@ def _two_ddp_steps_on_rank(rank):
                 torch.nn.functional.cross_entropy(comps.state.model(x), torch.tensor([0, 1, 2, 3])).backward()
                 comps.state.optimizer.step()
                 comps.state.optimizer.zero_grad()
-            out[str(setting)] = {"unused": comps.unused_parameters, "error": None}
+            out[f"{setting} {factory}"] = {"unused": comps.unused_parameters, "error": None}
         except RuntimeError as exc:
-            out[str(setting)] = {"unused": comps.unused_parameters, "error": str(exc).splitlines()[0]}
+            out[f"{setting} {factory}"] = {"unused": comps.unused_parameters, "error": str(exc).splitlines()[0]}
     return out
 
 
@@ -157,5 +171,7 @@ def test_a_custom_model_with_a_parameter_it_never_uses_trains_under_ddp_and_is_n
 
 def test_on_two_ranks_ddp_searches_for_the_unused_parameters_that_auto_found(tmp_path):
     for result in on_gloo_ranks(_two_ddp_steps_on_rank, 2, tmp_path):
-        assert result["auto"] == {"unused": ("aux.weight", "aux.bias"), "error": None}, result
-        assert result["False"]["unused"] == () and "finished reduction" in result["False"]["error"], result
+        assert result["auto with_unused_head"] == {"unused": ("aux.weight", "aux.bias"), "error": None}, result
+        assert result["False with_unused_head"]["unused"] == () and "finished reduction" in result["False with_unused_head"]["error"]
+        # rank 0's verdict on every rank (rank 1's own probe finds the head used), and both train
+        assert result["auto aux_on_rank_one"] == {"unused": ("aux.weight", "aux.bias"), "error": None}, result
