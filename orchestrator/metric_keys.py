@@ -22,6 +22,7 @@ WORLD_SIZE = "world_size"
 REPLICA_DRIFT = "replica_drift"      # max parameter difference between ranks (0.0 under DDP)
 STOP_REASON = "stop_reason"          # "" while the run goes on
 DIVERGED = "diverged"                # 1 when the stop was a divergence
+WAITING_FOR_CLONE = "waiting_for_clone"  # a PBT trial's report after its run diverged and ended
 EVENTS = "events"                    # the epoch's last safeguard events
 GUARD_EVENTS = "guard_events"        # a sweep trial's report: how many (Tune's loggers take numbers, not lists)
 RESUMED_FROM = "resumed_from"        # {checkpoint, fingerprint, ranks} on the first epoch after a resume

@@ -16,8 +16,8 @@ EPOCH_COLUMNS = [(mk.EPOCH, "epoch", "{}"), (mk.TRAIN_LOSS, "train loss", "{:.4f
 
 
 def fmt(value, pattern: str = "{:.4g}") -> str:
-    if value is None:
-        return "nan"
+    if value is None:  # no value (a run that failed before its first epoch, a trial yet to report): not a NaN
+        return "-"
     try:
         return pattern.format(value)
     except (ValueError, TypeError):

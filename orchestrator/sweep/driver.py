@@ -85,17 +85,34 @@ class LastReportKeptPBT(PopulationBasedTraining):
     """PBT that leaves a healthy trial alone at its last report. Stock PBT perturbs there too: a trial in the
     lower quantile is paused and cloned, a whole new Ray Train run that then only finds itself done (seen: a
     PBT sweep's clone cloned a second time at its final epoch, 128 s instead of 72). It ends by itself. A
-    diverged trial is still PBT's to replace: its last report may be its only chance of a clone."""
+    diverged trial is still PBT's to replace: it reports on, waiting (sweep/trial.py), until a clone replaces
+    it or no healthy trial is left unfinished, when this stops it."""
 
     def __init__(self, epochs: int, **kwargs):
         super().__init__(**kwargs)
         self.epochs = epochs
+        self.diverged: set[str] = set()  # trials whose latest report was a diverged one: no donors
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        (self.diverged.add if result.get(mk.DIVERGED) == 1 else self.diverged.discard)(trial.trial_id)
         last = result.get("training_iteration", 0) >= trial.config.get("run.epochs", self.epochs)
         if last and result.get(mk.DIVERGED) != 1:
             return TrialScheduler.CONTINUE
-        return super().on_trial_result(tune_controller, trial, result)
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if result.get(mk.WAITING_FOR_CLONE) and decision == TrialScheduler.CONTINUE and not self.donor_may_come(tune_controller, trial):
+            return TrialScheduler.STOP  # its run ended diverged and no trial left could replace it
+        return decision
+
+    def _quantiles(self):
+        """Stock PBT's quantiles, with no diverged trial as a donor: two diverged trials tie at the worst
+        score, and stock PBT cloned one from the other's diverged checkpoint."""
+        lower, upper = super()._quantiles()
+        upper = [t for t in upper if t.trial_id not in self.diverged]
+        return (lower, upper) if upper else ([], [])
+
+    def donor_may_come(self, tune_controller, waiting) -> bool:
+        """Whether a trial other than `waiting` is unfinished and not diverged itself: a clone may yet come."""
+        return any(t is not waiting and not t.is_finished() and t.trial_id not in self.diverged for t in tune_controller.get_trials())
 
 
 @dataclass

@@ -182,7 +182,7 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, 
         raise failure[0]
     if pbt and last.get(mk.DIVERGED):
         pace = (report_times[-1] - report_times[0]) / (len(report_times) - 1) if len(report_times) > 1 else 0.0
-        wait_to_be_replaced(last, spec.run.epochs, min(max(pace, IDLE_REPORT_S[0]), IDLE_REPORT_S[1]))
+        wait_to_be_replaced(last, min(max(pace, IDLE_REPORT_S[0]), IDLE_REPORT_S[1]))
 
 
 def for_tune(metrics: dict) -> dict:
@@ -191,12 +191,14 @@ def for_tune(metrics: dict) -> dict:
     return {**{k: v for k, v in metrics.items() if k != mk.EVENTS}, mk.GUARD_EVENTS: len(metrics.get(mk.EVENTS) or [])}
 
 
-def wait_to_be_replaced(last: dict, epochs: int, every_s: float) -> None:
-    """A PBT trial whose run stopped as diverged (Keel's guards) reports its worst score for the epochs it
-    had left, at about its own epoch pace, so PBT's next exploit can replace it with a clone of a top trial.
-    (PBT exploits only trials that are still running, and clones only from those.)"""
+def wait_to_be_replaced(last: dict, every_s: float) -> None:
+    """A PBT trial whose run stopped as diverged (Keel's guards) reports its worst score at about its own
+    epoch pace until PBT's exploit replaces it with a clone of a top trial, or the scheduler stops it
+    (LastReportKeptPBT: once no other healthy trial is left to clone). PBT clones only from a trial still running
+    that ranked above it at a report (PBT keeps its checkpoint then). Bounded by its run's epochs, a trial that
+    diverged in its first steps was done before a healthy one had reported at all."""
     from ray import tune
 
-    for epoch in range(last.get(mk.EPOCH, 0) + 1, epochs):
+    while True:
         time.sleep(every_s)
-        tune.report({**for_tune(last), mk.EPOCH: epoch, "waiting_for_clone": 1})
+        tune.report({**for_tune(last), mk.WAITING_FOR_CLONE: 1})

@@ -325,6 +325,26 @@ def test_the_summary_shows_each_extra_validation_split_beside_the_main_one(tmp_p
     assert "│ final val accuracy │ 0.98 │" in lines and "│ final val accuracy (original) │ 0.2028 │" in lines, lines
 
 
+def test_a_run_that_failed_before_its_first_epoch_shows_no_value_as_a_dash_not_as_a_nan(tmp_path):
+    """'nan' in the summary of a run that never reported reads as a diverged loss; it has no value at all."""
+    import io
+
+    from rich.console import Console
+
+    from orchestrator.report.console import summary_table
+    from orchestrator.train.driver import RunOutcome
+
+    out = io.StringIO()
+    failed = RunOutcome(status="failed", run_dir=tmp_path, history=[], reason="KeyError: 'logits'")
+    Console(file=out, width=200).print(summary_table(failed))
+    lines = [" ".join(line.split()) for line in out.getvalue().splitlines()]
+    assert "│ final train loss │ - │" in lines and "│ best val accuracy │ - │" in lines and "│ epochs run │ 0 │" in lines, lines
+    assert "nan" not in out.getvalue()
+    out = io.StringIO()  # a real NaN is still shown as one
+    Console(file=out, width=200).print(summary_table(RunOutcome(status="diverged", run_dir=tmp_path, history=[{"epoch": 0, "train_loss": float("nan")}])))
+    assert "│ final train loss │ nan │" in [" ".join(line.split()) for line in out.getvalue().splitlines()]
+
+
 def test_a_run_counts_as_already_trained_only_when_its_newest_checkpoint_is_intact_and_holds_every_epoch(tmp_path):
     """keel run of a finished local run answers without Ray; a damaged newest checkpoint or more epochs to go
     leave it to the run (which resumes, falling back to an older checkpoint if need be)."""

@@ -122,22 +122,44 @@ def test_pbt_leaves_a_healthy_trial_alone_at_its_last_report_and_decides_every_o
     asked = []  # what stock PBT was asked to decide (it would pause and clone a lower-quantile trial)
     monkeypatch.setattr(PopulationBasedTraining, "on_trial_result",
                         lambda self, controller, trial, result: asked.append(result["training_iteration"]) or TrialScheduler.PAUSE)
-    trial = SimpleNamespace(config={"optimizer.lr": 0.01})
+    trial = SimpleNamespace(trial_id="t", config={"optimizer.lr": 0.01})
     assert [pbt.on_trial_result(None, trial, {"training_iteration": i}) for i in (1, 2, 3)] == ["PAUSE", "PAUSE", "CONTINUE"]
     assert asked == [1, 2]
-    longer = SimpleNamespace(config={"optimizer.lr": 0.01, "run.epochs": 5})  # a trial's own epochs, when searched
+    longer = SimpleNamespace(trial_id="u", config={"optimizer.lr": 0.01, "run.epochs": 5})  # a trial's own epochs, when searched
     assert pbt.on_trial_result(None, longer, {"training_iteration": 3}) == "PAUSE"
     diverged = {"training_iteration": 3, "diverged": 1}  # a diverged trial's last report: its last chance of a clone
     assert pbt.on_trial_result(None, trial, diverged) == "PAUSE" and asked[-1] == 3
 
 
-def test_pbt_counts_its_perturbation_interval_in_reports_so_fast_epochs_still_get_a_diverged_trial_cloned(monkeypatch):
-    # Epochs of 0.3 s, as a small model has: counted in seconds (Tune's default time_attr), PBT perturbed
-    # once a second, the good trial saved no checkpoint while ranked above the diverged one, and the diverged
-    # trial was never cloned (the PBT-on-S3 integration test failed that way on an idle machine).
-    from types import SimpleNamespace
+class FakeTrial:  # what PBT reads of a trial
+    def __init__(self, name):
+        from types import SimpleNamespace
 
-    from ray.tune.experiment import Trial
+        from ray.tune.experiment import Trial
+
+        self.trial_id, self.config, self.status, self.experiment_tag = name, {"optimizer.lr": 0.01}, Trial.RUNNING, name
+        self.run_metadata = SimpleNamespace(checkpoint_manager=SimpleNamespace(checkpoint_config=SimpleNamespace(num_to_keep=None)))
+
+    def is_finished(self):
+        return self.status in ("TERMINATED", "ERROR")
+
+
+class FakeController:  # what PBT asks of Tune's controller; records the checkpoints it is told to save
+    search_alg = None  # Tune's own variant generator
+
+    def __init__(self, trials):
+        self.trials, self.saved = trials, []
+
+    def get_trials(self):
+        return self.trials
+
+    def _schedule_trial_save(self, trial, result=None):
+        self.saved.append((trial.trial_id, result["training_iteration"]))
+        return f"checkpoint of {trial.trial_id}"
+
+
+def pbt_of_two(monkeypatch, *names):
+    """Keel's PBT scheduler (3 epochs, perturbation every report) over fake trials; exploits are recorded."""
     from ray.tune.schedulers import PopulationBasedTraining
 
     from orchestrator.sweep.driver import make_scheduler
@@ -147,36 +169,48 @@ def test_pbt_counts_its_perturbation_interval_in_reports_so_fast_epochs_still_ge
                                       "scheduler": {"kind": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5}})
     pbt = make_scheduler(sweep, epochs=3)
     pbt.set_search_properties("val_accuracy", "max", config={})
-
-    class FakeTrial:  # what PBT reads of a running trial
-        def __init__(self, name):
-            self.trial_id, self.config, self.status, self.experiment_tag = name, {"optimizer.lr": 0.01}, Trial.RUNNING, name
-            self.run_metadata = SimpleNamespace(checkpoint_manager=SimpleNamespace(checkpoint_config=SimpleNamespace(num_to_keep=None)))
-
-        def is_finished(self):
-            return False
-
-    good, bad = FakeTrial("good"), FakeTrial("bad")
-    saved, cloned = [], []
-
-    class FakeController:
-        search_alg = None  # Tune's own variant generator
-
-        def get_trials(self):
-            return [good, bad]
-
-        def _schedule_trial_save(self, trial, result=None):
-            saved.append((trial.trial_id, result["training_iteration"]))
-            return f"checkpoint of {trial.trial_id}"
-
+    cloned = []
     monkeypatch.setattr(PopulationBasedTraining, "_exploit", lambda self, controller, trial, donor: cloned.append((trial.trial_id, donor.trial_id)))
-    controller = FakeController()
-    for trial in (good, bad):
+    trials = [FakeTrial(name) for name in names]
+    controller = FakeController(trials)
+    for trial in trials:
         pbt.on_trial_add(controller, trial)
+    return pbt, controller, trials, cloned
+
+
+def test_pbt_counts_its_perturbation_interval_in_reports_so_fast_epochs_still_get_a_diverged_trial_cloned(monkeypatch):
+    # Epochs of 0.3 s, as a small model has: counted in seconds (Tune's default time_attr), PBT perturbed
+    # once a second, the good trial saved no checkpoint while ranked above the diverged one, and the diverged
+    # trial was never cloned (the PBT-on-S3 integration test failed that way on an idle machine).
+    pbt, controller, (good, bad), cloned = pbt_of_two(monkeypatch, "good", "bad")
     for trial, report, accuracy in ((good, 1, 0.6), (bad, 1, -1e9), (good, 2, 0.9), (bad, 2, -1e9)):
         pbt.on_trial_result(controller, trial, {"training_iteration": report, "time_total_s": 0.3 * report,
                                                 "val_accuracy": accuracy})
-    assert saved == [("good", 2)] and cloned == [("bad", "good")]
+    assert controller.saved == [("good", 2)] and cloned == [("bad", "good")]
+
+
+def test_a_trial_that_diverged_before_any_other_reported_waits_for_a_donor_and_is_stopped_when_none_is_left(monkeypatch):
+    # A trial diverged at its first steps reports (worst score) while the healthy one is still starting its
+    # workers. Its run has ended; it reports on, waiting. Bounded by its 3 epochs it was done 2 s later, before
+    # the healthy trial's first report, and was never cloned (the PBT-on-S3 integration test's flake).
+    pbt, controller, (good, bad), cloned = pbt_of_two(monkeypatch, "good", "bad")
+    diverged = {"val_accuracy": -1e9, "diverged": 1}
+    decisions = [pbt.on_trial_result(controller, bad, {**diverged, "training_iteration": 1})]
+    decisions += [pbt.on_trial_result(controller, bad, {**diverged, "training_iteration": i, "waiting_for_clone": 1}) for i in (2, 3, 4)]
+    assert decisions == ["CONTINUE"] * 4 and cloned == []  # no report from the healthy trial yet: nothing to clone
+    pbt.on_trial_result(controller, good, {"training_iteration": 1, "val_accuracy": 0.6})
+    assert controller.saved == [("good", 1)]  # ranked above the waiting trial: its checkpoint is kept for a clone
+    pbt.on_trial_result(controller, bad, {**diverged, "training_iteration": 5, "waiting_for_clone": 1})
+    assert cloned == [("bad", "good")]
+
+    # with no healthy trial left unfinished, a waiting trial is stopped: another diverged one is no donor
+    pbt, controller, (good, bad, worse), cloned = pbt_of_two(monkeypatch, "good", "bad", "worse")
+    for trial in (bad, worse):
+        pbt.on_trial_result(controller, trial, {**diverged, "training_iteration": 1})
+    waiting = {**diverged, "training_iteration": 2, "waiting_for_clone": 1}
+    assert pbt.on_trial_result(controller, bad, waiting) == "CONTINUE"  # the good trial may yet report
+    good.status = "TERMINATED"
+    assert pbt.on_trial_result(controller, bad, waiting) == "STOP" and cloned == []
 
 
 def test_the_median_rules_grace_period_counts_reports_not_seconds():
@@ -234,3 +268,28 @@ def test_the_live_lines_name_the_trial_that_changed_once_per_change():
     diverged = row("b", "diverged", 0.1, 2, "train_loss is nan")
     assert lines.new([row("a", "RUNNING", 0.7, 2), diverged]) == ["b diverged val_accuracy=0.1 reports=2 (train_loss is nan)"]
     assert lines.new([row("a", "RUNNING", 0.7, 2), diverged]) == []  # its completion: the same state again
+
+
+def test_a_diverged_pbt_trial_reports_on_past_its_epochs_until_tune_ends_it(monkeypatch):
+    # Its run's epochs are no bound: a clone can only come after a healthy trial's report, however late.
+    import ray.tune
+
+    from orchestrator.sweep.trial import wait_to_be_replaced
+
+    reports = []
+
+    class EndedByTune(Exception):  # what stopping the trial's actor amounts to, for this loop
+        pass
+
+    def report(metrics):
+        reports.append(metrics)
+        if len(reports) == 10:
+            raise EndedByTune
+
+    monkeypatch.setattr(ray.tune, "report", report)
+    last = {"epoch": 2, "val_accuracy": -1e9, "diverged": 1, "events": [{"kind": "spike"}]}
+    with pytest.raises(EndedByTune):
+        wait_to_be_replaced(last, every_s=0.001)
+    assert len(reports) == 10  # a 3-epoch run, past its epochs
+    assert all(r["waiting_for_clone"] == 1 and r["val_accuracy"] == -1e9 and r["diverged"] == 1 for r in reports)
+    assert all(r["epoch"] == 2 and r["guard_events"] == 1 for r in reports)  # its last real epoch, as Tune takes it
