@@ -52,7 +52,11 @@ class ModelSpec(Section):
 
 
 class PreprocessSpec(Section):
-    standardize: Literal["none", "per_feature", "per_channel"] = doc("none", "Standardise with mean/std of the TRAINING split (stored in checkpoints).")
+    standardize: Literal["auto", "none", "per_feature", "per_channel"] = doc(
+        "auto", "Standardise with mean/std of the TRAINING split (stored in checkpoints). auto: per_feature for "
+        "tabular rows (data.shape of one dimension), whose columns come in unrelated units (scikit-learn's wine "
+        "set, proline in the hundreds beside hue near 1: val accuracy 0.70 as read with Keel's guards, 0.75 in a "
+        "plain loop; 0.99 standardised, either way), none for images, sequences and graphs (set per_channel for images).")
     impute: Literal["none", "mean", "median", "constant"] = doc("none", "Fill NaN features with the training split's mean/median, or a constant.")
     impute_value: float = doc(0.0, "impute: constant: the fill value.")
     labels: Literal["index", "onehot"] = doc("index", "Label encoding fed to the loss (mixup/cutmix imply onehot).")
@@ -106,6 +110,12 @@ class DataSpec(Section):
     @property
     def feature_columns(self) -> list[str]:
         return [self.features] if isinstance(self.features, str) else list(self.features)
+
+    @model_validator(mode="after")
+    def _resolve_standardize(self) -> "DataSpec":  # resolved here: the plan, checkpoints and config.yaml see it
+        if self.preprocess.standardize == "auto":
+            self.preprocess.standardize = "per_feature" if len(self.shape) == 1 else "none"
+        return self
 
 
 class OptimizerSpec(Section):

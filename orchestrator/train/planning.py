@@ -153,6 +153,12 @@ def check_resume_fits(spec: JobSpec, model=None) -> None:
         mismatch = model_mismatch(model.state_dict(), saved["model"])
         if mismatch:
             raise BadInput(resume_mismatch(directory, mismatch, spec.run.name))
+        trained_on = ((written_with or {}).get("data") or {}).get("preprocess") or {}
+        for name in ("standardize", "impute"):  # the network learned on inputs prepared this way
+            now = getattr(spec.data.preprocess, name)
+            if trained_on.get(name, now) != now:
+                raise BadInput(f"data.preprocess.{name}: {now}, but {resuming_from}, trained on inputs with {name} "
+                               f"{trained_on[name]}; set data.preprocess.{name}: {trained_on[name]}, or a new run.name")
         before = ((written_with or {}).get("optimizer") or {}).get("name")
         if before and STATE_KIND.get(before) != STATE_KIND.get(spec.optimizer.name):  # fails at the first step
             raise BadInput(f"optimizer.name: {spec.optimizer.name}, but {resuming_from}, written with {before}, whose "

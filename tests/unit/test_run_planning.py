@@ -246,6 +246,11 @@ def _resnet_tree(tmp_path, **sections) -> dict:
     ({"optimizer": {"name": "sgd"}}, r"^optimizer.name: sgd, but run.name r resumes from .*checkpoint_x, written with adam"),
     ({"regularization": {"exclude_norm_and_bias": False}},
      r"^regularization.exclude_norm_and_bias: this job groups the optimizer's parameters as \[\d+, 0\], but .*whose groups are \[\d+, \d+\]"),
+    # the network learned on inputs prepared one way (a run begun before standardize: auto standardised tabular rows)
+    ({"data": {"preprocess": {"standardize": "per_channel"}}},
+     r"^data.preprocess.standardize: per_channel, but run.name r resumes from .*checkpoint_x, trained on inputs with standardize none; "
+     r"set data.preprocess.standardize: none, or a new run.name$"),
+    ({"data": {"preprocess": {"impute": "mean"}}}, r"^data.preprocess.impute: mean, but .*trained on inputs with impute none"),
 ])
 def test_a_rerun_that_would_resume_into_a_model_or_optimizer_that_does_not_fit_is_bad_input_before_ray(tmp_path, change, error):
     """What the first step after resuming would fail on (torch's 'step' KeyError, a page of shapes), as one line."""
@@ -323,6 +328,26 @@ def test_the_summary_shows_each_extra_validation_split_beside_the_main_one(tmp_p
     Console(file=out, width=200).print(summary_table(RunOutcome(status="finished", run_dir=tmp_path, history=[final])))
     lines = [" ".join(line.split()) for line in out.getvalue().splitlines()]
     assert "│ final val accuracy │ 0.98 │" in lines and "│ final val accuracy (original) │ 0.2028 │" in lines, lines
+
+
+def test_a_tabular_job_on_defaults_trains_on_standardised_columns(tmp_path):
+    """Columns in unrelated units (keel data make tabular: scales from 1e-2 to 1e3) reach the network at one
+    scale, with the training split's statistics, under the defaults a user gets."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from orchestrator.data.generators import make_tabular
+    from orchestrator.data.preprocess import apply_preprocess
+    from orchestrator.train.planning import preflight
+
+    make_tabular(tmp_path, rows=600, features=4, missing=0.0)
+    spec = parse_spec({"model": {"kind": "mlp"}, "run": {"name": "tab", "storage_path": str(tmp_path / "runs")},
+                       "data": {"train": str(tmp_path / "train.parquet"), "val": str(tmp_path / "val.parquet"),
+                                "features": "features", "shape": [4], "num_classes": 3}})
+    raw = pq.read_table(tmp_path / "train.parquet").column("features").combine_chunks().flatten().to_numpy().reshape(-1, 4)
+    assert raw.std(axis=0).max() / raw.std(axis=0).min() > 100  # the case: columns far apart in scale
+    x, _, _ = apply_preprocess(raw, np.zeros(len(raw), dtype=np.int64), preflight(spec).preprocess)
+    assert np.allclose(x.mean(axis=0), 0, atol=1e-3) and np.allclose(x.std(axis=0), 1, atol=1e-3)
 
 
 def test_a_run_that_failed_before_its_first_epoch_shows_no_value_as_a_dash_not_as_a_nan(tmp_path):
