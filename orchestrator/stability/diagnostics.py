@@ -22,16 +22,18 @@ from orchestrator.stability.collapse import CollapseWatch, describe, first_colla
 RELU_FAMILY = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU)
 
 
-def loss_oscillation(losses: list[float]) -> float:
+def loss_oscillation(losses: list[float], floor: float = 0.0) -> float:
     """Plain-function twin: std of step-to-step loss changes relative to the mean loss over the window
-    (0 = smooth; ~1 = the loss jumps by its own size from step to step)."""
+    (0 = smooth; ~1 = the loss jumps by its own size from step to step), or to `floor` when that is larger
+    (the diagnostics pass 1% of the run's first loss: near zero, a converged run's batch-to-batch jitter of
+    3e-4 at a mean of 1e-4 read 3.68, 'oscillating', on a run at 100% accuracy)."""
     xs = [x for x in losses if math.isfinite(x)]
     if len(xs) < 3:
         return float("nan")
     diffs = [b - a for a, b in zip(xs, xs[1:])]
     mean_diff = sum(diffs) / len(diffs)
     std = math.sqrt(sum((d - mean_diff) ** 2 for d in diffs) / len(diffs))
-    return std / max(sum(abs(x) for x in xs) / len(xs), 1e-12)
+    return std / max(sum(abs(x) for x in xs) / len(xs), floor, 1e-12)
 
 
 def dead_fraction(activation_out: torch.Tensor) -> float:
@@ -56,6 +58,7 @@ class Diagnostics:
         self.last_norms = None
         self.history: deque[dict] = deque(maxlen=200)
         self.losses: deque[float] = deque(maxlen=window)
+        self.first_loss: float | None = None  # the run's scale, for the oscillation score's floor
         self.layers: dict[str, dict] = {}
         self.first_trouble = None
         self.sampling = False
@@ -97,6 +100,8 @@ class Diagnostics:
 
     def after_step(self, state) -> None:
         self.losses.append(state.global_loss)
+        if self.first_loss is None and math.isfinite(state.global_loss):
+            self.first_loss = abs(state.global_loss)
         if self.collapse is not None:
             self.collapse[0].observe(state.step, state.epoch, state.global_loss)
         # A sampled step's per-layer values are read in one device-to-host transfer: one `.item()` per layer
@@ -133,13 +138,14 @@ class Diagnostics:
         """What the report needs from before a resume: where trouble started, each tensor's usual norm, the
         sampled norms and losses, the last per-layer sample (plain numbers, a few hundred kB at most)."""
         return {"first_trouble": self.first_trouble, "ema": None if self.ema is None else self.ema.tolist(),
-                "losses": list(self.losses), "history": list(self.history), "layers": self.layers,
+                "losses": list(self.losses), "first_loss": self.first_loss, "history": list(self.history), "layers": self.layers,
                 "collapse": [w.state_dict() for w in self.collapse] if self.collapse is not None else None}
 
     def load_state_dict(self, sd: dict) -> None:
         self.first_trouble = sd.get("first_trouble")
         self.ema = None if sd.get("ema") is None else torch.tensor(sd["ema"])
         self.losses.extend(sd.get("losses", []))
+        self.first_loss = sd.get("first_loss")
         self.history.extend(sd.get("history", []))
         self.layers.update(sd.get("layers", {}))
         if self.collapse is not None and sd.get("collapse"):
@@ -150,7 +156,7 @@ class Diagnostics:
         worst = max(self.layers.items(), key=lambda kv: kv[1].get("update_ratio", 0.0), default=(None, {}))
         dead = {k: v["dead_fraction"] for k, v in self.layers.items() if "dead_fraction" in v}
         report = {"first_trouble": self.first_trouble, "counters": counters, "events": events,
-                  "loss_oscillation": loss_oscillation(list(self.losses)), "loss_window": len(self.losses),
+                  "loss_oscillation": loss_oscillation(list(self.losses), 0.01 * (self.first_loss or 0.0)), "loss_window": len(self.losses),
                   "largest_update_ratio": {"layer": worst[0], **worst[1]} if worst[0] else None,
                   "dead_units": dead, "layers": self.layers,
                   "collapse": first_collapse(*self.collapse) if self.collapse is not None else None,

@@ -227,6 +227,9 @@ def test_dead_fraction_and_oscillation():
     assert loss_oscillation([3.0, 2.0, 1.0]) == pytest.approx(0.0)  # a steady decline is smooth
     assert loss_oscillation([1.0, 2.0, 1.0, 2.0]) == pytest.approx((8 / 9) ** 0.5 / 1.5)  # diffs +1,-1,+1: std 0.943; mean loss 1.5
     assert loss_oscillation([1.0, 2.0, 1.0, 2.0]) > loss_oscillation([1.0, 1.1, 1.0, 1.1])
+    converged = [1e-4, 4e-4, 0.0, 3e-4, 1e-5]  # batch-to-batch jitter at a loss ~1e-4 (a run at 100% accuracy)
+    assert loss_oscillation(converged) > 1 and loss_oscillation(converged, floor=0.011) < 0.05  # 1% of its first loss, 1.1
+    assert loss_oscillation([1.0, 2.0, 1.0, 2.0], floor=0.011) == loss_oscillation([1.0, 2.0, 1.0, 2.0])  # above the floor: as before
 
 
 def test_diagnostics_name_the_layer_where_trouble_started():
@@ -250,6 +253,21 @@ def test_diagnostics_name_the_layer_where_trouble_started():
     assert report["first_trouble"]["layer"] == "2.weight" and report["first_trouble"]["step"] == 4
     assert "Trouble started at step 4" in report["summary"] and "2.weight" in report["summary"]
     assert "1" in report["dead_units"]  # the ReLU was sampled
+
+
+def test_a_converged_runs_oscillation_is_measured_against_its_first_loss_and_a_resume_keeps_it():
+    model = nn.Sequential(nn.Linear(2, 2))
+    diag = Diagnostics(model, every=1000)
+    st = StepState(model=model, optimizer=None, device=torch.device("cpu"))
+    for step, loss in enumerate([1.1, 0.6, 0.2] + [1e-4, 4e-4, 0.0, 3e-4] * 30):
+        st.step = step
+        st.begin_step()
+        st.global_loss = loss  # the step's agreed loss, as the loop sets it
+        diag.after_step(st)
+    assert diag.report([], {})["loss_oscillation"] < 0.05  # jitter of ~3e-4 against 1% of 1.1, not against 1e-4
+    resumed = Diagnostics(model, every=1000)
+    resumed.load_state_dict(diag.state_dict())  # the window holds only the converged steps now
+    assert resumed.report([], {})["loss_oscillation"] == diag.report([], {})["loss_oscillation"]
 
 
 def test_retry_budget_is_a_rate_scattered_spikes_do_not_stop_a_run():
