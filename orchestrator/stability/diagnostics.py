@@ -25,7 +25,7 @@ RELU_FAMILY = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU)
 def loss_oscillation(losses: list[float], floor: float = 0.0) -> float:
     """Plain-function twin: std of step-to-step loss changes relative to the mean loss over the window
     (0 = smooth; ~1 = the loss jumps by its own size from step to step), or to `floor` when that is larger
-    (the diagnostics pass 1% of the run's first loss: near zero, a converged run's batch-to-batch jitter of
+    (the diagnostics pass 1% of the chance-level loss or of the run's first loss, the larger: near zero, a converged run's batch-to-batch jitter of
     3e-4 at a mean of 1e-4 read 3.68, 'oscillating', on a run at 100% accuracy)."""
     xs = [x for x in losses if math.isfinite(x)]
     if len(xs) < 3:
@@ -50,6 +50,7 @@ def dead_fraction_tensor(activation_out: torch.Tensor) -> torch.Tensor:
 class Diagnostics:
     def __init__(self, model: nn.Module, every: int = 50, window: int = 100, chance_loss: float | None = None):
         self.every = every
+        self.chance_loss = chance_loss or 0.0
         self.collapse = None  # (training loss, validation loss) watches; None: this loss has no chance level
         if chance_loss:
             self.collapse = (CollapseWatch(chance_loss), CollapseWatch(chance_loss, window=1, warmup=0, signal="validation loss"))
@@ -58,7 +59,7 @@ class Diagnostics:
         self.last_norms = None
         self.history: deque[dict] = deque(maxlen=200)
         self.losses: deque[float] = deque(maxlen=window)
-        self.first_loss: float | None = None  # the run's scale, for the oscillation score's floor
+        self.first_loss: float | None = None  # the run's scale (with the chance level), for the oscillation score's floor
         self.layers: dict[str, dict] = {}
         self.first_trouble = None
         self.sampling = False
@@ -156,7 +157,7 @@ class Diagnostics:
         worst = max(self.layers.items(), key=lambda kv: kv[1].get("update_ratio", 0.0), default=(None, {}))
         dead = {k: v["dead_fraction"] for k, v in self.layers.items() if "dead_fraction" in v}
         report = {"first_trouble": self.first_trouble, "counters": counters, "events": events,
-                  "loss_oscillation": loss_oscillation(list(self.losses), 0.01 * (self.first_loss or 0.0)), "loss_window": len(self.losses),
+                  "loss_oscillation": loss_oscillation(list(self.losses), 0.01 * max(self.chance_loss, self.first_loss or 0.0)), "loss_window": len(self.losses),
                   "largest_update_ratio": {"layer": worst[0], **worst[1]} if worst[0] else None,
                   "dead_units": dead, "layers": self.layers,
                   "collapse": first_collapse(*self.collapse) if self.collapse is not None else None,

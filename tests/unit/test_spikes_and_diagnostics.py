@@ -268,6 +268,13 @@ def test_a_converged_runs_oscillation_is_measured_against_its_first_loss_and_a_r
     resumed = Diagnostics(model, every=1000)
     resumed.load_state_dict(diag.state_dict())  # the window holds only the converged steps now
     assert resumed.report([], {})["loss_oscillation"] == diag.report([], {})["loss_oscillation"]
+    fine_tune = Diagnostics(model, every=1000, chance_loss=math.log(4))  # it starts converged: its first loss is no scale
+    for step, loss in enumerate([3e-4, 1e-4, 4e-4, 0.0] * 30):
+        st.step = step
+        st.begin_step()
+        st.global_loss = loss
+        fine_tune.after_step(st)
+    assert fine_tune.report([], {})["loss_oscillation"] < 0.05  # against 1% of ln 4, the chance level of 4 classes
 
 
 def test_retry_budget_is_a_rate_scattered_spikes_do_not_stop_a_run():
