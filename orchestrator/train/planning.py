@@ -115,11 +115,14 @@ def preflight(spec: JobSpec, generate: bool = True, same_data: Optional[Plan] = 
 
 
 def check_local_storage(run_dir: Path) -> None:
-    """The run directory can be made: no part of its path is a file (found here, not as a traceback in the driver)."""
+    """The run directory can be made: no part of its path is a file, and this user may write where it starts
+    (found here, before Ray starts, not as a traceback in the driver)."""
     for part in (run_dir, *run_dir.parents):
         if part.exists():
             if not part.is_dir():
                 raise BadInput(f"run.storage_path: {part} is a file, not a directory")
+            if not os.access(part, os.W_OK | os.X_OK):
+                raise BadInput(f"run.storage_path: {part} is not writable by this user; choose another run.storage_path")
             return
 
 

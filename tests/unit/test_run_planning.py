@@ -4,6 +4,7 @@ directory."""
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -328,6 +329,22 @@ def test_the_summary_shows_each_extra_validation_split_beside_the_main_one(tmp_p
     Console(file=out, width=200).print(summary_table(RunOutcome(status="finished", run_dir=tmp_path, history=[final])))
     lines = [" ".join(line.split()) for line in out.getvalue().splitlines()]
     assert "│ final val accuracy │ 0.98 │" in lines and "│ final val accuracy (original) │ 0.2028 │" in lines, lines
+
+
+def test_a_storage_path_this_user_cannot_write_is_one_line_before_ray_or_when_the_run_claims_its_directory(tmp_path, monkeypatch):
+    """Before, a run directory that could not be made was three chained tracebacks from the run lock, exit 1."""
+    from orchestrator.train.planning import check_local_storage
+
+    check_local_storage(tmp_path / "runs" / "r")  # writable: nothing to say
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode))
+    with pytest.raises(BadInput, match=f"^run.storage_path: {tmp_path} is not writable by this user; choose another run.storage_path$"):
+        check_local_storage(tmp_path / "runs" / "r")  # (the test runs as root, whom a read-only mode does not stop)
+    monkeypatch.undo()
+    # what even root cannot write (a path under /proc): the lock, taken when the run first writes, says so
+    with run_directory_lock(Path("/proc/keel-no-such/r")) as claim:
+        with pytest.raises(BadInput, match="^run.storage_path: cannot write the run directory /proc/keel-no-such/r: No such file or directory$"):
+            claim()
 
 
 def test_a_tabular_job_on_defaults_trains_on_standardised_columns(tmp_path):
