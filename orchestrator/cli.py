@@ -359,8 +359,10 @@ def beside_the_job_file(message: str, job: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from orchestrator.report.console import output_console
+
     args = build_parser().parse_args(argv)
-    console = Console(stderr=False)
+    console = output_console()
     try:
         return args.func(args, console)
     except BadInput as exc:

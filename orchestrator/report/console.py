@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -13,6 +15,19 @@ EPOCH_COLUMNS = [(mk.EPOCH, "epoch", "{}"), (mk.TRAIN_LOSS, "train loss", "{:.4f
                  (mk.VAL_ACCURACY, "val acc", "{:.4f}"), (mk.GRAD_NORM_MEAN, "|g| mean", "{:.3g}"),
                  (mk.GRAD_NORM_MAX, "|g| max", "{:.3g}"), (mk.LR, "lr", "{:.3g}"), (mk.SKIPPED_STEPS, "skipped", "{}"),
                  (mk.SAMPLES_PER_S, "samples/s", "{:.0f}")]
+
+
+LOG_WIDTH = 120
+
+
+def output_console() -> Console:
+    """Keel's stdout. In a log (a pipe, a file, a Ray job's output streamed by keel submit) rich has no width
+    to read and takes 80 columns, which folded the sweep table's headers ('val_accurac' / 'y') and every
+    parameter list; a log gets LOG_WIDTH unless COLUMNS says otherwise. A terminal keeps its own width."""
+    console = Console()
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console = Console(width=LOG_WIDTH)
+    return console
 
 
 def fmt(value, pattern: str = "{:.4g}") -> str:

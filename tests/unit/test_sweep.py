@@ -293,3 +293,32 @@ def test_a_diverged_pbt_trial_reports_on_past_its_epochs_until_tune_ends_it(monk
     assert len(reports) == 10  # a 3-epoch run, past its epochs
     assert all(r["waiting_for_clone"] == 1 and r["val_accuracy"] == -1e9 and r["diverged"] == 1 for r in reports)
     assert all(r["epoch"] == 2 and r["guard_events"] == 1 for r in reports)  # its last real epoch, as Tune takes it
+
+
+def test_in_a_log_the_results_table_is_wide_enough_for_its_headers_and_a_terminal_keeps_its_width(monkeypatch, capsys, tmp_path):
+    # keel submit streams the cluster's keel sweep output: no terminal there, and rich's 80 columns folded
+    # the table's val_accuracy header and every parameter list over two lines
+    from orchestrator.report.console import LOG_WIDTH, output_console
+    from orchestrator.report.sweep_table import trial_table
+    from orchestrator.sweep.driver import TrialRow
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    row = TrialRow("ed05f_00002", "TERMINATED", {"optimizer.lr": 0.05, "regularization.weight_decay": 1e-05}, 0.9861, 6,
+                   "diverged at report 1 (train_loss 1.066e+18 above threshold 23.03); replaced by a clone of ed05f_00001")
+    console = output_console()  # pytest's captured stdout: a log
+    assert console.width == LOG_WIDTH
+    console.print(trial_table([row], "val_accuracy"))
+    out = capsys.readouterr().out
+    assert "┃ val_accuracy ┃" in out and "lr=0.05, weight_decay=1e-05 " in out, out
+    monkeypatch.setenv("COLUMNS", "100")  # what the user says wins
+    assert output_console().width == 100
+    monkeypatch.delenv("COLUMNS")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator import cli
+
+    path = tmp_path / "wide.parquet"  # keel's own commands print through it
+    pq.write_table(pa.table({**{f"feature_{i}": [0.0, 1.0] for i in range(30)}, "label": [0, 1]}), path)
+    assert cli.main(["data", "inspect", str(path)]) == 0
+    assert max(len(line) for line in capsys.readouterr().out.splitlines()) == LOG_WIDTH
