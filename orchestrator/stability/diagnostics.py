@@ -20,13 +20,14 @@ from orchestrator.models import unwrap
 from orchestrator.stability.collapse import CollapseWatch, describe, first_collapse
 
 RELU_FAMILY = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU)
+OSCILLATION_FLOOR = 0.01  # of the run's loss scale: below it, jitter is measured against the floor
 
 
 def loss_oscillation(losses: list[float], floor: float = 0.0) -> float:
     """Plain-function twin: std of step-to-step loss changes relative to the mean loss over the window
-    (0 = smooth; ~1 = the loss jumps by its own size from step to step), or to `floor` when that is larger
-    (the diagnostics pass 1% of the chance-level loss or of the run's first loss, the larger: near zero, a converged run's batch-to-batch jitter of
-    3e-4 at a mean of 1e-4 read 3.68, 'oscillating', on a run at 100% accuracy)."""
+    (0 = smooth; ~1 = the loss jumps by its own size from step to step), or to `floor` when that is larger.
+    The diagnostics pass 1% of the chance-level loss or of the run's first loss, the larger: near zero, a
+    converged run's batch-to-batch jitter of 3e-4 at a mean of 1e-4 read 3.68, 'oscillating', at 100% accuracy."""
     xs = [x for x in losses if math.isfinite(x)]
     if len(xs) < 3:
         return float("nan")
@@ -153,11 +154,16 @@ class Diagnostics:
             for watch, saved in zip(self.collapse, sd["collapse"]):
                 watch.load_state_dict(saved)
 
+    def loss_scale(self) -> float:
+        """The run's loss scale: its chance level (cross-entropy) or its first loss, the larger."""
+        return max(self.chance_loss, self.first_loss or 0.0)
+
     def report(self, events: list[dict], counters: dict) -> dict:
         worst = max(self.layers.items(), key=lambda kv: kv[1].get("update_ratio", 0.0), default=(None, {}))
         dead = {k: v["dead_fraction"] for k, v in self.layers.items() if "dead_fraction" in v}
         report = {"first_trouble": self.first_trouble, "counters": counters, "events": events,
-                  "loss_oscillation": loss_oscillation(list(self.losses), 0.01 * max(self.chance_loss, self.first_loss or 0.0)), "loss_window": len(self.losses),
+                  "loss_oscillation": loss_oscillation(list(self.losses), OSCILLATION_FLOOR * self.loss_scale()),
+                  "loss_window": len(self.losses),
                   "largest_update_ratio": {"layer": worst[0], **worst[1]} if worst[0] else None,
                   "dead_units": dead, "layers": self.layers,
                   "collapse": first_collapse(*self.collapse) if self.collapse is not None else None,
