@@ -75,7 +75,15 @@ def open_dataset(path: str, field_name: str) -> pq.ParquetDataset:
     try:
         return pq.ParquetDataset(path)
     except Exception as exc:  # pyarrow raises several types for unreadable files
+        reader = TEXT_TABLE_READERS.get(Path(path).suffix.lower())
+        if reader:  # a table in a text format: say how to write it as Parquet, once
+            raise BadInput(f"{field_name}: {path}: not readable as Parquet, which Keel reads; convert it once: python -c "
+                           f"\"import pyarrow.{reader} as r, pyarrow.parquet as p; "
+                           f"p.write_table(r.read_{reader}('{path}'), '{Path(path).with_suffix('.parquet')}')\"") from None
         raise BadInput(f"{field_name}: {path}: not readable as Parquet ({str(exc).splitlines()[0]})") from None
+
+
+TEXT_TABLE_READERS = {".csv": "csv", ".jsonl": "json"}  # pyarrow's readers of a table written as text
 
 
 def scan_split(path: str, field_name: str, features: list[str], label: str, num_classes: Optional[int] = None,

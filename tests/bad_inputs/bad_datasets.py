@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv
 import pyarrow.parquet as pq
 
 
@@ -26,3 +27,4 @@ def write_bad_datasets(out: Path) -> None:
     ragged = pa.array([list(map(float, row[: 64 if i % 2 else 60])) for i, row in enumerate(x)], type=pa.list_(pa.float32()))
     pq.write_table(pa.table({"image": ragged, "label": y}), out / "ragged.parquet")
     pq.write_table(pa.table({"a": x[:, 0], "b": x[:, 1], "label": y}), out / "tabular.parquet")
+    pa.csv.write_csv(pa.table({"a": x[:, 0], "b": x[:, 1], "label": y}), out / "tabular.csv")  # a table as text, not Parquet

@@ -34,6 +34,8 @@ CASES = {  # file in tests/bad_inputs -> what the one-line error must name
     "missing_column.yaml": "no column 'pixels' (named by data.features); it has image, label",
     "batch_larger_than_data.yaml": "data.batch_size: 4096 x 2 workers is more than",
     "unreadable_parquet.yaml": "not readable as Parquet",
+    "data_csv.yaml": "tabular.csv: not readable as Parquet, which Keel reads; convert it once: python -c \"import pyarrow.csv as r, "
+                     "pyarrow.parquet as p; p.write_table(r.read_csv(",
     "data_nan_features.yaml": "column 'image' has 1 rows with NaN features",
     "data_inf_features.yaml": "column 'image' has 1 rows with infinite features",
     "data_label_out_of_range.yaml": "column 'label' has 1 labels outside [0, 10)",
