@@ -96,7 +96,7 @@ class DataSpec(Section):
     extra_val: dict[str, str] = doc({}, "More validation splits, name -> Parquet path, each reported every epoch as val_accuracy_<name> and val_loss_<name> (fine-tuning: the old data, to see forgetting).")
     generate: Optional[Literal["digits", "digits_shifted", "sequence", "tokens", "graphs", "synthetic", "tabular"]] = doc(None, "If the Parquet files are missing, write this built-in dataset (keel data make) there first.")
     features: Union[str, list[str]] = doc("image", "Feature column (a fixed-size list), or a list of scalar columns (tabular).")
-    label: str = doc("label", "Column with integer class labels in [0, num_classes).")
+    label: str = doc("label", "Column with class labels in [0, num_classes): integers, or floats that are whole numbers (pandas writes a label column with a gap as float64; a 1.5 or a missing label is a bad row).")
     shape: list[int] = doc(..., "Shape of one sample, e.g. [1, 8, 8] for images or [64] for tabular rows.", min_length=1)
     num_classes: int = doc(..., "Number of classes.", ge=2)
     batch_size: int = doc(32, "Batch size per worker; the global batch is batch_size x num_workers.", ge=2)

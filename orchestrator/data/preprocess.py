@@ -62,7 +62,7 @@ def apply_preprocess(x: np.ndarray, y: np.ndarray, state: PreprocessState) -> tu
         x[nan] = np.broadcast_to(state.fill, x.shape)[nan]
     keep = np.ones(len(x), dtype=bool)
     if state.drop_bad_rows:
-        keep = np.isfinite(x).all(axis=1) & (y >= 0) & (y < state.num_classes)
+        keep = np.isfinite(x).all(axis=1) & (y >= 0) & (y < state.num_classes) & (y == np.floor(y))  # float labels: whole
         x, y = x[keep], y[keep]
     if state.mean is not None:
         x = (x - state.mean) / state.std

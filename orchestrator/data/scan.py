@@ -52,7 +52,8 @@ class SplitScan:
     width: int = 0
     nan: dict = field(default_factory=dict)        # column -> rows with a NaN (or null) feature
     inf: dict = field(default_factory=dict)        # column -> rows with an infinite feature
-    bad_label_rows: int = 0                        # label missing or outside [0, num_classes)
+    bad_label_rows: int = 0                        # label missing or outside [0, num_classes), or not whole
+    fractional_label_rows: int = 0                 # float labels that are not whole numbers (1.5)
     label_min: Optional[int] = None
     label_max: Optional[int] = None
     class_counts: dict = field(default_factory=dict)
@@ -102,8 +103,10 @@ def scan_split(path: str, field_name: str, features: list[str], label: str, num_
         inner = t.value_type if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t) else t
         if not (pa.types.is_floating(inner) or pa.types.is_integer(inner)):
             raise BadInput(f"{path}: column {column!r} is {t}, expected numbers or a list of numbers")
-    if not pa.types.is_integer(dataset.schema.field(label).type):
-        raise BadInput(f"{path}: column {label!r} is {dataset.schema.field(label).type}, expected integer class labels")
+    label_type = dataset.schema.field(label).type  # floats too: pandas writes a label column with a gap as float64
+    if not (pa.types.is_integer(label_type) or pa.types.is_floating(label_type)):
+        raise BadInput(f"{path}: column {label!r} is {label_type}, expected integer class labels (map them to 0..K-1 "
+                       "first, and keep the mapping)")
     scan = SplitScan(path=path, nan={c: 0 for c in features}, inf={c: 0 for c in features},
                      extra={c: [] for c in extra_columns})
     try:
@@ -151,14 +154,16 @@ def _accumulate(scan: SplitScan, batch, features, label, num_classes, path) -> N
     scan.count += finite.sum(0)
     if len(scan.sample) < MEDIAN_SAMPLE_ROWS:
         scan.sample.extend(x[: MEDIAN_SAMPLE_ROWS - len(scan.sample)])
-    y = batch.column(label).to_numpy(zero_copy_only=False)
-    valid = ~np.isnan(y.astype(np.float64))
+    y = batch.column(label).to_numpy(zero_copy_only=False).astype(np.float64)  # a null (missing) label is NaN
+    fractional = np.isfinite(y) & (y != np.floor(y))
+    scan.fractional_label_rows += int(fractional.sum())
+    valid = ~np.isnan(y) & ~fractional
     yi = y[valid].astype(np.int64)
     label_bad = ~valid
     if num_classes is not None:
-        yy = np.where(valid, np.nan_to_num(y.astype(np.float64), nan=-1), -1)
+        yy = np.where(valid, y, -1)
         label_bad = (yy < 0) | (yy >= num_classes)
-        scan.bad_label_rows += int(label_bad.sum())
+    scan.bad_label_rows += int(label_bad.sum())
     scan.bad_rows += int((~finite.all(axis=1) | label_bad).sum())
     scan.bad_rows_imputed += int((np.isinf(x).any(axis=1) | label_bad).sum())
     if len(yi):
@@ -189,5 +194,7 @@ def describe(scan: SplitScan) -> list[tuple[str, str]]:
     return [("rows", str(scan.rows)), ("features per row", str(scan.width)),
             ("NaN rows per column", ", ".join(f"{k}: {v}" for k, v in scan.nan.items())),
             ("Inf rows per column", ", ".join(f"{k}: {v}" for k, v in scan.inf.items())),
-            ("label range", f"{scan.label_min} .. {scan.label_max}"), ("class balance", balance or "-")]
+            ("label range", f"{scan.label_min} .. {scan.label_max}"), ("class balance", balance or "-"),
+            *([("rows without a class label", f"{scan.bad_label_rows} ({scan.fractional_label_rows} not whole numbers)")]
+              if scan.bad_label_rows else [])]
 

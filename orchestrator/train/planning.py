@@ -47,6 +47,9 @@ def check_rows(scan, data, field_name: str) -> int:
         if scan.inf[column] and data.on_bad_rows == "error":
             raise BadInput(f"{scan.path}: column {column!r} has {scan.inf[column]} rows with infinite features "
                            "(fix the data, or set data.on_bad_rows: drop)")
+    if scan.fractional_label_rows and data.on_bad_rows == "error":
+        raise BadInput(f"{scan.path}: column {data.label!r} has {scan.fractional_label_rows} labels that are not whole "
+                       "numbers; class labels are 0..num_classes-1 (fix the data, or set data.on_bad_rows: drop)")
     if scan.bad_label_rows and data.on_bad_rows == "error":
         raise BadInput(f"{scan.path}: column {data.label!r} has {scan.bad_label_rows} labels outside "
                        f"[0, {data.num_classes}) (range seen {scan.label_min}..{scan.label_max})")

@@ -87,6 +87,9 @@ def test_drop_bad_rows_and_onehot():
     x, y, keep = apply_preprocess(np.array([[1.0], [np.inf], [2.0], [3.0]]), np.array([0, 1, 5, 2]), state)
     assert keep.tolist() == [True, False, False, True]
     np.testing.assert_array_equal(y, [[1, 0, 0], [0, 0, 1]])
+    # float labels (pandas writes a label column with a gap as float64): whole ones kept, 1.5 and a missing one dropped
+    x, y, keep = apply_preprocess(np.zeros((4, 1)), np.array([0.0, 1.5, np.nan, 2.0]), PreprocessState(drop_bad_rows=True, num_classes=3))
+    assert keep.tolist() == [True, False, False, True] and y.tolist() == [0, 2] and y.dtype == np.int64
 
 
 @pytest.mark.parametrize("kind, expected", [("linear", [0.2, 0.6, 1.0, 1.0]), ("step", [0.2, 0.6, 1.0, 1.0])])
