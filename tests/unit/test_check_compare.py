@@ -184,3 +184,21 @@ def test_during_training_the_shipped_transformers_key_norm_bias_is_measured_as_r
     assert noise == ["blocks.0.attention.k_norm.bias", "blocks.1.attention.k_norm.bias"], noise
     assert all(shares[n].max() <= 1e-8 for n in noise)  # 100x under the line
     assert not any((share <= NOISE_GRADIENT_SHARE).any() for n, share in shares.items() if n not in noise)
+
+
+def test_only_dropout_that_drops_is_turned_off_and_counted_in_the_note():
+    import torch
+
+    from orchestrator.check.worker import dropout_layers, dropout_off
+    from orchestrator.models import build_model
+    from orchestrator.spec import parse_spec
+
+    def mlp(dropout: float) -> torch.nn.Module:
+        return build_model(*(lambda s: (s.model, s.data))(parse_spec({
+            "model": {"kind": "mlp", "dropout": dropout}, "run": {"name": "x"},
+            "data": {"train": "t", "val": "v", "shape": [4], "num_classes": 2}})))
+    assert dropout_layers(mlp(0.0)) == []  # the default MLP: nothing to turn off, no note
+    with_dropout = mlp(0.3)
+    assert len(dropout_layers(with_dropout)) == 2
+    dropout_off(with_dropout)
+    assert all(m.p == 0.0 for m in with_dropout.modules() if isinstance(m, torch.nn.Dropout))
