@@ -54,9 +54,9 @@ class ModelSpec(Section):
 class PreprocessSpec(Section):
     standardize: Literal["auto", "none", "per_feature", "per_channel"] = doc(
         "auto", "Standardise with mean/std of the TRAINING split (stored in checkpoints). auto: per_feature for "
-        "tabular rows (data.shape of one dimension), whose columns come in unrelated units (scikit-learn's wine "
+        "tabular rows (data.shape of one dimension) into Keel's MLP, whose columns come in unrelated units (scikit-learn's wine "
         "set, proline in the hundreds beside hue near 1: val accuracy 0.70 as read with Keel's guards, 0.75 in a "
-        "plain loop; 0.99 standardised, either way), none for images, sequences and graphs (set per_channel for images).")
+        "plain loop; 0.99 standardised, either way), none for images, sequences, graphs and a custom model's inputs (set per_channel for images).")
     impute: Literal["none", "mean", "median", "constant"] = doc("none", "Fill NaN features with the training split's mean/median, or a constant.")
     impute_value: float = doc(0.0, "impute: constant: the fill value.")
     labels: Literal["index", "onehot"] = doc("index", "Label encoding fed to the loss (mixup/cutmix imply onehot).")
@@ -110,12 +110,6 @@ class DataSpec(Section):
     @property
     def feature_columns(self) -> list[str]:
         return [self.features] if isinstance(self.features, str) else list(self.features)
-
-    @model_validator(mode="after")
-    def _resolve_standardize(self) -> "DataSpec":  # resolved here: the plan, checkpoints and config.yaml see it
-        if self.preprocess.standardize == "auto":
-            self.preprocess.standardize = "per_feature" if len(self.shape) == 1 else "none"
-        return self
 
 
 class OptimizerSpec(Section):
@@ -289,6 +283,9 @@ class JobSpec(Section):
         for name, value in image_only.items():
             if value and len(self.data.shape) != 3:
                 raise ValueError(f"data.augment.{name}: needs image data (data.shape [C, H, W]), got {self.data.shape}")
+        if self.data.preprocess.standardize == "auto":  # resolved here: the plan, checkpoints and config.yaml see it
+            tabular = len(self.data.shape) == 1 and self.model.kind == "mlp"  # a custom model gets its inputs as they are
+            self.data.preprocess.standardize = "per_feature" if tabular else "none"
         if self.schedule.warmup_epochs == "auto":  # resolved here, so every reader (and config.yaml) sees a number
             transformer = self.model.kind == "transformer" and self.schedule.kind != "one_cycle"
             self.schedule.warmup_epochs = self.run.epochs / 4 if transformer else 0.0

@@ -148,13 +148,15 @@ def test_warmup_auto_is_a_quarter_of_the_run_for_a_transformer_and_none_otherwis
         parse_spec({**MINIMAL, "schedule": {"warmup_epochs": "soon"}})
 
 
-def test_standardize_auto_is_per_feature_for_tabular_rows_and_none_for_images_and_sequences():
+def test_standardize_auto_is_per_feature_for_tabular_rows_into_keels_mlp_and_none_for_images_sequences_and_custom_models():
     tabular = {**MINIMAL, "model": {"kind": "mlp"}, "data": {**MINIMAL["data"], "features": ["a", "b", "c"], "shape": [3]}}
     assert parse_spec(tabular).data.preprocess.standardize == "per_feature"
     one_column = {**tabular, "data": {**tabular["data"], "features": "row"}}  # a fixed-size list column of tabular values
     assert parse_spec(one_column).data.preprocess.standardize == "per_feature"
     assert parse_spec(MINIMAL).data.preprocess.standardize == "none"                              # an image
     assert parse_spec({**MINIMAL, "model": {"kind": "lstm"}, "data": {**MINIMAL["data"], "shape": [12, 1]}}).data.preprocess.standardize == "none"
+    custom = {**tabular, "model": {"kind": "custom", "factory": "nets:tabular"}}  # its own inputs, as with its own init
+    assert parse_spec(custom).data.preprocess.standardize == "none"
     written = {**tabular, "data": {**tabular["data"], "preprocess": {"standardize": "none"}}}
     assert parse_spec(written).data.preprocess.standardize == "none"                             # what is written wins
     assert yaml.safe_load(parse_spec(tabular).to_yaml())["data"]["preprocess"]["standardize"] == "per_feature"
