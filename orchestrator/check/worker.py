@@ -39,9 +39,12 @@ def dropout_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
 
 
-def dropout_off(model: torch.nn.Module) -> None:
-    for m in dropout_layers(model):
+def dropout_off(model: torch.nn.Module) -> int:
+    """Dropout off (p = 0) in every layer that drops; how many it turned off, for the check's note."""
+    layers = dropout_layers(model)
+    for m in layers:
         m.p = 0.0
+    return len(layers)
 
 
 class FirstForward:
@@ -103,9 +106,11 @@ def check_loop(config: dict) -> None:
         # copies: the arrays arrive read-only from the object store, and torch warns on wrapping those
         return {FEATURES: torch.tensor(x[lo:lo + per_rank]), LABEL: torch.tensor(y[lo:lo + per_rank])}
 
+    turned_off = []
+
     def fresh():
         comps = build_components(spec, config["steps_per_epoch"], device, ray.train.torch.prepare_model)
-        dropout_off(comps.state.model)
+        turned_off.append(dropout_off(comps.state.model))
         return comps
 
     def steps(comps, start: int, stop: int, record: list | None = None) -> None:
@@ -136,7 +141,7 @@ def check_loop(config: dict) -> None:
     state = final(comps)
     save("run", {"steps": record, "state": state, "fingerprint": fingerprint(state), "first_forward": first_forward,
                  "gradient_shares": shares,
-                 "dropout_layers": len(dropout_layers(comps.state.model)),
+                 "dropout_layers": turned_off[0],
                  "modules": {n: type(m).__name__ for n, m in unwrap(comps.state.model).named_modules() if n}})
     if world > 1:
         comps = fresh()
