@@ -194,9 +194,9 @@ def test_only_dropout_that_drops_is_turned_off_and_counted_in_the_note():
     from orchestrator.spec import parse_spec
 
     def mlp(dropout: float) -> torch.nn.Module:
-        return build_model(*(lambda s: (s.model, s.data))(parse_spec({
-            "model": {"kind": "mlp", "dropout": dropout}, "run": {"name": "x"},
-            "data": {"train": "t", "val": "v", "shape": [4], "num_classes": 2}})))
+        spec = parse_spec({"model": {"kind": "mlp", "dropout": dropout}, "run": {"name": "x"},
+                           "data": {"train": "t", "val": "v", "shape": [4], "num_classes": 2}})
+        return build_model(spec.model, spec.data)
     assert dropout_layers(mlp(0.0)) == []  # the default MLP: nothing to turn off, no note
     with_dropout = mlp(0.3)
     assert dropout_off(with_dropout) == 2  # what the note counts: taken as they are turned off, not after

@@ -272,22 +272,6 @@ def test_a_rerun_that_would_resume_into_a_model_or_optimizer_that_does_not_fit_i
     check_resume_fits(parse_spec(_resnet_tree(tmp_path, run={"name": "another"})))  # a new run.name: nothing to resume
 
 
-@pytest.mark.parametrize("next_epoch, said", [
-    (2, "resumed from checkpoint: continuing at epoch 3"),
-    (4, "resumed from checkpoint: 4 epochs already trained, run.epochs is 4: nothing to train (raise run.epochs to train on)"),
-])
-def test_a_resume_says_where_it_continues_or_that_a_finished_run_has_nothing_left_to_train(next_epoch, said):
-    import io
-
-    from rich.console import Console
-
-    from orchestrator.report.console import RunDisplay
-
-    out = io.StringIO()
-    RunDisplay(Console(file=out, width=200), epochs=4)({"type": "resumed", "epoch": next_epoch})
-    assert out.getvalue().strip() == said
-
-
 @pytest.mark.parametrize("under", ["", "x/y"])
 def test_a_storage_path_through_a_file_is_bad_input_naming_the_field_not_a_traceback(tmp_path, under):
     from orchestrator.errors import BadInput
@@ -315,22 +299,6 @@ def test_only_a_run_that_resumes_is_held_to_its_checkpoint_not_a_sweeps_base_job
         preflight(other_model, resumes=False)
 
 
-def test_the_summary_shows_each_extra_validation_split_beside_the_main_one(tmp_path):
-    """A fine-tune's data.extra_val (the old data: forgetting) is in the closing summary, not only in the files."""
-    import io
-
-    from rich.console import Console
-
-    from orchestrator.report.console import summary_table
-    from orchestrator.train.driver import RunOutcome
-
-    final = {"epoch": 5, "val_accuracy": 0.98, "val_accuracy_original": 0.2028, "val_loss_original": 17.6}
-    out = io.StringIO()
-    Console(file=out, width=200).print(summary_table(RunOutcome(status="finished", run_dir=tmp_path, history=[final])))
-    lines = [" ".join(line.split()) for line in out.getvalue().splitlines()]
-    assert "│ final val accuracy │ 0.98 │" in lines and "│ final val accuracy (original) │ 0.2028 │" in lines, lines
-
-
 def test_a_storage_path_this_user_cannot_write_is_one_line_before_ray_or_when_the_run_claims_its_directory(tmp_path, monkeypatch):
     """Before, a run directory that could not be made was three chained tracebacks from the run lock, exit 1."""
     from orchestrator.train.planning import check_local_storage
@@ -345,75 +313,6 @@ def test_a_storage_path_this_user_cannot_write_is_one_line_before_ray_or_when_th
     with run_directory_lock(Path("/proc/keel-no-such/r")) as claim:
         with pytest.raises(BadInput, match="^run.storage_path: cannot write the run directory /proc/keel-no-such/r: No such file or directory$"):
             claim()
-
-
-def test_float_labels_train_when_whole_and_a_fractional_one_is_named_or_dropped(tmp_path):
-    """A label column pandas wrote as float64 (0.0, 1.0, ...) was refused as 'double, expected integer class
-    labels'. Whole values are class labels; 1.5 is not, and a missing one never was."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from orchestrator.train.planning import preflight
-
-    x = np.random.default_rng(0).random((64, 2))
-    labels = (np.arange(64) % 2).astype(np.float64)
-    pq.write_table(pa.table({"a": x[:, 0], "b": x[:, 1], "label": labels}), tmp_path / "whole.parquet")
-    labels[[3, 7]] = [1.5, np.nan]
-    pq.write_table(pa.table({"a": x[:, 0], "b": x[:, 1], "label": labels}), tmp_path / "gaps.parquet")
-
-    def spec(train: str, **data):
-        return parse_spec({"model": {"kind": "mlp"}, "run": {"name": "f", "storage_path": str(tmp_path / "runs")},
-                           "data": {"train": str(tmp_path / train), "val": str(tmp_path / "whole.parquet"), "features": ["a", "b"],
-                                    "shape": [2], "num_classes": 2, "batch_size": 8, **data}})
-    assert preflight(spec("whole.parquet")).train_rows == 64
-    with pytest.raises(BadInput, match=r"gaps.parquet: column 'label' has 1 labels that are not whole numbers; class labels are 0..num_classes-1"):
-        preflight(spec("gaps.parquet"))
-    assert preflight(spec("gaps.parquet", on_bad_rows="drop")).dropped_rows["train"] == 2  # 1.5 and the missing one
-    from orchestrator.data.scan import describe, scan_split
-
-    inspected = dict(describe(scan_split(str(tmp_path / "gaps.parquet"), "path", ["a", "b"], "label")))  # keel data inspect
-    assert inspected["rows without a class label"] == "2 (1 not whole numbers)" and inspected["label range"] == "0 .. 1"
-
-
-def test_a_tabular_job_on_defaults_trains_on_standardised_columns(tmp_path):
-    """Columns in unrelated units (keel data make tabular: scales from 1e-2 to 1e3) reach the network at one
-    scale, with the training split's statistics, under the defaults a user gets."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from orchestrator.data.generators import make_tabular
-    from orchestrator.data.preprocess import apply_preprocess
-    from orchestrator.train.planning import preflight
-
-    make_tabular(tmp_path, rows=600, features=4, missing=0.0)
-    spec = parse_spec({"model": {"kind": "mlp"}, "run": {"name": "tab", "storage_path": str(tmp_path / "runs")},
-                       "data": {"train": str(tmp_path / "train.parquet"), "val": str(tmp_path / "val.parquet"),
-                                "features": "features", "shape": [4], "num_classes": 3}})
-    raw = pq.read_table(tmp_path / "train.parquet").column("features").combine_chunks().flatten().to_numpy().reshape(-1, 4)
-    assert raw.std(axis=0).max() / raw.std(axis=0).min() > 100  # the case: columns far apart in scale
-    x, _, _ = apply_preprocess(raw, np.zeros(len(raw), dtype=np.int64), preflight(spec).preprocess)
-    assert np.allclose(x.mean(axis=0), 0, atol=1e-3) and np.allclose(x.std(axis=0), 1, atol=1e-3)
-
-
-def test_a_run_that_failed_before_its_first_epoch_shows_no_value_as_a_dash_not_as_a_nan(tmp_path):
-    """'nan' in the summary of a run that never reported reads as a diverged loss; it has no value at all."""
-    import io
-
-    from rich.console import Console
-
-    from orchestrator.report.console import summary_table
-    from orchestrator.train.driver import RunOutcome
-
-    out = io.StringIO()
-    failed = RunOutcome(status="failed", run_dir=tmp_path, history=[], reason="KeyError: 'logits'")
-    Console(file=out, width=200).print(summary_table(failed))
-    lines = [" ".join(line.split()) for line in out.getvalue().splitlines()]
-    assert "│ final train loss │ - │" in lines and "│ best val accuracy │ - │" in lines and "│ epochs run │ 0 │" in lines, lines
-    assert "nan" not in out.getvalue()
-    out = io.StringIO()  # a real NaN is still shown as one
-    Console(file=out, width=200).print(summary_table(RunOutcome(status="diverged", run_dir=tmp_path, history=[{"epoch": 0, "train_loss": float("nan")}])))
-    assert "│ final train loss │ nan │" in [" ".join(line.split()) for line in out.getvalue().splitlines()]
 
 
 def test_a_run_counts_as_already_trained_only_when_its_newest_checkpoint_is_intact_and_holds_every_epoch(tmp_path):

@@ -158,7 +158,7 @@ class FakeController:  # what PBT asks of Tune's controller; records the checkpo
         return f"checkpoint of {trial.trial_id}"
 
 
-def pbt_of_two(monkeypatch, *names):
+def keel_pbt_over(monkeypatch, *names):
     """Keel's PBT scheduler (3 epochs, perturbation every report) over fake trials; exploits are recorded."""
     from ray.tune.schedulers import PopulationBasedTraining
 
@@ -182,7 +182,7 @@ def test_pbt_counts_its_perturbation_interval_in_reports_so_fast_epochs_still_ge
     # Epochs of 0.3 s, as a small model has: counted in seconds (Tune's default time_attr), PBT perturbed
     # once a second, the good trial saved no checkpoint while ranked above the diverged one, and the diverged
     # trial was never cloned (the PBT-on-S3 integration test failed that way on an idle machine).
-    pbt, controller, (good, bad), cloned = pbt_of_two(monkeypatch, "good", "bad")
+    pbt, controller, (good, bad), cloned = keel_pbt_over(monkeypatch, "good", "bad")
     for trial, report, accuracy in ((good, 1, 0.6), (bad, 1, -1e9), (good, 2, 0.9), (bad, 2, -1e9)):
         pbt.on_trial_result(controller, trial, {"training_iteration": report, "time_total_s": 0.3 * report,
                                                 "val_accuracy": accuracy})
@@ -193,7 +193,7 @@ def test_a_trial_that_diverged_before_any_other_reported_waits_for_a_donor_and_i
     # A trial diverged at its first steps reports (worst score) while the healthy one is still starting its
     # workers. Its run has ended; it reports on, waiting. Bounded by its 3 epochs it was done 2 s later, before
     # the healthy trial's first report, and was never cloned (the PBT-on-S3 integration test's flake).
-    pbt, controller, (good, bad), cloned = pbt_of_two(monkeypatch, "good", "bad")
+    pbt, controller, (good, bad), cloned = keel_pbt_over(monkeypatch, "good", "bad")
     diverged = {"val_accuracy": -1e9, "diverged": 1}
     decisions = [pbt.on_trial_result(controller, bad, {**diverged, "training_iteration": 1})]
     decisions += [pbt.on_trial_result(controller, bad, {**diverged, "training_iteration": i, "waiting_for_clone": 1}) for i in (2, 3, 4)]
@@ -204,7 +204,7 @@ def test_a_trial_that_diverged_before_any_other_reported_waits_for_a_donor_and_i
     assert cloned == [("bad", "good")]
 
     # with no healthy trial left unfinished, a waiting trial is stopped: another diverged one is no donor
-    pbt, controller, (good, bad, worse), cloned = pbt_of_two(monkeypatch, "good", "bad", "worse")
+    pbt, controller, (good, bad, worse), cloned = keel_pbt_over(monkeypatch, "good", "bad", "worse")
     for trial in (bad, worse):
         pbt.on_trial_result(controller, trial, {**diverged, "training_iteration": 1})
     waiting = {**diverged, "training_iteration": 2, "waiting_for_clone": 1}
