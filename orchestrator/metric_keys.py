@@ -36,8 +36,9 @@ LR_REDUCTIONS = "lr_reductions"
 BATCHES_SKIPPED = "batches_skipped"
 REBASELINES = "rebaselines"
 COLLAPSE_ROLLBACKS = "collapse_rollbacks"  # stability.collapse.action rollback
-SPIKE_COUNTERS = (SPIKES, ROLLBACKS, LR_REDUCTIONS, BATCHES_SKIPPED, REBASELINES)  # the spike guard's
-COUNTERS = (SKIPPED_STEPS, *SPIKE_COUNTERS, COLLAPSE_ROLLBACKS)  # the stability report's 'Fired:' line
+GRAD_NORM_JUMPS = "grad_norm_jumps"  # gradient-norm spikes let through under the clip: the guard did nothing
+SPIKE_COUNTERS = (SPIKES, ROLLBACKS, LR_REDUCTIONS, BATCHES_SKIPPED, REBASELINES, GRAD_NORM_JUMPS)  # the spike guard's
+COUNTERS = (SKIPPED_STEPS, *SPIKE_COUNTERS, COLLAPSE_ROLLBACKS)  # the stability report's counters
 
 MONITORABLE = (VAL_LOSS, VAL_ACCURACY, TRAIN_LOSS)  # what early stopping may watch
 # The per-epoch scalars written to metrics.csv and TensorBoard (epoch/<key>)

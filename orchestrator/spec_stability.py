@@ -37,6 +37,7 @@ class SpikeSpec(Section):
     rewarm_steps: int = doc(50, "reduce_lr: steps to ramp the reduced LR back up from zero.", ge=1)
     cut_lr_after: int = doc(2, "rollback: from this many recoveries within `window` steps on, each rollback also multiplies the LR by lr_factor for the rest of the run (0 = never).", ge=0)
     max_recoveries: int = doc(10, "Recoveries allowed within `window` steps; one more stops the run as diverged.", ge=0)
+    min_rise: float = doc(0.05, "A loss spike must also rise this much above its mean, as a fraction of the loss's chance level (cross-entropy: ln classes; other losses: the run's first loss): near zero loss, z-scores blow up on jitter (converged tabular runs logged 2-8 spikes and a rollback; measured). 0 = the z-score alone.", ge=0)
     rebaseline_after: int = doc(2, "rollback: when this many rollbacks in a row meet the spike again at the first step after restoring (the restored, calm weights already see the high loss: the data changed, not the run), accept the new level: re-baseline the statistics, undo those rollbacks' LR cuts and train on (0 = never).", ge=0)
 
 

@@ -121,7 +121,9 @@ class Diagnostics:
             for (name, key), value in zip(values, torch.stack([v.float() for v in values.values()]).tolist()):
                 self.layers.setdefault(name, {})[key] = value
         self.before = []
-        fired = [e for e in state.events if e["step"] == state.step and e["trigger"] != "fault"]
+        # Trouble is what a guard acted on: not a fault injected on purpose, nor a gradient-norm jump the
+        # clip let through (a healthy run's norm jumps as it learns; a converged run's on one hard sample).
+        fired = [e for e in state.events if e["step"] == state.step and e["trigger"] != "fault" and e["action"] != "clipped"]
         if fired and self.first_trouble is None:
             layer, value = None, None
             if self.ema is not None and self.last_norms is not None:
@@ -181,9 +183,11 @@ def summarize(report: dict) -> str:
         where = f" in layer {ft['layer']} (gradient {ft['grad_norm_vs_usual']:.1f}x its usual norm)" if ft["layer"] else ""
         lines.append(f"Trouble started at step {ft['step']} (epoch {ft['epoch'] + 1}): {ft['trigger']}{where}; "
                      f"action: {ft['action']}.")
-    fired = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in c.items() if v)
+    fired = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in c.items() if v and k != mk.GRAD_NORM_JUMPS)
     if fired:
         lines.append(f"Fired: {fired}.")
+    if c.get(mk.GRAD_NORM_JUMPS):
+        lines.append(f"Gradient-norm jumps let through under the clip: {c[mk.GRAD_NORM_JUMPS]}.")
     worst = report["largest_update_ratio"]
     if worst and worst.get("update_ratio") is not None:
         lines.append(f"Largest update/weight ratio at the last sample: {worst['layer']} {worst['update_ratio']:.2e}.")

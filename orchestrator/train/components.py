@@ -81,7 +81,7 @@ def build_safeguards(spec: JobSpec, model: torch.nn.Module) -> Safeguards:
     if stab.nonfinite.enabled:
         guards.append(NonFiniteGuard(stab.nonfinite.max_consecutive_skips, stab.nonfinite.max_batch_scale_ratio))
     if stab.spike.enabled:
-        guards.append(SpikeGuard(stab.spike, clipped=stab.clip.mode != "none"))
+        guards.append(SpikeGuard(stab.spike, clipped=stab.clip.mode != "none", chance_loss=chance_loss(spec)))
     if stab.collapse.action == "rollback" and chance_loss(spec) is not None:  # the default; other losses: no level
         guards.append(CollapseRecovery(chance_loss(spec), stab.collapse))
     guards.append(ReplicaCheck())

@@ -106,7 +106,7 @@ def test_rollback_restores_a_snapshot_old_enough_and_skips_batches():
     assert guard.skip_batches == 3
     dropped = [guard.on_batch(st, {}) for _ in range(4)]
     assert dropped[:3] == [None, None, None] and dropped[3] == {}
-    assert guard.counts == {"spikes": 2, "rollbacks": 1, "lr_reductions": 0, "batches_skipped": 3, "rebaselines": 0}
+    assert guard.counts == {"spikes": 2, "rollbacks": 1, "lr_reductions": 0, "batches_skipped": 3, "rebaselines": 0, "grad_norm_jumps": 0}
     assert event["replica_drift"] == 0.0 and guard.current_lr_factor(31) == 1.0
 
 
