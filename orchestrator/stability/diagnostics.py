@@ -132,7 +132,8 @@ class Diagnostics:
                 i = max(range(len(ratios)), key=ratios.__getitem__)
                 layer, value = self.names[i], ratios[i]
             self.first_trouble = {"step": state.step, "epoch": state.epoch, "trigger": fired[0]["trigger"],
-                                  "action": fired[0]["action"], "layer": layer, "grad_norm_vs_usual": value}
+                                  "action": fired[0]["action"], "layer": layer, "grad_norm_vs_usual": value,
+                                  **{k: fired[0][k] for k in ("observed", "usual") if k in fired[0]}}
 
     def on_epoch_end(self, state, metrics: dict) -> None:
         if self.collapse is not None:
@@ -181,7 +182,8 @@ def summarize(report: dict) -> str:
         lines.append("No guard fired: no non-finite steps and no spikes.")
     else:
         where = f" in layer {ft['layer']} (gradient {ft['grad_norm_vs_usual']:.1f}x its usual norm)" if ft["layer"] else ""
-        lines.append(f"Trouble started at step {ft['step']} (epoch {ft['epoch'] + 1}): {ft['trigger']}{where}; "
+        seen = f" ({ft['observed']:.3g} where {ft['usual']:.3g} is usual)" if "observed" in ft else ""
+        lines.append(f"Trouble started at step {ft['step']} (epoch {ft['epoch'] + 1}): {ft['trigger']}{seen}{where}; "
                      f"action: {ft['action']}.")
     fired = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in c.items() if v and k != mk.GRAD_NORM_JUMPS)
     if fired:

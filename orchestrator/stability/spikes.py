@@ -106,6 +106,11 @@ class SpikeDetector:
         self.loss.update(loss)
         self.grad.update(grad_norm)
 
+    def observed_and_usual(self, signal: str, loss: float, grad_norm: float) -> dict:
+        """The flagged signal's value beside its EMA mean: "a loss of 2.3 where 0.02 is usual" reads better than z."""
+        value, stats = (loss, self.loss) if signal == mk.LOSS else (grad_norm, self.grad)
+        return {"observed": float(f"{value:.4g}"), "usual": float(f"{stats.mean:.4g}")}
+
     def state_dict(self) -> dict:
         return {"loss": vars(self.loss).copy(), "grad": vars(self.grad).copy(),
                 "loss_scale": self.loss_scale}
@@ -160,6 +165,7 @@ class SpikeGuard:
             self.calm = True
             self.restored_spikes = 0 if first_after_restore else self.restored_spikes  # the rollback cured it
             return
+        seen = self.detector.observed_and_usual(trigger, state.global_loss_typical, state.grad_norm_value)
         if trigger == mk.GRAD_NORM and self.clipped and not first_after_restore and not self._near(self.suspect_step, state.step):
             # The loss is calm and the clip has already bounded this update. Rolling back such steps rolled
             # back learning itself: a transformer's gradient norm jumps as its attention forms, and 15
@@ -168,13 +174,13 @@ class SpikeGuard:
             self.detector.accept(state.global_loss_typical, state.grad_norm_value)
             self.clipped_step = state.step
             self.counts[mk.GRAD_NORM_JUMPS] += 1  # counted apart: the guard did nothing, so it is no spike
-            state.events.append({"step": state.step, "trigger": "grad_norm_spike", "value": round(z, 2), "action": "clipped"})
+            state.events.append(self._event(state, "grad_norm_spike", z, seen, "clipped"))
             return
         self.counts[mk.SPIKES] += 1
         if first_after_restore:
             self.restored_spikes += 1
             if self.spec.rebaseline_after and self.restored_spikes >= self.spec.rebaseline_after:
-                self._rebaseline(state, trigger, z)
+                self._rebaseline(state, self._event(state, f"{trigger}_level_shift", z, seen, "rebaseline"))
                 return
         state.skip = True
         if trigger == mk.LOSS and self.spec.action == "rollback" and not self._confirmed(state.step):
@@ -183,14 +189,14 @@ class SpikeGuard:
             # rollbacks, 30 LR cuts and 1 point of accuracy (measured). A loss spike that returns within
             # CONFIRM_STEPS, or a gradient-norm spike, is instability: roll back.
             self.suspect_step = state.step
-            state.events.append({"step": state.step, "trigger": "loss_spike", "value": round(z, 2), "action": "skip"})
+            state.events.append(self._event(state, "loss_spike", z, seen, "skip"))
             return
         # The budget is a rate, not a lifetime count: with tiny batches a long healthy run sees scattered
         # loss "spikes" (a 4-sample batch's loss is heavy-tailed), and 11 of them over 1,400 steps
         # stopped a run at 0.98 accuracy as diverged (measured). A run that keeps spiking within one
         # statistics window is the one that is not recovering.
         self.recent = [s for s in self.recent if s > state.step - self.spec.window] + [state.step]
-        event = {"step": state.step, "trigger": f"{trigger}_spike", "value": round(z, 2), "action": self.spec.action}
+        event = self._event(state, f"{trigger}_spike", z, seen, self.spec.action)
         if len(self.recent) > self.spec.max_recoveries:
             event["action"] = "stop"
             state.stop_reason = diverged(f"{len(self.recent)} {trigger} spikes exceeded stability.spike.max_recoveries="
@@ -219,15 +225,19 @@ class SpikeGuard:
             event.update(lr_factor=self.lr_factor)
         state.events.append(event)
 
-    def _rebaseline(self, state, trigger: str, z: float) -> None:
+    def _rebaseline(self, state, event: dict) -> None:
         """Accept the new level: restart the statistics there, forget the streak's recoveries and LR cuts
         (they answered a shift, not a too-high LR), and take this step."""
         self.detector.rebaseline(state.global_loss_typical, state.grad_norm_value)
         self.recent, self.suspect_step, self.clipped_step, self.restored_spikes = [], None, None, 0
         self.lr_factor = self.lr_factor_before
         self.counts[mk.REBASELINES] += 1
-        state.events.append({"step": state.step, "trigger": f"{trigger}_level_shift", "value": round(z, 2), "action": "rebaseline",
-                             "loss": round(state.global_loss, 4), "lr_factor": self.lr_factor})
+        state.events.append({**event, "lr_factor": self.lr_factor})
+
+    @staticmethod
+    def _event(state, name: str, z: float, seen: dict, action: str) -> dict:
+        """An entry of the report's events: the z-score, and the signal beside its usual level (`seen`)."""
+        return {"step": state.step, "trigger": name, "value": round(z, 2), **seen, "action": action}
 
     def _confirmed(self, step: int) -> bool:
         """A loss spike soon after a lone loss spike or a let-through gradient-norm spike."""

@@ -69,3 +69,14 @@ def test_a_gradient_norm_jump_under_the_clip_is_counted_apart_and_is_not_where_t
     assert report["first_trouble"] is None
     assert report["summary"].startswith("No guard fired") and "let through under the clip: 1" in report["summary"]
     assert "Fired" not in report["summary"]
+
+
+def test_a_spike_s_event_and_the_report_give_the_loss_beside_its_usual_level():
+    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="skip"))
+    st = run_guard(guard, FakeComps(), CALM + [50.0])
+    event = st.events[-1]
+    assert event["observed"] == 50.0 and abs(event["usual"] - 1.0) < 0.01 and event["action"] == "skip"
+    diag = Diagnostics(nn.Linear(2, 2), every=1000)
+    diag.after_step(st)
+    summary = diag.report(st.events, dict(guard.counts))["summary"]
+    assert "Trouble started at step 30 (epoch 1): loss_spike (50 where 0.997 is usual); action: skip." in summary

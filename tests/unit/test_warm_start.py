@@ -90,7 +90,8 @@ def test_frozen_prefixes_get_no_gradient_and_multiplied_ones_their_own_lr(run_di
     base = comps.state.optimizer.param_groups[0]["lr"]
     assert lr_of[id(named["blocks.0.conv1.weight"])] == pytest.approx(0.1 * base)
     assert lr_of[id(named["head.3.weight"])] == pytest.approx(base)
-    for _ in range(3):  # the schedule moves every group and keeps their ratio
+    for _ in range(3):  # the schedule moves every group and keeps their ratio (stepped after the optimizer, as in training)
+        comps.state.optimizer.step()
         comps.schedule.step()
     now = {id(p): g["lr"] for g in comps.state.optimizer.param_groups for p in g["params"]}
     assert now[id(named["head.3.weight"])] != base
