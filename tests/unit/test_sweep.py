@@ -295,6 +295,14 @@ def test_a_diverged_pbt_trial_reports_on_past_its_epochs_until_tune_ends_it(monk
     assert all(r["epoch"] == 2 and r["guard_events"] == 1 for r in reports)  # its last real epoch, as Tune takes it
 
 
+def test_a_trial_reports_the_steps_its_guards_acted_on_not_gradient_norm_jumps_the_clip_let_through():
+    from orchestrator.sweep.trial import for_tune
+
+    events = [{"trigger": "grad_norm_spike", "action": "clipped"}, {"trigger": "loss_spike", "action": "skip"},
+              {"trigger": "grad_norm_spike", "action": "clipped"}]
+    assert for_tune({"val_accuracy": 1.0, "events": events}) == {"val_accuracy": 1.0, "guard_events": 1}
+
+
 def test_in_a_log_the_results_table_is_wide_enough_for_its_headers_and_a_terminal_keeps_its_width(monkeypatch, capsys, tmp_path):
     # keel submit streams the cluster's keel sweep output: no terminal there, and rich's 80 columns folded
     # the table's val_accuracy header and every parameter list over two lines
