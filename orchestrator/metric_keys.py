@@ -37,6 +37,7 @@ BATCHES_SKIPPED = "batches_skipped"
 REBASELINES = "rebaselines"
 COLLAPSE_ROLLBACKS = "collapse_rollbacks"  # stability.collapse.action rollback
 GRAD_NORM_JUMPS = "grad_norm_jumps"  # gradient-norm spikes let through under the clip: the guard did nothing
+LET_THROUGH = "clipped"  # such a spike's event action: no guard event, not where trouble started
 SPIKE_COUNTERS = (SPIKES, ROLLBACKS, LR_REDUCTIONS, BATCHES_SKIPPED, REBASELINES, GRAD_NORM_JUMPS)  # the spike guard's
 COUNTERS = (SKIPPED_STEPS, *SPIKE_COUNTERS, COLLAPSE_ROLLBACKS)  # the stability report's counters
 

@@ -123,7 +123,7 @@ class Diagnostics:
         self.before = []
         # Trouble is what a guard acted on: not a fault injected on purpose, nor a gradient-norm jump the
         # clip let through (a healthy run's norm jumps as it learns; a converged run's on one hard sample).
-        fired = [e for e in state.events if e["step"] == state.step and e["trigger"] != "fault" and e["action"] != "clipped"]
+        fired = [e for e in state.events if e["step"] == state.step and e["trigger"] != "fault" and e["action"] != mk.LET_THROUGH]
         if fired and self.first_trouble is None:
             layer, value = None, None
             if self.ema is not None and self.last_norms is not None:

@@ -190,7 +190,7 @@ def for_tune(metrics: dict) -> dict:
     lists; the events themselves stay in the trial's own run directory, metrics.jsonl). A gradient-norm jump
     the clip let through is no guard event: nothing was done, and a converged trial's table note said
     "2 guard events" for two of them."""
-    acted = [e for e in metrics.get(mk.EVENTS) or [] if e.get("action") != "clipped"]
+    acted = [e for e in metrics.get(mk.EVENTS) or [] if e.get("action") != mk.LET_THROUGH]
     return {**{k: v for k, v in metrics.items() if k != mk.EVENTS}, mk.GUARD_EVENTS: len(acted)}
 
 
