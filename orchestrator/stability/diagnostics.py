@@ -18,6 +18,7 @@ from torch import nn
 from orchestrator import metric_keys as mk
 from orchestrator.models import unwrap
 from orchestrator.stability.collapse import CollapseWatch, describe, first_collapse
+from orchestrator.stability.spikes import loss_scale
 
 RELU_FAMILY = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU)
 OSCILLATION_FLOOR = 0.01  # of the run's loss scale: below it, jitter is measured against the floor
@@ -26,7 +27,7 @@ OSCILLATION_FLOOR = 0.01  # of the run's loss scale: below it, jitter is measure
 def loss_oscillation(losses: list[float], floor: float = 0.0) -> float:
     """Plain-function twin: std of step-to-step loss changes relative to the mean loss over the window
     (0 = smooth; ~1 = the loss jumps by its own size from step to step), or to `floor` when that is larger.
-    The diagnostics pass 1% of the chance-level loss or of the run's first loss, the larger: near zero, a
+    The diagnostics pass 1% of the run's loss scale (spikes.loss_scale): near zero, a
     converged run's batch-to-batch jitter of 3e-4 at a mean of 1e-4 read 3.68, 'oscillating', at 100% accuracy."""
     xs = [x for x in losses if math.isfinite(x)]
     if len(xs) < 3:
@@ -51,7 +52,7 @@ def dead_fraction_tensor(activation_out: torch.Tensor) -> torch.Tensor:
 class Diagnostics:
     def __init__(self, model: nn.Module, every: int = 50, window: int = 100, chance_loss: float | None = None):
         self.every = every
-        self.chance_loss = chance_loss or 0.0
+        self.chance_loss = chance_loss
         self.collapse = None  # (training loss, validation loss) watches; None: this loss has no chance level
         if chance_loss:
             self.collapse = (CollapseWatch(chance_loss), CollapseWatch(chance_loss, window=1, warmup=0, signal="validation loss"))
@@ -157,15 +158,11 @@ class Diagnostics:
             for watch, saved in zip(self.collapse, sd["collapse"]):
                 watch.load_state_dict(saved)
 
-    def loss_scale(self) -> float:
-        """The run's loss scale: its chance level (cross-entropy) or its first loss, the larger."""
-        return max(self.chance_loss, self.first_loss or 0.0)
-
     def report(self, events: list[dict], counters: dict) -> dict:
         worst = max(self.layers.items(), key=lambda kv: kv[1].get("update_ratio", 0.0), default=(None, {}))
         dead = {k: v["dead_fraction"] for k, v in self.layers.items() if "dead_fraction" in v}
         report = {"first_trouble": self.first_trouble, "counters": counters, "events": events,
-                  "loss_oscillation": loss_oscillation(list(self.losses), OSCILLATION_FLOOR * self.loss_scale()),
+                  "loss_oscillation": loss_oscillation(list(self.losses), OSCILLATION_FLOOR * loss_scale(self.chance_loss, self.first_loss)),
                   "loss_window": len(self.losses),
                   "largest_update_ratio": {"layer": worst[0], **worst[1]} if worst[0] else None,
                   "dead_units": dead, "layers": self.layers,

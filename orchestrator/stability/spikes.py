@@ -62,6 +62,13 @@ class EmaStats:
         self.n += 1
 
 
+def loss_scale(chance_loss: Optional[float], first_loss: Optional[float]) -> float:
+    """What "small" is measured against for a run's loss (the spike floor, the report's oscillation score): the
+    chance-level loss when the loss has one (cross-entropy: ln classes), else the run's first loss. Not the
+    larger of the two: a run with every weight x10 starts at a loss of 67."""
+    return chance_loss or first_loss or 0.0
+
+
 def material(value: float, mean: float, scale: float, min_rise: float) -> bool:
     """Plain-function twin: does `value` rise above `mean` by at least `min_rise` of the signal's `scale`?"""
     return value - mean >= min_rise * scale
@@ -71,23 +78,24 @@ class SpikeDetector:
     """Returns which signal spiked ('loss' / 'grad_norm') or None; learns only from calm steps.
 
     A loss spike must also be material (see the module's docstring): its rise is measured against
-    `loss_scale` (the chance-level loss) or, for a loss without one, the first loss it saw."""
+    `loss_scale(chance_loss, the first loss it saw)`."""
 
     def __init__(self, window: int = 128, z_loss: float = 6.0, z_grad: float = 6.0, warmup: int = 20,
-                 min_rise: float = 0.0, loss_scale: Optional[float] = None):
+                 min_rise: float = 0.0, chance_loss: Optional[float] = None):
         self.loss, self.grad = EmaStats(window), EmaStats(window)
         self.z_loss, self.z_grad, self.warmup = z_loss, z_grad, warmup
-        self.min_rise, self.loss_scale = min_rise, loss_scale
+        self.min_rise, self.chance_loss = min_rise, chance_loss
+        self.first_loss: Optional[float] = None
 
     def check(self, loss: float, grad_norm: float) -> tuple[Optional[str], float]:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return None, 0.0  # the non-finite guard handles these
-        if self.loss_scale is None:
-            self.loss_scale = abs(loss)  # a loss without a chance level: where the run started
+        if self.first_loss is None:
+            self.first_loss = abs(loss)
         if self.loss.n >= self.warmup:
             for name, stats, value, limit in ((mk.LOSS, self.loss, loss, self.z_loss), (mk.GRAD_NORM, self.grad, grad_norm, self.z_grad)):
                 z = zscore(value, stats.mean, stats.var)
-                if z > limit and (name != mk.LOSS or material(value, stats.mean, self.loss_scale, self.min_rise)):
+                if z > limit and (name != mk.LOSS or material(value, stats.mean, loss_scale(self.chance_loss, self.first_loss), self.min_rise)):
                     return name, z
         self.loss.update(loss)
         self.grad.update(grad_norm)
@@ -113,13 +121,12 @@ class SpikeDetector:
 
     def state_dict(self) -> dict:
         return {"loss": vars(self.loss).copy(), "grad": vars(self.grad).copy(),
-                "loss_scale": self.loss_scale}
+                "first_loss": self.first_loss}
 
     def load_state_dict(self, sd: dict) -> None:
         vars(self.loss).update(sd["loss"])
         vars(self.grad).update(sd["grad"])
-        if self.loss_scale is None:  # a chance level, when the loss has one, stays the scale
-            self.loss_scale = sd.get("loss_scale")
+        self.first_loss = sd.get("first_loss")  # not the resumed step's: a resume must not re-scale the floor
 
 
 CONFIRM_STEPS = 5  # a second loss spike this soon after a lone one confirms it

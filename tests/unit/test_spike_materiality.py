@@ -51,7 +51,7 @@ def test_the_job_s_spike_guard_measures_a_cross_entropy_loss_against_its_chance_
     tree = {"model": {"kind": "mlp"}, "data": {"train": "t.parquet", "val": "v.parquet", "shape": [4], "num_classes": 4},
             "run": {"name": "r"}}
     guard = build_safeguards(parse_spec(tree), nn.Linear(4, 4)).find(SpikeGuard)
-    assert guard.detector.loss_scale == FOUR_CLASSES and guard.detector.min_rise == 0.05
+    assert guard.detector.chance_loss == FOUR_CLASSES and guard.detector.min_rise == 0.05
 
 
 def test_a_gradient_norm_jump_under_the_clip_is_counted_apart_and_is_not_where_trouble_started():
@@ -80,3 +80,11 @@ def test_a_spike_s_event_and_the_report_give_the_loss_beside_its_usual_level():
     diag.after_step(st)
     summary = diag.report(st.events, dict(guard.counts))["summary"]
     assert "Trouble started at step 30 (epoch 1): loss_spike (50 where 0.997 is usual); action: skip." in summary
+
+
+def test_a_run_that_starts_far_above_chance_keeps_the_chance_level_as_its_scale():
+    # every weight x10: the first loss is 67 against ln 10 = 2.3; a floor of 5% of 67 would hide a jump to 2.0
+    start = [67.0, 40.0, 20.0, 8.0] + [0.02 * (1 + 0.1 * ((i * 7) % 5 - 2)) for i in range(200)]
+    guard = SpikeGuard(SpikeSpec(warmup_steps=10, action="skip"), chance_loss=math.log(10))
+    st = run_guard(guard, FakeComps(), start + [2.0])
+    assert st.skip and guard.counts["spikes"] == 1
