@@ -70,11 +70,20 @@ class GradClipper:
         self.mode = resolve_clip_mode(spec.mode, model) if model is not None else spec.mode
         self.mean = self.var = None  # z-score clipping's EMA of the global norm (device tensors)
         self.seen = 0
+        self._listed: tuple[torch.nn.Module, list] | None = None  # (model, its parameters): see parameters()
+
+    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The model's parameters, listed once per model: walking its module tree costs ~26 us a step on the
+        main job's 29-module ResNet (timeit), more on deeper nets, for a list that does not change: its
+        parameters stay the same objects through a run (checkpoints, rollbacks and warm starts copy into them)."""
+        if self._listed is None or self._listed[0] is not model:
+            self._listed = (model, list(model.parameters()))
+        return self._listed[1]
 
     def clip(self, state) -> None:
         if state.scaler is not None:
             state.scaler.unscale_(state.optimizer)  # clip true gradients, not loss-scaled ones
-        params = [p for p in state.model.parameters() if p.grad is not None]
+        params = [p for p in self.parameters(state.model) if p.grad is not None]
         if not params:
             state.grad_norm = torch.zeros((), device=state.device)
             return

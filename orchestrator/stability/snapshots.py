@@ -57,21 +57,27 @@ def _to_cpu(obj):
     return _copy_into(None, obj)
 
 
-def snapshot_buffers(model: torch.nn.Module) -> Optional[torch.Tensor]:
+def float_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [b for b in model.buffers() if b.is_floating_point()]
+
+
+def snapshot_buffers(model: torch.nn.Module, buffers: Optional[list[torch.Tensor]] = None) -> Optional[torch.Tensor]:
     """The float buffers (BN running statistics) before a step's forward, as one flat copy on the device: one
     kernel, where a clone per buffer was two copies per BN layer every step (80 for a ResNet-18; measured on
-    a GPU, where each is a launch). None for a model without float buffers."""
-    buffers = [b.detach().reshape(-1) for b in model.buffers() if b.is_floating_point()]
-    return torch.cat(buffers) if buffers else None
+    a GPU, where each is a launch). None for a model without float buffers. `buffers`: the model's
+    `float_buffers`, if the caller keeps them listed (the loop does: StepState.float_buffers)."""
+    buffers = float_buffers(model) if buffers is None else buffers
+    return torch.cat([b.detach().reshape(-1) for b in buffers]) if buffers else None
 
 
 @torch.no_grad()
-def restore_buffers(model: torch.nn.Module, saved: Optional[torch.Tensor]) -> None:
+def restore_buffers(model: torch.nn.Module, saved: Optional[torch.Tensor],
+                    buffers: Optional[list[torch.Tensor]] = None) -> None:
     """Undo what a skipped step's forward did to the running statistics: a NaN or a 1e4x batch would
     otherwise poison evaluation for hundreds of steps, though its update was dropped."""
     if saved is None:
         return
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    buffers = float_buffers(model) if buffers is None else buffers
     for buffer, before in zip(buffers, torch.split(saved, [b.numel() for b in buffers])):
         buffer.copy_(before.view_as(buffer))
 

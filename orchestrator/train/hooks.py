@@ -38,7 +38,7 @@ from typing import Any, Optional
 import torch
 
 from orchestrator.models import unwrap
-from orchestrator.stability.snapshots import restore_buffers, snapshot_buffers
+from orchestrator.stability.snapshots import float_buffers, restore_buffers, snapshot_buffers
 from orchestrator.stability.stop import StopReason
 
 HOOKS = ("on_batch", "after_backward", "before_step", "after_step", "on_epoch_end", "on_report")
@@ -107,6 +107,16 @@ class Safeguards:
                 if name.startswith(HOOK_PREFIXES) and callable(getattr(g, name)) and name not in HOOKS:
                     raise ValueError(f"{type(g).__name__}.{name} is not a hook (hooks: {', '.join(HOOKS)})")
         self.guards = guards
+        self._buffers: tuple[Any, list] | None = None  # (model, its float buffers): listed once, see buffers()
+
+    def buffers(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        """The model's float buffers (BN running statistics), listed once per model: walking the module tree
+        for them before every step costs ~25 us on the main job's 29-module ResNet (timeit), more on deeper
+        nets. The model and its tensors stay the same objects through a run: checkpoints, rollbacks and warm
+        starts copy into them (`StepState.load_training_state`)."""
+        if self._buffers is None or self._buffers[0] is not model:
+            self._buffers = (model, float_buffers(model))
+        return self._buffers[1]
 
     def on_batch(self, state: StepState, batch: dict) -> Optional[dict]:
         """None means: every rank drops this batch (a decision made from rank-identical state)."""
@@ -116,7 +126,7 @@ class Safeguards:
             if hasattr(g, "on_batch"):
                 batch = g.on_batch(state, batch)
         if batch is not None:
-            state.buffers_before = snapshot_buffers(state.model)
+            state.buffers_before = snapshot_buffers(state.model, self.buffers(state.model))
         return batch
 
     def decide(self, state: StepState) -> None:
@@ -124,7 +134,7 @@ class Safeguards:
         statistics its forward wrote (a rollback empties `buffers_before`: it restored older ones)."""
         self.call("before_step", state)
         if state.skip and state.buffers_before is not None:
-            restore_buffers(state.model, state.buffers_before)
+            restore_buffers(state.model, state.buffers_before, self.buffers(state.model))
 
     def find(self, kind: type) -> Any:
         return next((g for g in self.guards if isinstance(g, kind)), None)

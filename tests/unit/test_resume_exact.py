@@ -37,8 +37,9 @@ def run_epoch(comps, spec, epoch: int) -> None:
 
 
 # Guard attributes a checkpoint leaves out on purpose: references to the run, per-step scratch, and the
-# rollback's in-memory snapshots (several copies of the model: a resume starts a new ring).
-NOT_CHECKPOINTED = {"comps", "ring", "spec", "excluded", "path", "last_norms", "before", "sampling"}
+# rollback's in-memory snapshots (several copies of the model: a resume starts a new ring), the clipper's list of
+# the model's parameters.
+NOT_CHECKPOINTED = {"comps", "ring", "spec", "excluded", "path", "last_norms", "before", "sampling", "_listed"}
 
 
 def live_state(obj):
