@@ -47,9 +47,12 @@ def psi(edges: list[float], values: np.ndarray) -> float:
     return float(np.sum((new - old) * np.log(new / old)))
 
 
-def compare(ref: dict, sample, shape: list[int]) -> dict:
-    """Per unit PSI and mean shift of new data against a reference; the most shifted units first."""
+def compare(ref: dict, sample, shape: list[int], names: list[str] | None = None) -> dict:
+    """Per unit PSI and mean shift of new data against a reference; the most shifted units first.
+    `names`: the features' column names (tabular data, one scalar column each), given to each row as `name`:
+    a user knows 'income', not 'feature 4'."""
     level, units = _units(sample, shape)
+    names = names if level == "feature" and names and len(names) == len(units) else None
     if level != ref["level"] or len(units) != len(ref["edges"]):
         return {"comparable": False, "reason": f"the reference has {len(ref['edges'])} {ref['level']}s, "
                                                 f"the new data {len(units)} {level}s"}
@@ -61,7 +64,8 @@ def compare(ref: dict, sample, shape: list[int]) -> dict:
         values = values[np.isfinite(values)]
         scale = ref["std"][i] if ref["std"][i] > 0.01 * typical else typical
         shift = (float(values.mean()) - ref["mean"][i]) / scale if len(values) else 0.0
-        rows.append({level: i, "psi": round(psi(ref["edges"][i], values), 4), "mean_shift_std": round(shift, 3)})
+        rows.append({level: i, **({"name": names[i]} if names else {}),
+                     "psi": round(psi(ref["edges"][i], values), 4), "mean_shift_std": round(shift, 3)})
     rows.sort(key=lambda r: -r["psi"])
     major = sum(r["psi"] > MAJOR_PSI for r in rows)
     moderate = sum(MODERATE_PSI < r["psi"] <= MAJOR_PSI for r in rows)
@@ -73,7 +77,7 @@ def summary_line(report: dict) -> str:
     if not report.get("comparable"):
         return f"drift: not compared ({report.get('reason', 'no reference')})"
     level = report["level"]
-    top = ", ".join(f"{level} {r[level]} (PSI {r['psi']:.2f}, mean {r['mean_shift_std']:+.1f} sd)" for r in report["most_shifted"][:3])
+    top = ", ".join(f"{r.get('name') or f'{level} {r[level]}'} (PSI {r['psi']:.2f}, mean {r['mean_shift_std']:+.1f} sd)" for r in report["most_shifted"][:3])
     verdict = ("major shift" if report["major"] else "moderate shift" if report["moderate"] else "no notable shift")
     return (f"drift: {verdict} against the checkpoint's training data: {report['major']} of {report['units']} "
             f"{level}s PSI > {MAJOR_PSI}, {report['moderate']} moderate; most shifted: {top}")

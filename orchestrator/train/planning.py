@@ -226,7 +226,7 @@ def scan_data(spec: JobSpec, generate: bool, against: Optional[dict] = None) -> 
 
     shift = None
     if against is not None:
-        shift = drift.compare(against, scans["train"].sample, data.shape) if against else \
+        shift = drift.compare(against, scans["train"].sample, data.shape, data.feature_columns) if against else \
             {"comparable": False, "reason": "the checkpoint has no data reference (written before Keel kept one)"}
     return Plan(scans["train"].rows, scans["val"].rows, [], 0.0, preprocess, limits, dropped, pools,
                 drift.reference(scans["train"].sample, data.shape), shift)

@@ -35,3 +35,40 @@ def test_wide_inputs_are_compared_per_channel_and_a_mismatch_is_said_not_guessed
     other = drift.compare(ref, rng.uniform(size=(300, 64)), [64])
     assert other == {"comparable": False, "reason": "the reference has 3 channels, the new data 64 features"}
     assert "not compared" in drift.summary_line(other)
+
+
+def test_tabular_columns_are_named_in_the_report_and_the_line():
+    """A fine-tuning job on named columns (data.features: a list) reads 'income', not 'feature 1'."""
+    rng = np.random.default_rng(2)
+    ref = drift.reference(rng.normal(size=(3000, 3)), [3])
+    new = rng.normal(size=(3000, 3))
+    new[:, 1] += 2.0
+    names = ["age", "income", "tenure"]
+    moved = drift.compare(ref, new, [3], names)
+    assert moved["most_shifted"][0] == {**moved["most_shifted"][0], "feature": 1, "name": "income"}
+    assert "most shifted: income (PSI" in drift.summary_line(moved) and "feature 1" not in drift.summary_line(moved)
+    # one list column (the spec's data.features: 'x') has no per-feature names: indices, as before
+    assert "name" not in drift.compare(ref, new, [3], ["x"])["most_shifted"][0]
+
+
+def test_a_fine_tuning_plan_names_the_job_s_own_feature_columns(tmp_path):
+    """The run's drift (scan_data, as `keel validate` and `keel run` plan it) on Parquet with named columns."""
+    import pandas as pd
+
+    from orchestrator.spec import JobSpec
+    from orchestrator.train.planning import scan_data
+
+    rng = np.random.default_rng(3)
+    old = rng.normal(size=(2000, 3))
+    new = rng.normal(size=(2000, 3))
+    new[:, 2] *= 4.0  # 'tenure' rescaled
+    for split in ("train", "val"):
+        frame = pd.DataFrame(new.astype("float32"), columns=["age", "income", "tenure"])
+        frame["label"] = rng.integers(0, 2, len(frame))
+        frame.to_parquet(tmp_path / f"{split}.parquet")
+    spec = JobSpec.model_validate({
+        "model": {"kind": "mlp"}, "run": {"name": "tabular"},
+        "data": {"train": str(tmp_path / "train.parquet"), "val": str(tmp_path / "val.parquet"),
+                 "features": ["age", "income", "tenure"], "shape": [3], "num_classes": 2}})
+    plan = scan_data(spec, generate=False, against=drift.reference(old, [3]))
+    assert plan.drift["most_shifted"][0]["name"] == "tenure"
