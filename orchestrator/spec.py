@@ -214,6 +214,17 @@ class InitFromSpec(Section):
     lr_multipliers: dict[str, float] = doc({}, "Parameter name prefix -> LR multiplier, e.g. {'blocks.': 0.1} (the longest matching prefix wins; others 1).")
     preprocess: Literal["keep", "refit"] = doc("keep", "Standardisation and imputation statistics: the checkpoint's (keep: the network sees inputs scaled as it learned them) or fitted on the new training data (refit).")
 
+    @field_validator("freeze", "lr_multipliers", mode="before")
+    @classmethod
+    def _prefixes_are_names(cls, value):
+        """Keel's MLP and CNN name their layers by position ('1.weight'): YAML reads an unquoted prefix 1. as
+        the number 1.0, which then names nothing. Say so, instead of pydantic's 'not a valid string'."""
+        for item in (value if isinstance(value, (list, dict)) else []):
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                raise ValueError(f"{item!r} is a number, not a name prefix: YAML reads an unquoted 1. as 1.0; "
+                                 f"quote it, e.g. '1.'")
+        return value
+
     @field_validator("lr_multipliers")
     @classmethod
     def _positive(cls, value):

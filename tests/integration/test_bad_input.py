@@ -57,6 +57,7 @@ CASES = {  # file in tests/bad_inputs -> what the one-line error must name
     "factory_without_custom.yaml": "model.factory: only used with model.kind: custom (model.kind is resnet)",
     "init_from_missing.yaml": "init_from.checkpoint: ",
     "init_from_freeze_alone.yaml": "init_from.freeze: only used with init_from.checkpoint",
+    "init_from_unquoted_prefix.yaml": "init_from.lr_multipliers: 1.0 is a number, not a name prefix: YAML reads an unquoted 1. as 1.0; quote it",
     "extra_val_missing.yaml": "data.extra_val.old: ",
 }
 @pytest.fixture(scope="module")
