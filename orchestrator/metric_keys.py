@@ -57,3 +57,8 @@ STEP_SCALARS = (LOSS, GRAD_NORM, GRAD_NORM_POST_CLIP, LR)
 def extra_val(key: str, name: str) -> str:
     """The key of a metric measured on an extra validation set, e.g. val_accuracy_original."""
     return f"{key}_{name}"
+
+
+def extra_val_names(metrics: dict) -> list[str]:
+    """The names of the extra validation sets (data.extra_val) an epoch's metrics hold."""
+    return [key.removeprefix(VAL_ACCURACY + "_") for key in metrics if key.startswith(VAL_ACCURACY + "_")]

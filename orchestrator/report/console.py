@@ -100,8 +100,8 @@ def summary_table(outcome) -> Table:
     rows = [("epochs run", fmt(final.get(mk.EPOCH, -1) + 1 if final else 0, "{}")),
             ("best val accuracy", fmt(outcome.best(mk.VAL_ACCURACY, "max"))),
             ("final val accuracy", fmt(final.get(mk.VAL_ACCURACY))),
-            *((f"final val accuracy ({key.removeprefix(mk.VAL_ACCURACY + '_')})", fmt(value))  # data.extra_val
-              for key, value in final.items() if key.startswith(mk.VAL_ACCURACY + "_")),
+            *((f"final val accuracy ({name})", fmt(final[mk.extra_val(mk.VAL_ACCURACY, name)]))  # data.extra_val
+              for name in mk.extra_val_names(final)),
             ("best val loss", fmt(outcome.best(mk.VAL_LOSS, "min"))),
             ("final train loss", fmt(final.get(mk.TRAIN_LOSS))),
             ("skipped steps", fmt(final.get(mk.SKIPPED_STEPS), "{}")),

@@ -40,7 +40,8 @@ def run_report(run_dir: Path) -> tuple[Path, str]:
     out.mkdir(exist_ok=True)
     events = (stability or {}).get("events") or [e for h in history for e in h.get(mk.EVENTS) or []]
     steps_per_epoch = history[0][mk.STEP] / (history[0][mk.EPOCH] + 1) if history[0].get(mk.STEP) else 1
-    images = [plots.loss_curves(history, events, steps_per_epoch, out / "loss.png")]
+    images = [plots.loss_curves(history, events, steps_per_epoch, out / "loss.png"),
+              plots.accuracy_curves(history, out / "accuracy.png")]
     if steps:
         images += [plots.grad_norm(steps, history, config.get("stability", {}).get("clip", {}), out / "grad_norm.png"),
                    plots.learning_rate(steps, out / "lr.png")]
@@ -51,19 +52,36 @@ def run_report(run_dir: Path) -> tuple[Path, str]:
     final = history[-1]
     best_acc = max((h[mk.VAL_ACCURACY] for h in history if finite(h.get(mk.VAL_ACCURACY))), default=None)
     summary_rows = [("epochs", str(final[mk.EPOCH] + 1)), ("best val accuracy", fmt(best_acc)),
-                    ("final val accuracy", fmt(final.get(mk.VAL_ACCURACY))), ("final val loss", fmt(final.get(mk.VAL_LOSS))),
+                    ("final val accuracy", fmt(final.get(mk.VAL_ACCURACY))),
+                    *((f"final val accuracy ({html.escape(name)})", fmt(final[mk.extra_val(mk.VAL_ACCURACY, name)]))
+                      for name in mk.extra_val_names(final)),
+                    ("final val loss", fmt(final.get(mk.VAL_LOSS))),
                     ("skipped steps", str(final.get(mk.SKIPPED_STEPS, 0))), ("spikes / rollbacks",
                     f"{final.get(mk.SPIKES, 0)} / {final.get(mk.ROLLBACKS, 0)}"),
                     ("stop reason", html.escape(final.get(mk.STOP_REASON) or "-"))]
     text = (stability or {}).get("summary") or "No stability report (diagnostics off)."
     body = (f"<p>Run directory: <code>{html.escape(str(run_dir))}</code></p>" + _table(summary_rows) +
-            f"<p class='summary'>{html.escape(text)}</p>" +
+            f"<p class='summary'>{html.escape(text)}</p>" + _drift_section(run_dir) +
             "".join(f"<img src='{p.name}' alt='{p.stem}'>" for p in images))
     page = out / "index.html"
     page.write_text(PAGE.format(title=f"Keel run: {html.escape(run_dir.name)}", body=body))
     terminal = (f"{run_dir.name}: {final[mk.EPOCH] + 1} epochs, best val accuracy {fmt(best_acc)}, final "
                 f"{fmt(final.get(mk.VAL_ACCURACY))}; {text}")
     return page, terminal
+
+
+def _drift_section(run_dir: Path) -> str:
+    """A fine-tuning run's drift.json: its one line and the most-shifted units; nothing for other runs."""
+    from orchestrator.data.drift import summary_line
+
+    path = run_dir / "drift.json"
+    if not path.exists():
+        return ""
+    shift = json.loads(path.read_text())
+    rows = [(html.escape(str(r.get("name", r[shift["level"]]))), fmt(r["psi"]), f"{r['mean_shift_std']:+.2f}")
+            for r in shift.get("most_shifted", [])]
+    table = _table(rows, (shift["level"], "PSI (> 0.25: major)", "mean shift (sd)")) if rows else ""
+    return f"<h2>Drift from the checkpoint's training data</h2><p>{html.escape(summary_line(shift))}</p>{table}"
 
 
 def sweep_report(exp_dir: Path) -> tuple[Path, str]:

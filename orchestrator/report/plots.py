@@ -35,6 +35,9 @@ def loss_curves(history: list[dict], events: list[dict], steps_per_epoch: float,
         epochs = [h[mk.EPOCH] + 1 for h in history]
         for key, label in ((mk.TRAIN_LOSS, "train loss"), (mk.VAL_LOSS, "validation loss")):
             ax.plot(*_finite(epochs, [h.get(key) for h in history]), marker="o", label=label)
+        for name in mk.extra_val_names(history[-1]) if history else []:  # data.extra_val: e.g. the old data
+            ax.plot(*_finite(epochs, [h.get(mk.extra_val(mk.VAL_LOSS, name)) for h in history]), marker="o",
+                    linestyle="--", label=f"validation loss ({name})")
         shown = set()
         for e in events:
             x = e["step"] / max(steps_per_epoch, 1) + 1
@@ -46,6 +49,21 @@ def loss_curves(history: list[dict], events: list[dict], steps_per_epoch: float,
         _integer_x(ax)
         if history and all((h.get(mk.TRAIN_LOSS) or 1) > 0 for h in history):
             _plain_log_axis(ax)
+        ax.legend()
+        return _save(fig, path)
+
+
+def accuracy_curves(history: list[dict], path: Path) -> Path:
+    """Validation accuracy by epoch, and on each extra validation set (fine-tuning: what was forgotten)."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots()
+        epochs = [h[mk.EPOCH] + 1 for h in history]
+        ax.plot(*_finite(epochs, [h.get(mk.VAL_ACCURACY) for h in history]), marker="o", label="validation")
+        for name in mk.extra_val_names(history[-1]) if history else []:
+            ax.plot(*_finite(epochs, [h.get(mk.extra_val(mk.VAL_ACCURACY, name)) for h in history]), marker="o",
+                    linestyle="--", label=f"validation ({name})")
+        ax.set(title="Validation accuracy by epoch", xlabel="epoch", ylabel="accuracy")
+        _integer_x(ax)
         ax.legend()
         return _save(fig, path)
 

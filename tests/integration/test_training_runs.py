@@ -80,6 +80,13 @@ def test_main_job_reaches_95_percent_on_digits(keel_ray, tmp_path, monkeypatch, 
     assert tuned[-1]["val_accuracy"] >= 0.8, [(h["val_accuracy"], h["val_accuracy_original"]) for h in tuned]
     assert cli.main(["validate", str(ROOT / "jobs/digits-finetune.yaml")]) == 0  # keel validate says it too
     assert "drift: major shift" in capsys.readouterr().out
+    # the fine-tuning run's report shows what it forgot and how far the data drifted
+    assert cli.main(["report", str(tmp_path / "runs" / "digits-finetune")]) == 0
+    tuned_page = (tmp_path / "runs" / "digits-finetune" / "report" / "index.html").read_text()
+    from orchestrator.report.console import fmt
+    assert f"final val accuracy (original)</td><td>{fmt(tuned[-1]['val_accuracy_original'])}</td>" in tuned_page
+    assert "<h2>Drift from the checkpoint" in tuned_page and "drift: major shift" in tuned_page
+    assert "src='accuracy.png'" in tuned_page and "src='loss.png'" in tuned_page
 
 
 @pytest.mark.timeout(300)
