@@ -3,13 +3,11 @@ clip let through is no trouble. Built from converged tabular runs whose reports 
 
 import math
 
-import torch
 from torch import nn
 
 from orchestrator.spec import SpikeSpec, parse_spec
 from orchestrator.stability.diagnostics import Diagnostics
 from orchestrator.stability.spikes import SpikeDetector, SpikeGuard, material
-from orchestrator.train.hooks import StepState
 from tests.unit.test_spikes_and_diagnostics import CALM, FakeComps, run_guard
 
 CONVERGED = [1e-5 * (1 + 0.1 * ((i * 7) % 5 - 2)) for i in range(60)]  # a converged run's loss, 4 classes
