@@ -61,11 +61,23 @@ def float_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
     return [b for b in model.buffers() if b.is_floating_point()]
 
 
+def float_buffer_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """(module, name) of each float buffer, in `model.buffers()`'s order: `module._buffers[name]` is the
+    buffer now, even after the module replaced it."""
+    slots, seen = [], set()
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and id(buffer) not in seen:
+                seen.add(id(buffer))
+                slots.append((module, name))
+    return slots
+
+
 def snapshot_buffers(model: torch.nn.Module, buffers: Optional[list[torch.Tensor]] = None) -> Optional[torch.Tensor]:
     """The float buffers (BN running statistics) before a step's forward, as one flat copy on the device: one
     kernel, where a clone per buffer was two copies per BN layer every step (80 for a ResNet-18; measured on
     a GPU, where each is a launch). None for a model without float buffers. `buffers`: the model's
-    `float_buffers`, if the caller keeps them listed (the loop does: StepState.float_buffers)."""
+    `float_buffers`, if the caller keeps track of them (the loop does: `Safeguards.buffers`)."""
     buffers = float_buffers(model) if buffers is None else buffers
     return torch.cat([b.detach().reshape(-1) for b in buffers]) if buffers else None
 

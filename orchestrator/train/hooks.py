@@ -38,7 +38,7 @@ from typing import Any, Optional
 import torch
 
 from orchestrator.models import unwrap
-from orchestrator.stability.snapshots import float_buffers, restore_buffers, snapshot_buffers
+from orchestrator.stability.snapshots import float_buffer_slots, restore_buffers, snapshot_buffers
 from orchestrator.stability.stop import StopReason
 
 HOOKS = ("on_batch", "after_backward", "before_step", "after_step", "on_epoch_end", "on_report")
@@ -107,16 +107,16 @@ class Safeguards:
                 if name.startswith(HOOK_PREFIXES) and callable(getattr(g, name)) and name not in HOOKS:
                     raise ValueError(f"{type(g).__name__}.{name} is not a hook (hooks: {', '.join(HOOKS)})")
         self.guards = guards
-        self._buffers: tuple[Any, list] | None = None  # (model, its float buffers): listed once, see buffers()
+        self._slots: tuple[Any, list] | None = None  # (model, where its float buffers live): see buffers()
 
     def buffers(self, model: torch.nn.Module) -> list[torch.Tensor]:
-        """The model's float buffers (BN running statistics), listed once per model: walking the module tree
-        for them before every step costs ~25 us on the main job's 29-module ResNet (timeit), more on deeper
-        nets. The model and its tensors stay the same objects through a run: checkpoints, rollbacks and warm
-        starts copy into them (`StepState.load_training_state`)."""
-        if self._buffers is None or self._buffers[0] is not model:
-            self._buffers = (model, float_buffers(model))
-        return self._buffers[1]
+        """The model's float buffers (BN running statistics). Where they live, (module, name), is listed once
+        per model: walking the module tree before every step cost ~25 us on the main job's 29-module ResNet
+        (timeit), more on deeper nets. The tensors are read from their modules each step: a user's layer
+        may replace a buffer (`self.ema = 0.9 * self.ema + ...`), and a skipped step must restore the new one."""
+        if self._slots is None or self._slots[0] is not model:
+            self._slots = (model, float_buffer_slots(model))
+        return [module._buffers[name] for module, name in self._slots[1]]
 
     def on_batch(self, state: StepState, batch: dict) -> Optional[dict]:
         """None means: every rank drops this batch (a decision made from rank-identical state)."""

@@ -50,6 +50,34 @@ def test_guard_restores_bn_buffers_poisoned_by_a_skipped_forward():
     assert torch.isfinite(st.model.running_mean).all() and torch.isfinite(st.model.running_var).all()
 
 
+class ReplacesItsBuffer(torch.nn.Module):
+    """A user's layer that keeps an EMA of its inputs by assigning a new tensor to its buffer every forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("ema", torch.zeros(2))
+
+    def forward(self, x):
+        self.ema = 0.9 * self.ema + 0.1 * x.mean(0)
+        return x * 1.0
+
+
+def test_a_skipped_step_restores_a_buffer_the_model_replaced_rather_than_updated_in_place():
+    guards = Safeguards([NonFiniteGuard()])
+    st = StepState(model=ReplacesItsBuffer(), optimizer=None, device=torch.device("cpu"))
+    for _ in range(3):  # healthy steps: every forward replaces the buffer's tensor
+        st.global_nonfinite = 0.0
+        guards.on_batch(st, {})
+        st.model(torch.ones(4, 2))
+        guards.decide(st)
+    before = st.model.ema.clone()
+    st.global_nonfinite = 1.0  # then a NaN batch, skipped
+    guards.on_batch(st, {})
+    st.model(torch.full((4, 2), float("nan")))
+    guards.decide(st)
+    assert torch.equal(st.model.ema, before)
+
+
 def test_guard_state_round_trips():
     a, b = NonFiniteGuard(), NonFiniteGuard()
     a.consecutive, a.total = 2, 7
