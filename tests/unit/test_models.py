@@ -105,6 +105,25 @@ def test_auto_init_is_kaiming_without_normalisation_and_torch_default_with_it():
     assert torch.equal(before, normed[0].weight) and resolve_init(normed, "auto") == "default"
 
 
+def test_an_lstm_model_starts_with_orthogonal_recurrent_gates_and_a_forget_bias_of_one_unless_init_is_default():
+    spec = parse_spec({**MINIMAL, "model": {"kind": "lstm", "hidden": [8, 6]}, "data": {**MINIMAL["data"], "shape": [20, 3]}})
+    net = build_model(spec.model, spec.data)                                # init: auto, as a user gets it
+    for lstm in (net.layers[0], net.layers[1]):
+        hidden = lstm.hidden_size
+        for gate in lstm.weight_hh_l0.detach().split(hidden):            # each gate's recurrent block
+            assert torch.allclose(gate @ gate.T, torch.eye(hidden), atol=1e-5)
+        bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().split(hidden)  # torch adds the two biases
+        assert torch.equal(bias[1], torch.ones(hidden))                    # the forget gate remembers at first
+        assert all(torch.equal(b, torch.zeros(hidden)) for i, b in enumerate(bias) if i != 1)
+        bound = (6 / (lstm.input_size + hidden)) ** 0.5                    # Xavier-uniform per gate
+        assert lstm.weight_ih_l0.abs().max() <= bound and lstm.weight_ih_l0.abs().max() > bound / 2
+    torch.manual_seed(0)
+    kept = torch.nn.LSTM(3, 8)
+    before = [p.detach().clone() for p in kept.parameters()]
+    init_weights(kept, "default")                                          # torch's init, as the user asked
+    assert all(torch.equal(a, b) for a, b in zip(before, kept.parameters()))
+
+
 def test_transformer_attends_across_positions_and_qk_norm_bounds_the_logits():
     from orchestrator.models.transformer import SelfAttention
 

@@ -131,13 +131,14 @@ def test_error_is_one_line_with_source():
     assert "\n" not in text and text.startswith("job.yaml: ") and text.endswith("(+1 more: optimizer.lr)"), text
 
 
-def test_warmup_auto_is_a_quarter_of_the_run_for_a_transformer_and_none_otherwise():
+def test_warmup_auto_is_a_quarter_of_the_run_for_a_transformer_or_an_lstm_and_none_otherwise():
     sequence = {**MINIMAL, "data": {**MINIMAL["data"], "shape": [12, 16]}}
     assert parse_spec(MINIMAL).schedule.warmup_epochs == 0.0                                      # a ResNet
     assert parse_spec({**sequence, "model": {"kind": "transformer"}}).schedule.warmup_epochs == 2.5  # of 10 epochs
     four = {**sequence, "model": {"kind": "transformer"}, "run": {"name": "x", "epochs": 4}}
     assert parse_spec(four).schedule.warmup_epochs == 1.0
-    assert parse_spec({**sequence, "model": {"kind": "lstm"}}).schedule.warmup_epochs == 0.0
+    assert parse_spec({**sequence, "model": {"kind": "lstm"}}).schedule.warmup_epochs == 2.5
+    assert parse_spec({**MINIMAL, "model": {"kind": "mlp"}}).schedule.warmup_epochs == 0.0
     written = {**sequence, "model": {"kind": "transformer"}, "schedule": {"warmup_epochs": 0}}
     assert parse_spec(written).schedule.warmup_epochs == 0.0                                      # what is written wins
     one_cycle = {**sequence, "model": {"kind": "transformer"}, "schedule": {"kind": "one_cycle"}}
