@@ -124,6 +124,15 @@ def test_an_lstm_model_starts_with_orthogonal_recurrent_gates_and_a_forget_bias_
     assert all(torch.equal(a, b) for a, b in zip(before, kept.parameters()))
 
 
+def test_a_transformers_position_embedding_starts_at_its_token_embeddings_scale():
+    spec = parse_spec({**MINIMAL, "model": {"kind": "transformer", "width": 64, "layers": 1, "heads": 4},
+                       "data": {**MINIMAL["data"], "shape": [12, 16]}})
+    torch.manual_seed(0)
+    net = build_model(spec.model, spec.data)
+    tokens, positions = net.embed.weight.std().item(), net.position.std().item()
+    assert positions == pytest.approx(tokens, rel=0.15)  # neither signal drowns the other at the first step
+
+
 def test_transformer_attends_across_positions_and_qk_norm_bounds_the_logits():
     from orchestrator.models.transformer import SelfAttention
 
