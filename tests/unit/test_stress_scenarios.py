@@ -25,7 +25,7 @@ def test_a_stabiliser_is_set_after_the_profile_so_the_plain_loop_gets_it_too(tmp
     assert not warm["plain"].stability.spike.enabled and warm["keel"].stability.spike.enabled  # the profiles still differ
     bare = {p: JobSpec.model_validate(scenario_job(BY_NAME["transformer_high_lr"], p, data_dirs(tmp_path), EPOCHS, tmp_path))
             for p in ("plain", "keel")}
-    assert bare["plain"].schedule.warmup_epochs == 0 and bare["plain"].optimizer.lr == 0.003
+    assert bare["plain"].schedule.warmup_epochs == 0 and bare["plain"].optimizer.lr == 0.006
     assert bare["keel"].schedule.warmup_epochs == 2.5  # no warmup written: Keel's default, a quarter of 10 epochs
     assert warm["keel"].run.name == "transformer_high_lr-warmup-keel"
 
