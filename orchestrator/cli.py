@@ -358,10 +358,21 @@ def beside_the_job_file(message: str, job: str | None) -> str:
             f"from {job_dir}, or write the path from here)")
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse, with overrides also accepted after an option (`keel run job.yaml --quiet optimizer.lr=0.1`):
+    argparse fills a `*` positional once, with the job, and calls what follows an option unrecognized."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from orchestrator.report.console import output_console
 
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     console = output_console()
     try:
         return args.func(args, console)

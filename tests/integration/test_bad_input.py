@@ -103,6 +103,18 @@ def test_malformed_override_is_bad_input(tmp_path):
     assert proc.returncode == 2 and "expected dotted.key=value" in proc.stderr
 
 
+def test_overrides_after_an_option_are_overrides_and_anything_else_there_is_refused(tmp_path):
+    def keel(*args):
+        return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    job = str(ROOT / "jobs/digits-resnet.yaml")
+    proc = keel("run", "--print-config", job, "--quiet", "optimizer.lr=0.0123", "run.seed=7")  # as a user types it
+    assert proc.returncode == 0, proc.stderr
+    assert "lr: 0.0123" in proc.stdout and "seed: 7" in proc.stdout
+    proc = keel("run", "--print-config", job, "--quiet", "--bogus")
+    assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
 BAD_ARGUMENTS = {  # command-line arguments that cannot work, and what the one line says
     "rows": (["data", "make", "synthetic", "--rows", "0"], "--rows 0: needs at least 10"),
     "shape": (["data", "make", "synthetic", "--shape", "1,0,8"], "--shape '1,0,8': expected three positive sizes"),
