@@ -78,6 +78,22 @@ def test_a_skipped_step_restores_a_buffer_the_model_replaced_rather_than_updated
     assert torch.equal(st.model.ema, before)
 
 
+def test_safeguards_used_with_a_second_model_snapshot_and_restore_that_models_buffers():
+    guards = Safeguards([NonFiniteGuard()])
+    for model in (ReplacesItsBuffer(), ReplacesItsBuffer()):  # the buffer list is per model, not the first one's
+        st = StepState(model=model, optimizer=None, device=torch.device("cpu"))
+        st.global_nonfinite = 0.0
+        guards.on_batch(st, {})
+        model(torch.ones(4, 2))
+        guards.decide(st)
+        before = model.ema.clone()
+        st.global_nonfinite = 1.0
+        guards.on_batch(st, {})
+        model(torch.full((4, 2), float("nan")))
+        guards.decide(st)
+        assert torch.equal(model.ema, before)
+
+
 def test_guard_state_round_trips():
     a, b = NonFiniteGuard(), NonFiniteGuard()
     a.consecutive, a.total = 2, 7
