@@ -24,7 +24,7 @@ STOP_REASON = "stop_reason"          # "" while the run goes on
 DIVERGED = "diverged"                # 1 when the stop was a divergence
 WAITING_FOR_CLONE = "waiting_for_clone"  # a PBT trial's report after its run diverged and ended
 EVENTS = "events"                    # the epoch's last safeguard events
-GUARD_EVENTS = "guard_events"        # a sweep trial's report: how many (Tune's loggers take numbers, not lists)
+GUARD_EVENTS = "guard_events"        # a sweep trial's report: how many so far (Tune's loggers take numbers, not lists)
 RESUMED_FROM = "resumed_from"        # {checkpoint, fingerprint, ranks} on the first epoch after a resume
 INIT_FROM = "init_from"              # fine-tuning: the checkpoint and the layers re-initialised
 
@@ -40,6 +40,7 @@ GRAD_NORM_JUMPS = "grad_norm_jumps"  # gradient-norm spikes let through under th
 LET_THROUGH = "clipped"  # such a spike's event action: no guard event, not where trouble started
 SPIKE_COUNTERS = (SPIKES, ROLLBACKS, LR_REDUCTIONS, BATCHES_SKIPPED, REBASELINES, GRAD_NORM_JUMPS)  # the spike guard's
 COUNTERS = (SKIPPED_STEPS, *SPIKE_COUNTERS, COLLAPSE_ROLLBACKS)  # the stability report's counters
+ACTED_COUNTERS = (SKIPPED_STEPS, SPIKES, COLLAPSE_ROLLBACKS)  # each a time a guard acted (a spike's rollback is its spike)
 
 MONITORABLE = (VAL_LOSS, VAL_ACCURACY, TRAIN_LOSS)  # what early stopping may watch
 # The per-epoch scalars written to metrics.csv and TensorBoard (epoch/<key>)

@@ -17,8 +17,13 @@ def trial_table(rows, metric: str, title: str = "") -> Table:
         params = ", ".join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in r.config.items())
         style = STATUS_STYLE.get(r.status, "")
         table.add_row(r.trial_id, f"[{style}]{r.status}[/]" if style else r.status, params, fmt(r.metric),
-                      str(r.iterations), r.reason or (f"{r.events} guard events" if r.events else ""))
+                      str(r.iterations), r.reason or guard_note(r.events))
     return table
+
+
+def guard_note(events: int) -> str:
+    """A finished trial's note: how often its guards acted over its run."""
+    return f"{events} guard event{'' if events == 1 else 's'}" if events else ""
 
 
 class TrialLines:

@@ -187,11 +187,12 @@ def run_trial(config: dict, base_tree: dict, sweep_json: dict, trials_dir: str, 
 
 def for_tune(metrics: dict) -> dict:
     """An epoch's metrics as Tune takes them: the guard events as a count (Tune's loggers take numbers, not
-    lists; the events themselves stay in the trial's own run directory, metrics.jsonl). A gradient-norm jump
-    the clip let through is no guard event: nothing was done, and a converged trial's table note said
-    "2 guard events" for two of them."""
-    acted = [e for e in metrics.get(mk.EVENTS) or [] if e.get("action") != mk.LET_THROUGH]
-    return {**{k: v for k, v in metrics.items() if k != mk.EVENTS}, mk.GUARD_EVENTS: len(acted)}
+    lists; the events themselves stay in the trial's own run directory, metrics.jsonl). The count is the run's
+    so far, from the guards' cumulative counters: the epoch's event list holds only its last 20, so a trial that
+    skipped steps early and ran clean after showed no events at all. A gradient-norm jump the clip let through
+    is no guard event (nothing was done; a converged trial's table note said "2 guard events" for two of them)."""
+    acted = sum(int(metrics.get(key) or 0) for key in mk.ACTED_COUNTERS)
+    return {**{k: v for k, v in metrics.items() if k != mk.EVENTS}, mk.GUARD_EVENTS: acted}
 
 
 def wait_to_be_replaced(last: dict, every_s: float) -> None:

@@ -287,7 +287,7 @@ def test_a_diverged_pbt_trial_reports_on_past_its_epochs_until_tune_ends_it(monk
             raise EndedByTune
 
     monkeypatch.setattr(ray.tune, "report", report)
-    last = {"epoch": 2, "val_accuracy": -1e9, "diverged": 1, "events": [{"kind": "spike"}]}
+    last = {"epoch": 2, "val_accuracy": -1e9, "diverged": 1, "events": [{"kind": "spike"}], "spikes": 1}
     with pytest.raises(EndedByTune):
         wait_to_be_replaced(last, every_s=0.001)
     assert len(reports) == 10  # a 3-epoch run, past its epochs
@@ -300,7 +300,18 @@ def test_a_trial_reports_the_steps_its_guards_acted_on_not_gradient_norm_jumps_t
 
     events = [{"trigger": "grad_norm_spike", "action": "clipped"}, {"trigger": "loss_spike", "action": "skip"},
               {"trigger": "grad_norm_spike", "action": "clipped"}]
-    assert for_tune({"val_accuracy": 1.0, "events": events}) == {"val_accuracy": 1.0, "guard_events": 1}
+    epoch = {"val_accuracy": 1.0, "events": events, "spikes": 1, "grad_norm_jumps": 2, "skipped_steps": 0}
+    assert for_tune(epoch) == {**{k: v for k, v in epoch.items() if k != "events"}, "guard_events": 1}
+
+
+def test_a_trials_guard_events_are_its_runs_so_far_not_its_last_epochs():
+    # the epoch's event list holds only its own last 20: a trial that skipped 30 NaN steps in epoch 1, rolled
+    # back once for a spike and ran clean after showed "0 guard events" in the sweep table
+    from orchestrator.sweep.trial import for_tune
+
+    later_epoch = {"val_accuracy": 0.9, "events": [], "skipped_steps": 30, "spikes": 1, "rollbacks": 1,
+                   "batches_skipped": 10, "lr_reductions": 1, "collapse_rollbacks": 1, "grad_norm_jumps": 4}
+    assert for_tune(later_epoch)["guard_events"] == 32  # 30 skipped steps, 1 spike (its rollback), 1 collapse rollback
 
 
 def test_in_a_log_the_results_table_is_wide_enough_for_its_headers_and_a_terminal_keeps_its_width(monkeypatch, capsys, tmp_path):
