@@ -5,7 +5,8 @@ Every scenario is run twice, the same model and data under two profiles:
   ("stock") batch norm, no warmup, torch's default init, no QK-layernorm (torch's nn.TransformerEncoderLayer has none);
 - keel: the spec's defaults and nothing else (clip.mode auto, the agreed non-finite skip, spike
   rollback, collapse rollback, synchronized BN, init auto (for an LSTM: orthogonal recurrent weights, forget-gate bias 1),
-  QK-layernorm for a transformer, and a warmup of a quarter of the run for a transformer or an LSTM).
+  QK-layernorm for a transformer, and a warmup: a quarter of the run for a transformer or an LSTM, one epoch
+  otherwise).
 Each workload also gets a tuned reference run (keel profile, no fault; the same model and data), the
 bar for "converged".
 """

@@ -131,18 +131,21 @@ def test_error_is_one_line_with_source():
     assert "\n" not in text and text.startswith("job.yaml: ") and text.endswith("(+1 more: optimizer.lr)"), text
 
 
-def test_warmup_auto_is_a_quarter_of_the_run_for_a_transformer_or_an_lstm_and_none_otherwise():
+def test_warmup_auto_is_a_quarter_of_the_run_for_a_transformer_or_an_lstm_and_one_epoch_otherwise():
     sequence = {**MINIMAL, "data": {**MINIMAL["data"], "shape": [12, 16]}}
-    assert parse_spec(MINIMAL).schedule.warmup_epochs == 0.0                                      # a ResNet
+    assert parse_spec(MINIMAL).schedule.warmup_epochs == 1.0                                      # a ResNet
+    short = {**MINIMAL, "run": {"name": "x", "epochs": 2}}
+    assert parse_spec(short).schedule.warmup_epochs == 0.5                                        # a quarter of a short run
     assert parse_spec({**sequence, "model": {"kind": "transformer"}}).schedule.warmup_epochs == 2.5  # of 10 epochs
     four = {**sequence, "model": {"kind": "transformer"}, "run": {"name": "x", "epochs": 4}}
     assert parse_spec(four).schedule.warmup_epochs == 1.0
     assert parse_spec({**sequence, "model": {"kind": "lstm"}}).schedule.warmup_epochs == 2.5
-    assert parse_spec({**MINIMAL, "model": {"kind": "mlp"}}).schedule.warmup_epochs == 0.0
+    assert parse_spec({**MINIMAL, "model": {"kind": "mlp"}}).schedule.warmup_epochs == 1.0
     written = {**sequence, "model": {"kind": "transformer"}, "schedule": {"warmup_epochs": 0}}
     assert parse_spec(written).schedule.warmup_epochs == 0.0                                      # what is written wins
     one_cycle = {**sequence, "model": {"kind": "transformer"}, "schedule": {"kind": "one_cycle"}}
     assert parse_spec(one_cycle).schedule.warmup_epochs == 0.0                                    # it has its own
+    assert parse_spec({**MINIMAL, "schedule": {"kind": "one_cycle"}}).schedule.warmup_epochs == 0.0
     resolved = parse_spec({**sequence, "model": {"kind": "transformer"}})
     assert yaml.safe_load(resolved.to_yaml())["schedule"]["warmup_epochs"] == 2.5                 # config.yaml says it
     with pytest.raises(BadInput, match=r"schedule.warmup_epochs: expected a number of epochs >= 0, or auto \(got 'soon'\)"):
