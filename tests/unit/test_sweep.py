@@ -314,6 +314,20 @@ def test_a_trials_guard_events_are_its_runs_so_far_not_its_last_epochs():
     assert for_tune(later_epoch)["guard_events"] == 32  # 30 skipped steps, 1 spike (its rollback), 1 collapse rollback
 
 
+def test_a_finished_trials_note_counts_its_guard_events_and_a_diverged_trials_says_why():
+    from orchestrator.report.console import output_console
+    from orchestrator.report.sweep_table import trial_table
+    from orchestrator.sweep.driver import TrialRow
+
+    rows = [TrialRow("t0", "TERMINATED", {}, 0.9, 3, events=1), TrialRow("t1", "TERMINATED", {}, 0.9, 3, events=2),
+            TrialRow("t2", "TERMINATED", {}, 0.9, 3), TrialRow("t3", "diverged", {}, 0.1, 1, "non-finite", events=5)]
+    console = output_console()
+    with console.capture() as captured:
+        console.print(trial_table(rows, "val_accuracy"))
+    lines = {line.split("│")[1].strip(): line.split("│")[-2].strip() for line in captured.get().splitlines() if "│ t" in line}
+    assert lines == {"t0": "1 guard event", "t1": "2 guard events", "t2": "", "t3": "non-finite"}
+
+
 def test_in_a_log_the_results_table_is_wide_enough_for_its_headers_and_a_terminal_keeps_its_width(monkeypatch, capsys, tmp_path):
     # keel submit streams the cluster's keel sweep output: no terminal there, and rich's 80 columns folded
     # the table's val_accuracy header and every parameter list over two lines
