@@ -24,6 +24,32 @@ def test_random_crop_is_a_shift_of_the_original_with_zero_fill():
         assert matches
 
 
+def pad_and_gather_crop(x, rng, padding):
+    """The crop's definition, pixel by pixel: zero-pad, then cut each sample at its drawn offset."""
+    n, _, h, w = x.shape
+    dy, dx = rng.integers(0, 2 * padding + 1, size=(2, n))
+    padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    return np.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
+@pytest.mark.parametrize("shape, padding", [((300, 3, 6, 7), 2), ((40, 2, 5, 3), 6), ((9, 1, 4, 4), 0)])
+def test_random_crop_equals_pad_and_gather_for_the_same_draws(shape, padding):
+    # every offset, non-square images, a padding wider than the image: the output, and the random draws it
+    # makes (an augmented run's stream stays the same across versions), are those of the definition
+    x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    rng, reference_rng = np.random.default_rng(7), np.random.default_rng(7)
+    assert np.array_equal(A.random_crop(x, rng, padding), pad_and_gather_crop(x, reference_rng, padding))
+    assert rng.random() == reference_rng.random()
+
+
+def test_augment_batch_leaves_its_input_alone():
+    x = np.random.default_rng(2).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    before = x.copy()
+    for spec in (AugmentSpec(random_crop_padding=2, hflip=1.0), AugmentSpec(hflip=1.0)):
+        out, _ = A.augment_batch(x, np.zeros(16), np.random.default_rng(0), spec)
+        assert np.array_equal(x, before) and not np.array_equal(out, x)
+
+
 def test_hflip_probability_one_mirrors_every_image():
     x = images()
     assert np.array_equal(A.hflip(x, np.random.default_rng(0), p=1.0), x[..., ::-1])
