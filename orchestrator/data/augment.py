@@ -14,8 +14,9 @@ import zlib
 import numpy as np
 
 
-def random_crop(x: np.ndarray, rng: np.random.Generator, padding: int) -> np.ndarray:
-    """Zero-pad by `padding` and crop back to the original size at a random offset per sample.
+def random_crop(x: np.ndarray, rng: np.random.Generator, padding: int, order: np.ndarray | None = None) -> np.ndarray:
+    """Zero-pad by `padding` and crop back to the original size at a random offset per sample; with `order`,
+    of the rows x[order] (the gather of a shuffle done in the same pass).
 
     Done as one slice copy per distinct offset ((2 padding + 1)^2 of them) rather than padding the batch and
     gathering every pixel by index: the same output for the same draws, 4x faster on a 16,000-image block
@@ -23,16 +24,22 @@ def random_crop(x: np.ndarray, rng: np.random.Generator, padding: int) -> np.nda
     n, _, h, w = x.shape
     side = 2 * padding + 1
     dy, dx = rng.integers(0, side, size=(2, n))
-    out = np.zeros_like(x)
+    out = np.empty_like(x)
     offset = dy * side + dx
-    order = np.argsort(offset, kind="stable")
-    bounds = np.searchsorted(offset[order], np.arange(side * side + 1))
+    by_offset = np.argsort(offset, kind="stable")
+    bounds = np.searchsorted(offset[by_offset], np.arange(side * side + 1))
     for k in np.flatnonzero(np.diff(bounds)):
-        rows = order[bounds[k]:bounds[k + 1]]
+        rows = by_offset[bounds[k]:bounds[k + 1]]
+        source = rows if order is None else order[rows]
         oy, ox = k // side - padding, k % side - padding   # out[r, c] = x[r + oy, c + ox] where that is inside
         r0, r1, c0, c1 = max(0, -oy), min(h, h - oy), max(0, -ox), min(w, w - ox)
         if r0 < r1 and c0 < c1:
-            out[rows, :, r0:r1, c0:c1] = x[rows, :, r0 + oy:r1 + oy, c0 + ox:c1 + ox]
+            out[rows, :, r0:r1, c0:c1] = x[source, :, r0 + oy:r1 + oy, c0 + ox:c1 + ox]
+        r0, c0 = min(r0, h), min(c0, w)  # the zero border: rows above and below, then columns left and right
+        out[rows, :, :r0] = 0
+        out[rows, :, max(r1, r0):] = 0
+        out[rows, :, r0:max(r1, r0), :c0] = 0
+        out[rows, :, r0:max(r1, r0), max(c1, c0):] = 0
     return out
 
 
@@ -99,12 +106,16 @@ def batch_seed(seed: int, epoch: int, x: np.ndarray) -> list[int]:
     return [seed, epoch, zlib.crc32(np.ascontiguousarray(x[:1]).tobytes())]
 
 
-def augment_batch(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, spec) -> tuple[np.ndarray, np.ndarray]:
-    """Apply the transforms `spec` (AugmentSpec) turns on, in a fixed order. x: (N, *shape)."""
+def augment_batch(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, spec,
+                  order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Apply the transforms `spec` (AugmentSpec) turns on, in a fixed order. x: (N, *shape).
+    order: augment x[order] (y is given in that order already); a crop gathers them in its own pass."""
     image = x.ndim == 4
     cropped = image and bool(spec.random_crop_padding)
     if cropped:
-        x = random_crop(x, rng, spec.random_crop_padding)
+        x = random_crop(x, rng, spec.random_crop_padding, order=order)
+    elif order is not None:
+        x = x[order]
     if image and spec.hflip:
         x = hflip(x, rng, spec.hflip, in_place=cropped)  # the crop's output is ours to change
     if spec.brightness or spec.contrast:

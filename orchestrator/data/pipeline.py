@@ -55,11 +55,11 @@ def epoch_stage(batch: dict, *, clock, seed: int, shape: list[int], augment, lim
         return {FEATURES: x, LABEL: y}
     rng = np.random.default_rng(batch_seed(seed, epoch, x))
     order = rng.permutation(len(x))
-    x, y = x[order], y[order]
-    if augment is not None:
-        xi, y = augment_batch(x.reshape(len(x), *shape), y, rng, augment)
-        x = xi.reshape(len(x), -1)
-    return {FEATURES: x, LABEL: y}
+    y = y[order]
+    if augment is None:
+        return {FEATURES: x[order], LABEL: y}
+    xi, y = augment_batch(x.reshape(len(x), *shape), y, rng, augment, order=order)  # the shuffle's gather in the crop
+    return {FEATURES: xi.reshape(len(x), -1), LABEL: y}
 
 
 def preprocessed_split(path: str, columns: list[str], blocks: int, preprocess: dict):

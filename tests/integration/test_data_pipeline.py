@@ -52,6 +52,26 @@ def test_augmentation_changes_every_epoch_is_reproducible_and_never_touches_vali
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("augment", [{"random_crop_padding": 2, "hflip": 0.5}, {"hflip": 0.5}, None])
+def test_every_row_keeps_its_label_through_the_shuffle_and_augmentation(keel_ray, tmp_path, augment):
+    # each image is its label, repeated in every pixel: a crop (zero border of 2) and a flip keep the centre
+    from orchestrator.data.generators import write_split
+
+    labels = np.random.default_rng(0).integers(0, 10, 600)
+    for split in ("train", "val"):
+        write_split(tmp_path / f"{split}.parquet", np.repeat(labels[:, None], 64, 1).astype(np.float32), labels)
+    tree = job_tree(tmp_path, tmp_path, "aligned", data={**job_tree(tmp_path, tmp_path, "x")["data"],
+                    **({"augment": augment} if augment else {})})
+    clock = open_run_channel()
+    _, ds = pipeline(parse_spec(tree), clock)
+    ray.get(clock.set.remote(0))
+    batches = list(ds["train"].iter_batches(batch_size=None, batch_format="numpy"))
+    x, y = np.concatenate([b[FEATURES] for b in batches]), np.concatenate([b[LABEL] for b in batches])
+    assert sorted(y.tolist()) == sorted(labels.tolist())
+    assert np.array_equal(x.reshape(-1, 8, 8)[:, 4, 4], y) and not np.array_equal(y, labels)  # aligned, and shuffled
+
+
+@pytest.mark.timeout(300)
 def test_standardisation_statistics_come_from_the_training_split_only(keel_ray, tmp_path):
     def write(path, x):
         pq.write_table(pa.table({"f": pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), 2),

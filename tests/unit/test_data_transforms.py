@@ -40,6 +40,9 @@ def test_random_crop_equals_pad_and_gather_for_the_same_draws(shape, padding):
     rng, reference_rng = np.random.default_rng(7), np.random.default_rng(7)
     assert np.array_equal(A.random_crop(x, rng, padding), pad_and_gather_crop(x, reference_rng, padding))
     assert rng.random() == reference_rng.random()
+    order = np.random.default_rng(3).permutation(len(x))  # the pipeline's shuffle, gathered by the crop
+    rng, reference_rng = np.random.default_rng(8), np.random.default_rng(8)
+    assert np.array_equal(A.random_crop(x, rng, padding, order=order), pad_and_gather_crop(x[order], reference_rng, padding))
 
 
 def test_augment_batch_leaves_its_input_alone():
