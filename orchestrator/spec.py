@@ -100,7 +100,7 @@ class DataSpec(Section):
     shape: list[int] = doc(..., "Shape of one sample, e.g. [1, 8, 8] for images or [64] for tabular rows.", min_length=1)
     num_classes: int = doc(..., "Number of classes.", ge=2)
     batch_size: int = doc(32, "Batch size per worker; the global batch is batch_size x num_workers.", ge=2)
-    shuffle_buffer: int = doc(0, "Rows each worker shuffles together: every chunk it fetches (at least this many rows) is permuted again before it is cut into batches. 0: only the pipeline's per-epoch shuffle of each block, which already puts every row of a block in a new random order each epoch (a second shuffle of those rows cost 12% of the ingest rate: benchmarks/RESULTS.md).", ge=0)
+    shuffle_buffer: int = doc(0, "Rows each worker shuffles together: every chunk it fetches (at least this many rows) is permuted again before it is cut into batches. 0: only the pipeline's per-epoch shuffle of each block, which already puts every row of a block in a new random order each epoch (a second shuffle of those rows cost 13% of the ingest rate: benchmarks/RESULTS.md).", ge=0)
     prefetch_batches: int = doc(2, "Batches each worker prefetches while it computes, in whole fetched chunks (at least one).", ge=0)
     on_bad_rows: Literal["error", "drop"] = doc("error", "Rows with NaN/Inf features or out-of-range labels: refuse the data, or drop and count them.")
     preprocess: PreprocessSpec = doc(PreprocessSpec(), "Deterministic preprocessing, computed once.")
